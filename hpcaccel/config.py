@@ -1,0 +1,181 @@
+"""Training configuration: one typed dataclass, documented per field.
+
+The CLI (`python -m hpcaccel.train --help`) and TOML config files (`--config run.toml`) are
+both generated from `TrainConfig`; the command line overrides the file. summary.json
+records the resolved config.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _opt(default, help, choices=None, **kw):
+    return field(default=default, metadata={"help": help, "choices": choices, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = _opt("digits", "training data: a built-in source (digits, synthetic), an HDF5 "
+                     "file with datasets x and y, or a shard index (index.json) from "
+                     "`python -m hpcaccel.data pack`")
+    test_data: Optional[str] = _opt(None, "test data (same forms as --data); default: the "
+                                    "built-in source's test split, or none for files")
+    synthetic_samples: int = _opt(8192, "samples in the synthetic source")
+    synthetic_shape: str = _opt("1,28,28", "sample shape of the synthetic source, comma separated")
+    synthetic_classes: int = _opt(10, "classes in the synthetic source")
+    shuffle: bool = _opt(True, "shuffle per epoch (deterministic from --seed); off: global "
+                         "batch k is samples [k*G, (k+1)*G) whatever the rank count")
+    # model and optimisation
+    model: str = _opt("cnn", "built-in model (mlp, cnn) or package.module:factory")
+    epochs: int = _opt(20, "passes over the training data")
+    batch_size: int = _opt(16, "samples per rank per step (global batch = this x ranks)")
+    lr: float = _opt(0.05, "learning rate")
+    optimizer: str = _opt("sgd", "optimizer", choices=("sgd", "adamw"))
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(0.0, "weight decay")
+    seed: int = _opt(0, "seed for initialisation, shuffling and synthetic data")
+    # parallelism
+    backend: str = _opt("auto", "gradient allreduce backend: mpi (hpcaccel's mpi4py reducer); "
+                        "auto picks the best available", choices=("auto", "mpi"))
+    bucket_mb: float = _opt(25.0, "gradient bucket size in MB: each bucket's allreduce starts "
+                            "as soon as its gradients are ready during backward")
+    threads: Optional[int] = _opt(None, "intra-op threads per rank (default: the rank's CPU "
+                                  "affinity, shared evenly among ranks bound alike)")
+    # output
+    out: str = _opt("runs/latest", "output directory: metrics.jsonl, summary.json, model.pt")
+    progress: bool = _opt(True, "progress bar on rank 0")
+
+    def validate(self) -> "TrainConfig":
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size,
+                    "synthetic_samples": self.synthetic_samples,
+                    "synthetic_classes": self.synthetic_classes, "bucket_mb": self.bucket_mb}
+        for name, value in positive.items():
+            if value <= 0:
+                raise UsageError(f"--{_flag(name)} must be positive, got {value}")
+        for name in ("lr", "momentum", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        if self.threads is not None and self.threads <= 0:
+            raise UsageError(f"--threads must be positive, got {self.threads}")
+        try:
+            shape = [int(s) for s in self.synthetic_shape.split(",")]
+            assert shape and all(s > 0 for s in shape)
+        except (ValueError, AssertionError):
+            raise UsageError(f"--synthetic-shape must be positive integers separated by commas, "
+                             f"got {self.synthetic_shape!r}") from None
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    quiet = False  # set on ranks other than 0: --help is printed once per job
+
+    def _print_message(self, message, file=None):
+        if not self.quiet:
+            super()._print_message(message, file)
+
+    def error(self, message):  # one line, exit code 2 through the common path
+        raise UsageError(message)
+
+
+def build_parser(prog: str = "python -m hpcaccel.train", description: str = "") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="TOML file setting any of the flags "
+                        "below (keys as flag names, - or _); the command line overrides it")
+    for f in dataclasses.fields(TrainConfig):
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if "bool" in kind:
+            argtype, metavar = _bool, "{true,false}"
+        elif "int" in kind:
+            argtype, metavar = int, "N"
+        elif "float" in kind:
+            argtype, metavar = float, "X"
+        else:
+            argtype, metavar = str, None
+        choices = f.metadata.get("choices")
+        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, type=argtype, choices=choices,
+                            metavar=None if choices else metavar,
+                            default=argparse.SUPPRESS, help=f.metadata["help"] +
+                            f" (default: {f.default})")
+    return parser
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"--config {path}: cannot read TOML: {e}") from None
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise UsageError(f"--config {path}: unknown key {key!r}")
+        values[name] = value
+    return values
+
+
+def parse_args(argv=None, quiet: bool = False) -> TrainConfig:
+    parser = build_parser(description=__doc__.splitlines()[0])
+    parser.quiet = quiet
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config", None)
+    values = load_toml(config_path) if config_path else {}
+    values.update(args)
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:
+        raise UsageError(f"--config {config_path}: {e}") from None
+    return _coerce(cfg, config_path).validate()
+
+
+def _coerce(cfg: TrainConfig, source) -> TrainConfig:
+    """Values from TOML arrive typed by TOML; check they match the field types."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if value is None and "Optional" in kind:
+            continue
+        ok = (isinstance(value, bool) if "bool" in kind else
+              isinstance(value, int) and not isinstance(value, bool) if "int" in kind else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if "float" in kind else
+              isinstance(value, str))
+        if not ok:
+            raise UsageError(f"--config {source}: {f.name} must be {kind}, got {value!r}")
+        if "float" in kind:
+            setattr(cfg, f.name, float(value))
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise UsageError(f"--{_flag(f.name)}: invalid choice {value!r} (choose from {', '.join(choices)})")
+    return cfg

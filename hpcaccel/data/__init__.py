@@ -1,0 +1,46 @@
+"""Datasets: HDF5 files (or shard sets) read per rank; built-in sources packed on first use."""
+from __future__ import annotations
+
+from .hdf5 import H5Dataset, check_labels, open_dataset, write_file, write_index
+from .reader import RankReader, eval_batches
+from .sources import BUILTINS, pack_builtin
+
+
+def resolve(data: str, test_data: str | None, *, samples: int, shape, classes: int, seed: int,
+            pack: bool, wait) -> tuple[H5Dataset, H5Dataset | None]:
+    """Turn --data/--test-data into opened datasets.
+
+    Built-in sources are packed by the ranks with `pack` True (one per node) while the others
+    wait in `wait(error)`, a collective that raises on every rank if packing failed on any,
+    so every rank then opens complete files.
+    """
+    if data in BUILTINS:
+        error = None
+        if pack:
+            try:
+                pack_builtin(data, samples, shape, classes, seed)
+            except Exception as e:  # reported on every rank by wait()
+                error = e
+        wait(error)
+        train_path, test_path = pack_builtin(data, samples, shape, classes, seed)
+        train = open_dataset(train_path)
+        test = open_dataset(test_path) if test_data is None else None
+    else:
+        train = open_dataset(data, "--data")
+        test = None
+    if test_data is not None:
+        test = open_dataset(test_data, "--test-data")
+    if test is not None and (test.sample_shape != train.sample_shape or test.classes != train.classes):
+        raise_mismatch(train, test)
+    return train, test
+
+
+def raise_mismatch(train: H5Dataset, test: H5Dataset):
+    from ..errors import UsageError
+    raise UsageError(f"--test-data {test.files[0]}: sample shape {test.sample_shape} / "
+                     f"{test.classes} classes differ from the training data "
+                     f"({train.sample_shape} / {train.classes})")
+
+
+__all__ = ["H5Dataset", "RankReader", "eval_batches", "open_dataset", "check_labels",
+           "write_file", "write_index", "resolve", "BUILTINS"]

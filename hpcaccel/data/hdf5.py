@@ -1,0 +1,174 @@
+"""HDF5 dataset files: the on-disk format, writing it, opening and validating it.
+
+Format: datasets `x` (N, *sample_shape), float, and `y` (N,), integer class labels, chunked
+along the first axis; attributes `classes`, `sample_shape`, `source`. A sharded dataset is
+N such files plus `index.json` (format "hpcaccel-shards", version 1) listing them in order.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from ..errors import UsageError
+
+INDEX_FORMAT = "hpcaccel-shards"
+_FLOAT_KINDS = ("f",)
+_INT_KINDS = ("i", "u")
+
+
+@dataclass(frozen=True)
+class H5Dataset:
+    """Metadata of a (possibly sharded) dataset; the files themselves are opened per reader."""
+    files: tuple[str, ...]
+    lengths: tuple[int, ...]
+    sample_shape: tuple[int, ...]
+    classes: int
+    chunk: int  # samples per HDF5 chunk (of the first file)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.lengths)
+
+
+def default_chunk_rows(sample_bytes: int, target_bytes: int = 1 << 20) -> int:
+    """About 1 MiB per chunk: large enough for fast sequential reads, small enough to
+    shuffle at a fine grain."""
+    return max(1, target_bytes // max(1, sample_bytes))
+
+
+def write_file(path: str, x_parts, y_parts, n: int, sample_shape, classes: int, source: str,
+               chunk_rows: int | None = None, compression: str | None = None) -> None:
+    """Write one file from iterables of x and y blocks, atomically (temp file + rename).
+
+    Readers never see a partial file, and an existing file is replaced only once the
+    new one is complete.
+    """
+    sample_shape = tuple(int(s) for s in sample_shape)
+    chunk = min(n, chunk_rows or default_chunk_rows(4 * int(np.prod(sample_shape))))
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=directory)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            x = f.create_dataset("x", (n, *sample_shape), dtype="float32",
+                                 chunks=(max(1, chunk), *sample_shape), compression=compression)
+            y = f.create_dataset("y", (n,), dtype="int64", chunks=(max(1, chunk),),
+                                 compression=compression)
+            pos = 0
+            for xb, yb in zip(x_parts, y_parts):
+                k = len(xb)
+                x[pos:pos + k] = np.asarray(xb, dtype=np.float32).reshape(k, *sample_shape)
+                y[pos:pos + k] = np.asarray(yb, dtype=np.int64)
+                pos += k
+            if pos != n:
+                raise ValueError(f"{path}: expected {n} samples, got {pos}")
+            f.attrs["classes"] = int(classes)
+            f.attrs["sample_shape"] = np.asarray(sample_shape, dtype=np.int64)
+            f.attrs["source"] = source
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_index(directory: str, files: list[str], lengths: list[int], sample_shape, classes: int,
+                source: str) -> str:
+    index = {"format": INDEX_FORMAT, "version": 1, "source": source, "classes": int(classes),
+             "sample_shape": list(sample_shape), "samples": int(sum(lengths)),
+             "files": [{"path": os.path.basename(p), "samples": int(n)} for p, n in zip(files, lengths)]}
+    path = os.path.join(directory, "index.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(index, fh, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def open_dataset(path: str, flag: str = "--data") -> H5Dataset:
+    """Open an HDF5 file or a shard index and check its structure. Raises UsageError with
+    one line naming the file; reads metadata only."""
+    if path.endswith(".json"):
+        return _open_index(path, flag)
+    meta = _inspect(path, flag)
+    return H5Dataset((path,), (meta["n"],), meta["shape"], meta["classes"], meta["chunk"])
+
+
+def _open_index(path: str, flag: str) -> H5Dataset:
+    try:
+        with open(path) as fh:
+            index = json.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{flag} {path}: not a readable shard index ({e})") from None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not index.get("files"):
+        raise UsageError(f"{flag} {path}: not an hpcaccel shard index (format {INDEX_FORMAT!r})")
+    base = os.path.dirname(os.path.abspath(path))
+    files, lengths, metas = [], [], []
+    for entry in index["files"]:
+        fpath = os.path.join(base, entry["path"])
+        meta = _inspect(fpath, flag)
+        if meta["n"] != entry["samples"]:
+            raise UsageError(f"{flag} {fpath}: has {meta['n']} samples but {path} lists "
+                             f"{entry['samples']}")
+        files.append(fpath)
+        lengths.append(meta["n"])
+        metas.append(meta)
+    for meta, fpath in zip(metas, files):
+        if meta["shape"] != metas[0]["shape"] or meta["classes"] != metas[0]["classes"]:
+            raise UsageError(f"{flag} {fpath}: sample shape {meta['shape']} / {meta['classes']} "
+                             f"classes differ from {files[0]} ({metas[0]['shape']} / "
+                             f"{metas[0]['classes']})")
+    return H5Dataset(tuple(files), tuple(lengths), metas[0]["shape"], metas[0]["classes"],
+                     metas[0]["chunk"])
+
+
+def _inspect(path: str, flag: str) -> dict:
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{flag} {path}: not readable (permission denied)")
+    if not h5py.is_hdf5(path):
+        raise UsageError(f"{flag} {path}: not an HDF5 file")
+    with h5py.File(path, "r") as f:
+        for name in ("x", "y"):
+            if name not in f or not isinstance(f[name], h5py.Dataset):
+                raise UsageError(f"{flag} {path}: has no dataset {name!r} (expected x and y)")
+        x, y = f["x"], f["y"]
+        if y.ndim != 1:
+            raise UsageError(f"{flag} {path}: y must be 1-dimensional, has shape {y.shape}")
+        if x.ndim < 2:
+            raise UsageError(f"{flag} {path}: x must be (samples, ...), has shape {x.shape}")
+        if len(x) != len(y):
+            raise UsageError(f"{flag} {path}: x has {len(x)} samples but y has {len(y)}")
+        if len(x) == 0:
+            raise UsageError(f"{flag} {path}: the dataset is empty")
+        if x.dtype.kind not in _FLOAT_KINDS + _INT_KINDS:
+            raise UsageError(f"{flag} {path}: x must be numeric, has dtype {x.dtype}")
+        if y.dtype.kind not in _INT_KINDS:
+            raise UsageError(f"{flag} {path}: y must hold integer labels, has dtype {y.dtype}")
+        classes = int(f.attrs["classes"]) if "classes" in f.attrs else None
+        if classes is None:  # not packed by hpcaccel: infer from the labels
+            classes = int(np.max(y[...])) + 1
+        return {"n": len(x), "shape": tuple(int(s) for s in x.shape[1:]), "classes": classes,
+                "chunk": int(x.chunks[0]) if x.chunks else min(len(x), 4096)}
+
+
+def check_labels(ds: H5Dataset, flag: str = "--data", block: int = 1 << 20) -> None:
+    """Scan y in blocks: every label must be in [0, classes)."""
+    for path in ds.files:
+        with h5py.File(path, "r") as f:
+            y = f["y"]
+            for s in range(0, len(y), block):
+                part = y[s:s + block]
+                lo, hi = int(part.min()), int(part.max())
+                if lo < 0 or hi >= ds.classes:
+                    raise UsageError(f"{flag} {path}: label {lo if lo < 0 else hi} out of range "
+                                     f"[0, {ds.classes})")

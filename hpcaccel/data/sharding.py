@@ -1,0 +1,119 @@
+"""Which samples each rank reads, per epoch. Pure index math: no I/O, no MPI.
+
+Samples of all files form one global index space [0, N), files in index order.
+With G = batch * world and steps = N // G (the same on every rank, every epoch):
+
+* shuffle off: global batch k is samples [k*G, (k+1)*G); rank r takes the r-th slice of B.
+  A run's result therefore does not depend on the rank count, only on G.
+* shuffle on: the space is cut into blocks (aligned with the HDF5 chunks), the blocks are
+  permuted by (seed, epoch), and rank r takes positions [r*M, (r+1)*M) of the permuted
+  order, M = steps * B. Each rank reads only its own blocks, as contiguous ranges, and
+  shuffles samples within windows of a few batches.
+
+The remainder (N - steps * G samples) is skipped each epoch: the last samples without
+shuffling, a different random set with shuffling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+Range = tuple[int, int]  # [start, stop) in the global index space
+
+
+@dataclass(frozen=True)
+class Segment:
+    ranges: tuple[Range, ...]  # read and concatenated in this order
+    shuffle_seed: tuple[int, ...] | None  # permute samples within the segment, or keep order
+
+    @property
+    def samples(self) -> int:
+        return sum(b - a for a, b in self.ranges)
+
+
+def steps_per_epoch(n_samples: int, batch: int, world: int) -> int:
+    return n_samples // (batch * world)
+
+
+def block_length(n_samples: int, chunk: int, world: int, min_blocks_per_rank: int = 16) -> int:
+    """Shuffle granularity: the file's chunk length, smaller when the data is too small to
+    give every rank several blocks (else one rank would own everything)."""
+    return max(1, min(chunk, n_samples // max(1, world * min_blocks_per_rank)))
+
+
+def blocks(lengths: list[int], block: int) -> list[Range]:
+    """Cut each file's span into blocks; no block crosses a file boundary."""
+    out, base = [], 0
+    for n in lengths:
+        out.extend((base + s, base + min(s + block, n)) for s in range(0, n, block))
+        base += n
+    return out
+
+
+def take(order: list[Range], start: int, stop: int) -> list[Range]:
+    """Ranges covering positions [start, stop) of the concatenation of `order`."""
+    out, pos = [], 0
+    for a, b in order:
+        n = b - a
+        lo, hi = max(start, pos), min(stop, pos + n)
+        if lo < hi:
+            out.append((a + lo - pos, a + hi - pos))
+        pos += n
+        if pos >= stop:
+            break
+    return _merge(out)
+
+
+def _merge(ranges: list[Range]) -> list[Range]:
+    merged = []
+    for a, b in ranges:
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def epoch_segments(lengths: list[int], chunk: int, rank: int, world: int, batch: int,
+                   shuffle: bool, seed: int, epoch: int, window: int = 2048) -> list[Segment]:
+    """The reads of `rank` in `epoch`, as segments whose concatenation is its sample order.
+
+    Every segment holds a whole number of batches, so no batch spans two segments.
+    """
+    n = sum(lengths)
+    steps = steps_per_epoch(n, batch, world)
+    G = batch * world
+    if not shuffle:
+        return [Segment(tuple(take([(0, n)], k * G + rank * batch, k * G + (rank + 1) * batch)), None)
+                for k in range(steps)]
+    blks = blocks(lengths, block_length(n, chunk, world))
+    perm = np.random.default_rng([seed, epoch]).permutation(len(blks))
+    order = [blks[i] for i in perm]
+    per_rank = steps * batch
+    win = batch * max(1, window // batch)
+    segments = []
+    for j, start in enumerate(range(rank * per_rank, (rank + 1) * per_rank, win)):
+        stop = min(start + win, (rank + 1) * per_rank)
+        segments.append(Segment(tuple(take(order, start, stop)), (seed, epoch, rank, j)))
+    return segments
+
+
+def eval_ranges(n_samples: int, rank: int, world: int) -> Range:
+    """Evaluation covers every sample exactly once: rank r gets a contiguous near-equal part."""
+    base, extra = divmod(n_samples, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def locate(ranges, lengths: list[int]) -> list[tuple[int, int, int]]:
+    """Global ranges -> (file index, local start, local stop), split at file boundaries."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    out = []
+    for a, b in ranges:
+        while a < b:
+            f = int(np.searchsorted(offsets, a, side="right") - 1)
+            stop = min(b, int(offsets[f + 1]))
+            out.append((f, a - int(offsets[f]), stop - int(offsets[f])))
+            a = stop
+    return out

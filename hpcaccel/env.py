@@ -1,0 +1,123 @@
+"""Who am I: rank, world size, local rank/size, nodes, threads per rank.
+
+The one place hpcaccel asks the launcher and MPI about the job. Everything else receives a
+`World` and never reads MPI or launcher environment variables itself.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+# Launcher variables that state the world size the launcher intended. If MPI reports a
+# different size, ranks were started as singletons (srun without PMIx, say) and each would
+# silently train alone.
+_LAUNCHER_SIZE_VARS = (
+    ("OMPI_COMM_WORLD_SIZE", "Open MPI's mpirun"),
+    ("PMI_SIZE", "a PMI launcher"),
+    ("PMIX_SIZE", "a PMIx launcher"),
+)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    nodes: int
+    node_name: str
+    threads: int
+    mpi_library: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def expected_size(environ) -> tuple[int, str] | None:
+    """The world size the launcher intended, and who said so; None when unknown.
+
+    Inside a Slurm job step started by srun, SLURM_STEP_NUM_TASKS is the step's task count.
+    Under mpirun inside an allocation the ranks carry mpirun's own variables instead
+    (and SLURM_PROCID is 0 everywhere), so mpirun's variables take precedence.
+    """
+    for var, who in _LAUNCHER_SIZE_VARS:
+        if environ.get(var, "").isdigit():
+            return int(environ[var]), f"{who} ({var})"
+    if environ.get("SLURM_STEP_NUM_TASKS", "").isdigit() and "SLURM_STEP_ID" in environ:
+        return int(environ["SLURM_STEP_NUM_TASKS"]), "srun (SLURM_STEP_NUM_TASKS)"
+    return None
+
+
+def check_world_size(mpi_size: int, environ) -> None:
+    """Fail with one line when MPI's world is not the one the launcher started."""
+    expected = expected_size(environ)
+    if expected is not None and expected[0] != mpi_size:
+        n, who = expected
+        raise UsageError(
+            f"MPI reports {mpi_size} rank(s) but {who} started {n}: the ranks are not "
+            f"connected (under Slurm use `srun --mpi=pmix`, or mpirun inside the allocation)"
+        )
+
+
+def threads_per_rank(my_cpus: frozenset, local_cpus: list[frozenset]) -> int:
+    """Threads this rank should use, from CPU affinity.
+
+    A rank bound to a socket (`--bind-to socket`) owns that socket's cores. Ranks that share
+    the same CPU set (unbound ranks all see every CPU) split it evenly, so a node is never
+    oversubscribed by intra-op threads.
+    """
+    sharing = sum(1 for cpus in local_cpus if cpus == my_cpus)
+    return max(1, len(my_cpus) // max(1, sharing))
+
+
+def _affinity() -> frozenset:
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return frozenset(range(os.cpu_count() or 1))
+
+
+def detect(threads: int | None = None, comm=None) -> World:
+    """Detect the world from MPI (initialising it) and pin torch's thread count.
+
+    Collective: every rank of `comm` must call it.
+    """
+    from mpi4py import MPI
+
+    comm = comm or MPI.COMM_WORLD
+    check_world_size(comm.Get_size(), os.environ)
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        my_cpus = _affinity()
+        local_cpus = local.allgather(my_cpus)
+        is_leader = 1 if local.Get_rank() == 0 else 0
+        nodes = comm.allreduce(is_leader)
+        world = World(
+            rank=comm.Get_rank(),
+            size=comm.Get_size(),
+            local_rank=local.Get_rank(),
+            local_size=local.Get_size(),
+            nodes=nodes,
+            node_name=MPI.Get_processor_name(),
+            threads=threads or threads_per_rank(my_cpus, local_cpus),
+            mpi_library=MPI.Get_library_version().splitlines()[0].split(",")[0].strip(),
+        )
+    finally:
+        local.Free()
+    set_threads(world.threads)
+    return world
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    try:
+        # Inter-op parallelism only competes with intra-op threads and other ranks here.
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set by an earlier parallel op; harmless

@@ -1,0 +1,11 @@
+"""Errors that end a run with a specific exit code.
+
+UsageError is bad input (a flag, a file, a checkpoint): the run ends with exit code 2 and
+one line naming the flag or file, printed by rank 0 only.
+"""
+
+
+class UsageError(Exception):
+    """Bad input or usage. The message names the offending file or flag."""
+
+    exit_code = 2

@@ -1,0 +1,60 @@
+"""Built-in models, and user models given as `package.module:factory`.
+
+Every model is built as factory(input_shape, num_classes) -> torch.nn.Module.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+
+def mlp(input_shape, num_classes, hidden=(256, 256), dropout=0.0) -> nn.Module:
+    layers, width = [nn.Flatten()], math.prod(input_shape)
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def cnn(input_shape, num_classes, width=32, dropout=0.0) -> nn.Module:
+    """Two conv blocks and a linear head; works for any spatial size >= 1."""
+    if len(input_shape) != 3:
+        raise UsageError(f"--model cnn needs samples shaped (channels, height, width), "
+                         f"got {tuple(input_shape)}; use --model mlp")
+    c = input_shape[0]
+    return nn.Sequential(
+        nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.MaxPool2d(2) if min(input_shape[1:]) >= 2 else nn.Identity(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Dropout(dropout) if dropout else nn.Identity(),
+        nn.Linear(2 * width * 4, num_classes),
+    )
+
+
+BUILTIN = {"mlp": mlp, "cnn": cnn}
+
+
+def build_model(name: str, input_shape, num_classes: int) -> nn.Module:
+    if name in BUILTIN:
+        return BUILTIN[name](tuple(input_shape), num_classes)
+    if ":" not in name:
+        raise UsageError(f"--model: unknown model {name!r} (built-in: {', '.join(BUILTIN)}; "
+                         f"or package.module:factory)")
+    module_name, attr = name.split(":", 1)
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"--model {name}: cannot load factory ({e})") from None
+    model = factory(tuple(input_shape), num_classes)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--model {name}: factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model

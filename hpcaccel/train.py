@@ -1,0 +1,145 @@
+"""Data-parallel training over MPI ranks.
+
+  mpirun -np 8 python -m hpcaccel.train                      # digits, built-in CNN
+  mpirun -np 4 python -m hpcaccel.train --data /scratch/ds/index.json --model mlp
+  srun --mpi=pmix python -m hpcaccel.train --config run.toml
+  python -m hpcaccel.train --help
+
+Exit codes: 0 success; 2 bad input (one line from rank 0, nothing in --out overwritten);
+1 any other failure, which ends every rank (MPI_Abort) instead of leaving them waiting.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+
+from .errors import UsageError
+
+
+class SetupFailed(Exception):
+    """A non-usage failure during set-up, already agreed on by all ranks."""
+
+
+def agree(comm, error: BaseException | None) -> None:
+    """Collective: raise on every rank if any rank failed; the lowest failing rank's
+    error is the one reported."""
+    report = None if error is None else (isinstance(error, UsageError), f"{type(error).__name__}: {error}", str(error))
+    failed = [(r, m) for r, m in enumerate(comm.allgather(report)) if m is not None]
+    if failed:
+        rank, (usage, described, text) = failed[0]
+        raise UsageError(text) if usage else SetupFailed(f"rank {rank}: {described}")
+
+
+def collectively(_comm, fn, *args, **kwargs):
+    """Run a set-up phase on every rank; if it fails anywhere, it fails everywhere."""
+    result, error = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported collectively
+        error = e
+    agree(_comm, error)
+    return result
+
+
+def setup(cfg, comm):
+    from . import data, env
+    from .comm import make_reducer
+    from .models import build_model
+    from .trainer import make_optimizer
+
+    world = collectively(comm, env.detect, threads=cfg.threads, comm=comm)
+    reducer = collectively(comm, make_reducer, cfg.backend, comm=comm,
+                           bucket_bytes=int(cfg.bucket_mb * 2**20))
+    shape = tuple(int(s) for s in cfg.synthetic_shape.split(","))
+    train_ds, test_ds = collectively(
+        comm, data.resolve, cfg.data, cfg.test_data, samples=cfg.synthetic_samples, shape=shape,
+        classes=cfg.synthetic_classes, seed=cfg.seed, pack=world.local_rank == 0,
+        wait=lambda err: agree(comm, err))
+
+    def check_data():
+        if world.rank == 0:
+            data.check_labels(train_ds, "--data")
+            if test_ds is not None:
+                data.check_labels(test_ds, "--test-data")
+        need = cfg.batch_size * world.size
+        if train_ds.samples < need:
+            raise UsageError(f"--data {train_ds.files[0]}: {train_ds.samples} samples, fewer than "
+                             f"ranks x --batch-size = {world.size} x {cfg.batch_size} = {need}")
+    collectively(comm, check_data)
+
+    import torch
+    torch.manual_seed(cfg.seed)
+    model = collectively(comm, build_model, cfg.model, train_ds.sample_shape, train_ds.classes)
+    optimizer = make_optimizer(cfg, model)
+    reducer.broadcast_parameters(model)  # all ranks start from rank 0's initialisation
+    reducer.attach(model, optimizer)
+    reader = data.RankReader(train_ds, world.rank, world.size, cfg.batch_size, cfg.shuffle, cfg.seed)
+    return world, reducer, model, optimizer, reader, train_ds, test_ds
+
+
+def _progress_factory(enabled: bool):
+    if enabled:
+        from tqdm import tqdm
+        return lambda **kw: tqdm(leave=False, mininterval=0.5, dynamic_ncols=True, **kw)
+    from tqdm import tqdm
+    return lambda **kw: tqdm(disable=True, **kw)
+
+
+def run(argv, comm) -> dict:
+    from . import config
+    from .metrics import NullRunLog, RunLog
+    from .trainer import Trainer
+
+    t_start = time.perf_counter()
+    cfg = collectively(comm, config.parse_args, argv, quiet=comm.Get_rank() != 0)
+    world, reducer, model, optimizer, reader, train_ds, test_ds = setup(cfg, comm)
+    log = RunLog(cfg.out) if world.is_main else NullRunLog()
+    log.info(f"hpcaccel: {world.size} ranks on {world.nodes} node(s), {world.threads} thread(s) "
+             f"per rank, backend {reducer.name}, {world.mpi_library}; data {train_ds.samples} "
+             f"samples in {len(train_ds.files)} file(s), {reader.steps} steps/epoch")
+    trainer = Trainer(cfg, world, reducer, model, optimizer, reader, test_ds, log,
+                      _progress_factory(cfg.progress and world.is_main))
+    result = trainer.fit()
+    summary = {"world_size": world.size, "nodes": world.nodes, "threads_per_rank": world.threads,
+               "backend": reducer.name, "mpi_library": world.mpi_library, "epochs": cfg.epochs,
+               **result, "wall_seconds": time.perf_counter() - t_start, "config": cfg.to_dict()}
+    log.model(model.state_dict())
+    log.summary(summary)
+    log.info(f"done: test accuracy {summary['test_accuracy']}, "
+             f"{summary['samples_per_second']:.0f} samples/s, outputs in {cfg.out}")
+    log.close()
+    reducer.close()
+    return summary
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    try:
+        run(argv, comm)
+        return 0
+    except SystemExit as e:  # --help: printed by rank 0 only (see config)
+        return int(e.code or 0)
+    except UsageError as e:  # agreed by all ranks during set-up
+        if rank == 0:
+            print(f"hpcaccel: error: {e}", file=sys.stderr, flush=True)
+        return UsageError.exit_code
+    except SetupFailed as e:
+        if rank == 0:
+            print(f"hpcaccel: set-up failed: {e}", file=sys.stderr, flush=True)
+        return 1
+    except BaseException as e:  # noqa: BLE001 - one rank failing must end every rank
+        sys.stderr.write(f"hpcaccel: rank {rank} failed: {type(e).__name__}: {e}\n"
+                         + "".join(traceback.format_exception(e)))
+        sys.stderr.flush()
+        comm.Abort(1)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
