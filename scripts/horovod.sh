@@ -25,7 +25,7 @@ fi
 
 if "$PY" - "$HVD_VERSION" <<'PYEOF' 2>/dev/null; then
 import sys, horovod.torch as hvd
-ok = horovod_ok = hvd.mpi_built() and __import__("horovod").__version__ == sys.argv[1]
+ok = hvd.mpi_built() and __import__("horovod").__version__ == sys.argv[1]
 sys.exit(0 if ok else 1)
 PYEOF
   echo "setup: Horovod $HVD_VERSION already installed (MPI built)"
@@ -34,7 +34,7 @@ fi
 
 torch_v=$("$PY" -c 'import torch; print(torch.__version__.replace("+", "_"))')
 py_v=$("$PY" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
-mpi_v=$(mpirun --version 2>/dev/null | head -n1 | tr -cs 'A-Za-z0-9.' '_' | sed 's/_$//')
+mpi_v=$(mpirun --version 2>/dev/null | head -n1 | sed 's/^mpirun *//' | tr -cs 'A-Za-z0-9.' '_' | sed 's/_$//')
 key="horovod-${HVD_VERSION}_torch-${torch_v}_${py_v}_${mpi_v:-unknown-mpi}"
 wheel_dir="$CACHE/wheels/$key"
 

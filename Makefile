@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine:
+#   make train   set up, then train on the embedded digits dataset with 8 MPI ranks
+#   make test    set up (with test tools), then run every test: 1 process, 2 and 4 ranks
+PY      := .venv/bin/python
+NP      ?= 8
+ARGS    ?=
+TIMEOUT := timeout --signal=TERM --kill-after=30
+
+.PHONY: setup setup-test train test test-unit test-mpi clean
+
+setup:
+	@bash scripts/setup.sh train
+
+setup-test:
+	@bash scripts/setup.sh test
+
+train: setup
+	bash scripts/mpirun.sh $(NP) $(PY) -m hpcaccel.train --out runs/digits $(ARGS)
+
+test: setup-test
+	@$(MAKE) --no-print-directory test-unit test-mpi
+
+test-unit:
+	$(TIMEOUT) 1200 $(PY) -m pytest -q -p no:cacheprovider tests/unit
+
+# Each MPI rank runs pytest; rank 0 reports, other ranks' output goes to build/test-logs.
+test-mpi:
+	@for np in 2 4; do \
+	  echo "== MPI tests at $$np ranks"; \
+	  $(TIMEOUT) 900 bash scripts/mpirun.sh $$np bash scripts/pytest_rank.sh tests/mpi || exit 1; \
+	done
+
+clean:
+	rm -rf runs build
