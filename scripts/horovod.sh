@@ -34,7 +34,7 @@ fi
 
 torch_v=$("$PY" -c 'import torch; print(torch.__version__.replace("+", "_"))')
 py_v=$("$PY" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
-mpi_v=$(mpirun --version 2>/dev/null | head -n1 | sed 's/^mpirun *//' | tr -cs 'A-Za-z0-9.' '_' | sed 's/_$//')
+mpi_v=$(mpirun --version 2>/dev/null | head -n1 | sed 's/^mpirun *//' | tr -cs 'A-Za-z0-9.' '_' | sed 's/^_//; s/_$//')
 key="horovod-${HVD_VERSION}_torch-${torch_v}_${py_v}_${mpi_v:-unknown-mpi}"
 wheel_dir="$CACHE/wheels/$key"
 
