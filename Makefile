@@ -21,7 +21,7 @@ test: setup-test
 	@$(MAKE) --no-print-directory test-unit test-mpi
 
 test-unit:
-	$(TIMEOUT) 1200 $(PY) -m pytest -q -p no:cacheprovider tests/unit
+	$(TIMEOUT) 1200 $(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration
 
 # Each MPI rank runs pytest; rank 0 reports, other ranks' output goes to build/test-logs.
 test-mpi:

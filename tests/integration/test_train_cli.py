@@ -1,0 +1,81 @@
+"""`python -m hpcaccel.train` under real mpirun: outputs, accuracy, bad input, --help."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def mpirun(np_, *args, timeout=240, env=None):
+    cmd = ["bash", os.path.join(ROOT, "scripts", "mpirun.sh"), str(np_), sys.executable,
+           "-m", "hpcaccel.train", "--progress", "false", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def data_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("HPCACCEL_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
+
+
+def test_digits_at_4_ranks_reaches_95_percent(tmp_path, data_cache):
+    out = tmp_path / "run"
+    r = mpirun(4, "--out", str(out), "--epochs", "10")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("world_size", "backend", "epochs", "steps", "final_train_loss", "test_accuracy",
+                "samples_per_second", "wall_seconds", "config"):
+        assert key in summary
+    assert summary["world_size"] == 4
+    assert summary["test_accuracy"] >= 0.95
+    assert summary["steps"] == 10 * (1437 // (16 * 4))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == list(range(1, 11))
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    assert r.stdout.count("hpcaccel: 4 ranks on 1 node(s)") == 1  # one start-up line
+
+
+def test_user_model_and_synthetic_data_at_2_ranks(tmp_path, data_cache):
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n"
+        "def tiny(shape, classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(shape[0] * shape[1], classes))\n")
+    out = tmp_path / "run"
+    r = mpirun(2, "--out", str(out), "--data", "synthetic", "--synthetic-samples", "512",
+               "--synthetic-shape", "4,4", "--model", "mymodels:tiny", "--epochs", "2",
+               env={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["model"] == "mymodels:tiny" and summary["steps"] == 2 * (512 // 32)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--data", "/nonexistent/data.h5"], "--data /nonexistent/data.h5: no such file"),
+    (["--lr", "-0.1"], "--lr must not be negative"),
+    (["--model", "resnet9000"], "--model: unknown model"),
+    (["--batch-size", "1000"], "fewer than ranks x --batch-size"),
+])
+def test_bad_input_one_line_exit_2_nothing_overwritten(tmp_path, data_cache, args, needle):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("earlier result")
+    r = mpirun(2, "--out", str(out), *args, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    errors = [l for l in r.stderr.splitlines() if l.startswith("hpcaccel: error:")]
+    assert len(errors) == 1 and needle in errors[0], r.stderr
+    assert (out / "summary.json").read_text() == "earlier result"
+    assert sorted(os.listdir(out)) == ["summary.json"]
+
+
+def test_help_lists_flags_once(tmp_path):
+    r = mpirun(2, "--help", timeout=60)
+    assert r.returncode == 0
+    assert r.stdout.count("usage: python -m hpcaccel.train") == 1
+    for flag in ("--data", "--model", "--backend", "--epochs", "--batch-size", "--lr",
+                 "--optimizer", "--seed", "--threads", "--shuffle", "--out", "--config"):
+        assert flag in r.stdout

@@ -1,0 +1,84 @@
+"""The reducer averages gradients exactly, for awkward shapes and bucket layouts."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+
+class Many(nn.Module):
+    """Odd sizes, many small tensors, one tensor larger than a bucket, one unused parameter,
+    and one parameter used only on some ranks."""
+
+    def __init__(self):
+        super().__init__()
+        self.small = nn.ParameterList([nn.Parameter(torch.zeros(k)) for k in (1, 3, 7, 13, 1, 2)])
+        self.big = nn.Parameter(torch.zeros(70_001))  # > the 64 KB buckets used below
+        self.odd = nn.Parameter(torch.zeros(5, 3))
+        self.unused = nn.Parameter(torch.zeros(4))
+        self.sometimes = nn.Parameter(torch.zeros(6))
+
+
+def rank_grads(model, rank, use_sometimes):
+    """Loss whose gradient w.r.t. each parameter is (rank + 1) * known pattern."""
+    loss = sum((p * torch.arange(p.numel(), dtype=p.dtype).view_as(p)).sum() * (rank + 1)
+               for p in list(model.small) + [model.big, model.odd])
+    if use_sometimes:
+        loss = loss + (model.sometimes * (rank + 1)).sum()
+    return loss
+
+
+def test_mean_of_gradients_odd_sizes_many_tensors_and_big_tensor(make, comm):
+    rank, size = comm.Get_rank(), comm.Get_size()
+    model = Many()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    red = make(bucket_bytes=64 * 1024)
+    red.broadcast_parameters(model)
+    red.attach(model, opt)
+    for step in range(3):  # several steps: buffers are reused and must be cleared
+        red.zero_grad()
+        rank_grads(model, rank, use_sometimes=(rank == 0)).backward()
+        red.synchronize()
+        mean_factor = sum(r + 1 for r in range(size)) / size
+        for p in list(model.small) + [model.big, model.odd]:
+            expect = torch.arange(p.numel(), dtype=p.dtype).view_as(p) * mean_factor
+            torch.testing.assert_close(p.grad, expect, rtol=1e-6, atol=1e-5)
+        # used on rank 0 only: its gradient is averaged over all ranks, identical everywhere
+        torch.testing.assert_close(model.sometimes.grad, torch.full((6,), 1.0 / size))
+        # used nowhere: no gradient on any rank, so no rank updates it
+        assert model.unused.grad is None
+        red.step()
+    red.close()
+
+
+def test_parameters_stay_identical_across_ranks(make, comm):
+    torch.manual_seed(comm.Get_rank())  # different init per rank: broadcast must fix it
+    model = nn.Sequential(nn.Linear(17, 33), nn.ReLU(), nn.Linear(33, 5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    red = make()
+    red.broadcast_parameters(model)
+    red.attach(model, opt)
+    g = torch.Generator().manual_seed(100 + comm.Get_rank())  # different data per rank
+    for _ in range(5):
+        red.zero_grad()
+        x = torch.randn(8, 17, generator=g)
+        model(x).pow(2).mean().backward()
+        red.synchronize()
+        red.step()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()]).numpy()
+    everyone = comm.allgather(flat)
+    for other in everyone:
+        np.testing.assert_array_equal(other, flat)
+    red.close()
+
+
+def test_allreduce_array_and_mean(make, comm):
+    size = comm.Get_size()
+    red = make()
+    out = red.allreduce_array(np.array([comm.Get_rank(), 1.0]))
+    np.testing.assert_allclose(out, [size * (size - 1) / 2, size])
+    assert red.allreduce_array([comm.Get_rank()], "max")[0] == size - 1
+    assert red.mean(float(comm.Get_rank()))[0] == pytest.approx((size - 1) / 2)
+    assert red.broadcast_object({"a": comm.Get_rank()}) == {"a": 0}
+    red.close()

@@ -1,0 +1,76 @@
+"""Configuration parsing and world detection logic (no MPI needed)."""
+import pytest
+
+from hpcaccel.comm.mpi import plan_buckets
+from hpcaccel.config import TrainConfig, build_parser, parse_args
+from hpcaccel.env import check_world_size, threads_per_rank
+from hpcaccel.errors import UsageError
+
+
+def test_defaults_train_digits():
+    cfg = parse_args([])
+    assert cfg.data == "digits" and cfg.backend == "auto" and cfg.shuffle
+
+
+def test_every_field_has_a_documented_flag():
+    text = build_parser().format_help()
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"--{name.replace('_', '-')}" in text
+
+
+def test_toml_config_and_cli_override(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('epochs = 3\nbatch-size = 8\nlr = 1\nshuffle = false\nmodel = "mlp"\n')
+    cfg = parse_args(["--config", str(f), "--epochs", "5"])
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.shuffle, cfg.model) == (5, 8, 1.0, False, "mlp")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--lr", "-1"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--epochs", "x"], "--epochs"),
+    (["--backend", "nccl"], "--backend"),
+    (["--shuffle", "maybe"], "--shuffle"),
+    (["--synthetic-shape", "3,a"], "--synthetic-shape"),
+    (["--config", "/nonexistent.toml"], "/nonexistent.toml"),
+])
+def test_bad_flags_name_the_flag(argv, needle):
+    with pytest.raises(UsageError, match=needle):
+        parse_args(argv)
+
+
+def test_bad_toml_key_and_type(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("epoch = 3\n")
+    with pytest.raises(UsageError, match="unknown key 'epoch'"):
+        parse_args(["--config", str(f)])
+    f.write_text('epochs = "three"\n')
+    with pytest.raises(UsageError, match="epochs"):
+        parse_args(["--config", str(f)])
+
+
+def test_threads_from_affinity():
+    socket0, socket1, everything = frozenset(range(4)), frozenset(range(4, 8)), frozenset(range(8))
+    # bound to a socket: all its cores
+    assert threads_per_rank(socket0, [socket0, socket1]) == 4
+    # unbound ranks share the machine evenly
+    assert threads_per_rank(everything, [everything] * 4) == 2
+    # oversubscribed: never below one
+    assert threads_per_rank(frozenset({0, 1}), [frozenset({0, 1})] * 8) == 1
+
+
+def test_world_size_cross_check():
+    check_world_size(4, {"OMPI_COMM_WORLD_SIZE": "4"})
+    check_world_size(1, {})
+    with pytest.raises(UsageError, match="srun --mpi=pmix"):
+        check_world_size(1, {"SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_ID": "0"})
+    # mpirun inside an allocation: mpirun's variables win over the step's
+    check_world_size(8, {"OMPI_COMM_WORLD_SIZE": "8", "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_ID": "0"})
+
+
+def test_bucket_plan():
+    MB = 1 << 20
+    # small first bucket, then up to the cap; a tensor larger than the cap stands alone
+    assert plan_buckets([MB // 2, MB // 2, MB // 2, 30 * MB, MB], 25 * MB) == [[0, 1], [2], [3], [4]]
+    assert plan_buckets([10] * 5, 25 * MB) == [[0, 1, 2, 3, 4]]
+    assert plan_buckets([], 25 * MB) == []

@@ -1,0 +1,152 @@
+"""HDF5 packing, validation and per-rank reading, on real files."""
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcaccel.data import RankReader, check_labels, eval_batches, open_dataset, write_file
+from hpcaccel.data.sources import digits_split, pack_builtin
+from hpcaccel.errors import UsageError
+
+
+def indexed(path, n, chunk=8, classes=5):
+    """x[i] holds i everywhere, so a batch tells which samples it contains."""
+    x = np.repeat(np.arange(n, dtype=np.float32)[:, None], 3, axis=1)
+    y = np.arange(n) % classes
+    write_file(str(path), [x], [y], n, (3,), classes, "test", chunk_rows=chunk)
+    return open_dataset(str(path))
+
+
+def ids(x):
+    return x[:, 0].int().tolist()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_ranks_read_disjoint_parts_with_matching_labels(tmp_path, world, shuffle):
+    ds = indexed(tmp_path / "d.h5", 203)
+    seen = []
+    for rank in range(world):
+        reader = RankReader(ds, rank, world, batch=10, shuffle=shuffle, seed=4)
+        batches = list(reader.epoch(1))
+        assert len(batches) == reader.steps == 203 // (10 * world)
+        for x, y in batches:
+            assert x.shape == (10, 3) and x.dtype.is_floating_point
+            assert (y.numpy() == np.array(ids(x)) % 5).all()  # labels travel with samples
+            seen += ids(x)
+    assert len(seen) == len(set(seen)) == reader.steps * 10 * world
+
+
+def test_resume_mid_epoch_gives_the_remaining_batches(tmp_path):
+    ds = indexed(tmp_path / "d.h5", 100)
+    reader = RankReader(ds, 1, 2, batch=6, shuffle=True, seed=9)
+    full = [ids(x) for x, _ in reader.epoch(3)]
+    assert [ids(x) for x, _ in reader.epoch(3, start_step=4)] == full[4:]
+
+
+def test_reader_stops_cleanly_when_abandoned(tmp_path):
+    ds = indexed(tmp_path / "d.h5", 500)
+    it = RankReader(ds, 0, 1, batch=2, shuffle=False, seed=0, prefetch=1).epoch(0)
+    next(it)
+    it.close()  # the background thread must not stay blocked on a full queue
+
+
+def test_eval_covers_all_samples_across_ranks(tmp_path):
+    ds = indexed(tmp_path / "d.h5", 37)
+    got = [i for r in range(4) for x, _ in eval_batches(ds, r, 4, 5) for i in ids(x)]
+    assert got == list(range(37))
+
+
+def test_pack_cli_npz_shards_and_info(tmp_path):
+    x = np.random.default_rng(0).standard_normal((50, 2, 4)).astype(np.float32)
+    y = np.arange(50) % 3
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    out = tmp_path / "shards"
+    cmd = [sys.executable, "-m", "hpcaccel.data", "pack", "--source", str(tmp_path / "a.npz"),
+           "--out", str(out), "--shards", "3"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    index = json.loads((out / "index.json").read_text())
+    assert [f["samples"] for f in index["files"]] == [16, 17, 17]
+    ds = open_dataset(str(out / "index.json"))
+    assert ds.samples == 50 and ds.sample_shape == (2, 4) and ds.classes == 3
+    reader = RankReader(ds, 0, 1, batch=50, shuffle=False, seed=0)
+    (bx, by), = list(reader.epoch(0))  # reads across the three files in order
+    np.testing.assert_array_equal(bx.numpy(), x)
+    np.testing.assert_array_equal(by.numpy(), y)
+    info = subprocess.run([sys.executable, "-m", "hpcaccel.data", "info", str(out / "index.json")],
+                          check=True, capture_output=True, text=True).stdout
+    assert "50 samples in 3 file(s)" in info
+
+
+def test_pack_cli_bad_input_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hpcaccel.data", "pack", "--source",
+                        str(tmp_path / "missing.npz"), "--out", str(tmp_path / "o.h5")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "missing.npz" in r.stderr
+
+
+def test_synthetic_source_is_learnable_and_deterministic(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPCACCEL_DATA", str(tmp_path))
+    a = pack_builtin("synthetic", 300, (2, 3), 4, 1)
+    with h5py.File(a[0]) as f:
+        x, y = f["x"][...], f["y"][...]
+    assert x.shape == (300, 2, 3) and set(np.unique(y)) <= set(range(4))
+    assert len(np.unique(y)) > 1
+    (tmp_path / "again").mkdir()
+    monkeypatch.setenv("HPCACCEL_DATA", str(tmp_path / "again"))
+    with h5py.File(pack_builtin("synthetic", 300, (2, 3), 4, 1)[0]) as f:
+        np.testing.assert_array_equal(f["x"][...], x)
+
+
+def test_digits_split_is_fixed_and_real():
+    (xt, yt), (xv, yv) = digits_split()
+    assert len(xt) + len(xv) == 1797 and len(xv) == 360
+    assert xt.shape[1:] == (1, 8, 8) and 0 <= xt.min() and xt.max() <= 1
+    assert set(yt) == set(range(10))
+
+
+def bad_file(path, **datasets):
+    with h5py.File(path, "w") as f:
+        for k, v in datasets.items():
+            f[k] = v
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: None, "no such file"),
+    (lambda p: p.write_text("hello"), "not an HDF5 file"),
+    (lambda p: bad_file(p, x=np.zeros((3, 2))), "no dataset 'y'"),
+    (lambda p: bad_file(p, x=np.zeros((3, 2)), y=np.zeros(4, int)), "x has 3 samples but y has 4"),
+    (lambda p: bad_file(p, x=np.zeros((3, 2)), y=np.zeros(3)), "integer labels"),
+    (lambda p: bad_file(p, x=np.zeros((0, 2)), y=np.zeros(0, int)), "empty"),
+    (lambda p: bad_file(p, x=np.array([b"a", b"b"]), y=np.zeros(2, int)), "x must be"),
+])
+def test_bad_files_raise_one_line_naming_the_file(tmp_path, make, needle):
+    path = tmp_path / "bad.h5"
+    make(path)
+    with pytest.raises(UsageError, match=needle) as e:
+        open_dataset(str(path))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_labels_out_of_range(tmp_path):
+    write_file(str(tmp_path / "l.h5"), [np.zeros((4, 2))], [np.array([0, 1, 2, 7])], 4, (2,), 3, "t")
+    with pytest.raises(UsageError, match="label 7 out of range"):
+        check_labels(open_dataset(str(tmp_path / "l.h5")))
+
+
+def test_inconsistent_shards(tmp_path):
+    write_file(str(tmp_path / "a.h5"), [np.zeros((4, 2))], [np.zeros(4)], 4, (2,), 3, "t")
+    write_file(str(tmp_path / "b.h5"), [np.zeros((4, 5))], [np.zeros(4)], 4, (5,), 3, "t")
+    (tmp_path / "index.json").write_text(json.dumps({
+        "format": "hpcaccel-shards", "version": 1,
+        "files": [{"path": "a.h5", "samples": 4}, {"path": "b.h5", "samples": 4}]}))
+    with pytest.raises(UsageError, match="differ"):
+        open_dataset(str(tmp_path / "index.json"))
+    (tmp_path / "index.json").write_text(json.dumps({
+        "format": "hpcaccel-shards", "version": 1, "files": [{"path": "a.h5", "samples": 5}]}))
+    with pytest.raises(UsageError, match="lists 5"):
+        open_dataset(str(tmp_path / "index.json"))
