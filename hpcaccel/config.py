@@ -53,8 +53,14 @@ class TrainConfig:
                             "as soon as its gradients are ready during backward")
     threads: Optional[int] = _opt(None, "intra-op threads per rank (default: the rank's CPU "
                                   "affinity, shared evenly among ranks bound alike)")
-    # output
-    out: str = _opt("runs/latest", "output directory: metrics.jsonl, summary.json, model.pt")
+    # output and checkpoints
+    out: str = _opt("runs/latest", "output directory: metrics.jsonl, summary.json, model.pt, "
+                    "checkpoints/")
+    resume: str = _opt("none", "continue from a checkpoint: auto (the newest in OUT/checkpoints, "
+                       "or start fresh if none), a checkpoint path, or none")
+    checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: only at the end of each "
+                                 "epoch and when stopped by SIGUSR1/SIGTERM)")
+    keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep")
     progress: bool = _opt(True, "progress bar on rank 0")
 
     def validate(self) -> "TrainConfig":
@@ -64,6 +70,10 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise UsageError(f"--{_flag(name)} must be positive, got {value}")
+        if self.keep_checkpoints < 1:
+            raise UsageError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
+        if self.checkpoint_every < 0:
+            raise UsageError(f"--checkpoint-every must not be negative, got {self.checkpoint_every}")
         for name in ("lr", "momentum", "weight_decay"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")

@@ -9,3 +9,8 @@ class UsageError(Exception):
     """Bad input or usage. The message names the offending file or flag."""
 
     exit_code = 2
+
+
+# The run was stopped by SIGUSR1/SIGTERM (time limit, preemption) after every rank agreed
+# and a checkpoint was written: the batch script requeues the job, which resumes from it.
+REQUEUE_EXIT_CODE = 3

@@ -6,34 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 
-
-def atomic_write(path: str, write) -> None:
-    """Write via a temp file in the same directory, fsync, rename: readers and crashes see
-    the old file or the new one, never a torn one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from .fsutil import atomic_write
 
 
 class RunLog:
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, append: bool = False):
         self.out_dir = out_dir
         os.makedirs(out_dir, exist_ok=True)
-        self._metrics = open(os.path.join(out_dir, "metrics.jsonl"), "w")
+        # a resumed run continues the same metrics file
+        self._metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a" if append else "w")
 
     def metrics(self, record: dict) -> None:
         self._metrics.write(json.dumps(record) + "\n")

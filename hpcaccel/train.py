@@ -6,6 +6,7 @@
   python -m hpcaccel.train --help
 
 Exit codes: 0 success; 2 bad input (one line from rank 0, nothing in --out overwritten);
+3 stopped by SIGUSR1/SIGTERM after writing a checkpoint (requeue and --resume auto);
 1 any other failure, which ends every rank (MPI_Abort) instead of leaving them waiting.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import time
 import traceback
 
-from .errors import UsageError
+from .errors import REQUEUE_EXIT_CODE, UsageError
 
 
 class SetupFailed(Exception):
@@ -86,22 +87,58 @@ def _progress_factory(enabled: bool):
     return lambda **kw: tqdm(disable=True, **kw)
 
 
+def restore(cfg, comm, world, model, optimizer) -> dict | None:
+    """--resume: load the checkpoint on every rank (rank 0 picks the file) and restore the
+    model, optimizer and this rank's RNG; None for a fresh start."""
+    import torch
+    from . import checkpoint
+
+    # rank 0 decides which file, so all ranks resume from the same one
+    path = collectively(comm, lambda: checkpoint.resolve(cfg.resume, cfg.out) if comm.Get_rank() == 0 else None)
+    path = comm.bcast(path, root=0)
+    if path is None:
+        # Per-rank RNG streams (dropout, augmentation); initialisation came from rank 0.
+        torch.manual_seed(cfg.seed * 1_000_003 + 1 + world.rank)
+        return None
+    state = collectively(comm, checkpoint.load, path, model)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if len(state["rng"]) == world.size:
+        torch.set_rng_state(state["rng"][world.rank])
+    else:  # different world size: still deterministic, no longer bit-identical
+        torch.manual_seed(cfg.seed * 1_000_003 + 1 + world.rank + state["global_step"])
+    state["path"] = path
+    return state
+
+
 def run(argv, comm) -> dict:
     from . import config
     from .metrics import NullRunLog, RunLog
+    from .signals import StopRequest
     from .trainer import Trainer
 
     t_start = time.perf_counter()
+    stop = StopRequest()  # from the start: a signal during set-up is honoured at step 1
     cfg = collectively(comm, config.parse_args, argv, quiet=comm.Get_rank() != 0)
     world, reducer, model, optimizer, reader, train_ds, test_ds = setup(cfg, comm)
-    log = RunLog(cfg.out) if world.is_main else NullRunLog()
+    resumed = restore(cfg, comm, world, model, optimizer)
+    log = RunLog(cfg.out, append=resumed is not None) if world.is_main else NullRunLog()
+    if resumed is not None:
+        log.info(f"hpcaccel: resuming from {resumed['path']} (epoch {resumed['epoch'] + 1}, "
+                 f"step {resumed['global_step']})")
     log.info(f"hpcaccel: {world.size} ranks on {world.nodes} node(s), {world.threads} thread(s) "
              f"per rank, backend {reducer.name}, {world.mpi_library}; data {train_ds.samples} "
              f"samples in {len(train_ds.files)} file(s), {reader.steps} steps/epoch")
     trainer = Trainer(cfg, world, reducer, model, optimizer, reader, test_ds, log,
-                      _progress_factory(cfg.progress and world.is_main))
-    result = trainer.fit()
-    summary = {"world_size": world.size, "nodes": world.nodes, "threads_per_rank": world.threads,
+                      _progress_factory(cfg.progress and world.is_main), stop)
+    result = trainer.fit(resumed)
+    if "stopped_by" in result:
+        log.info(f"hpcaccel: stopped by {result['stopped_by']} after step {result['steps']}; "
+                 f"checkpoint {result['checkpoint']}; continue with --resume auto")
+        log.close()
+        reducer.close()
+        return result
+    summary = {"world_size": world.size, "resumed_from": resumed and resumed["path"], "nodes": world.nodes, "threads_per_rank": world.threads,
                "backend": reducer.name, "mpi_library": world.mpi_library, "epochs": cfg.epochs,
                **result, "wall_seconds": time.perf_counter() - t_start, "config": cfg.to_dict()}
     log.model(model.state_dict())
@@ -121,8 +158,8 @@ def main(argv=None) -> int:
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     try:
-        run(argv, comm)
-        return 0
+        result = run(argv, comm)
+        return REQUEUE_EXIT_CODE if "stopped_by" in result else 0
     except SystemExit as e:  # --help: printed by rank 0 only (see config)
         return int(e.code or 0)
     except UsageError as e:  # agreed by all ranks during set-up

@@ -35,14 +35,14 @@ def evaluate(model, ds, reducer, world, batch: int) -> tuple[float, float]:
         correct += (out.argmax(1) == y).sum().item()
         count += len(y)
     loss_sum, correct, count = reducer.allreduce_array([loss_sum, correct, count])
-    return loss_sum / count, correct / count
+    return float(loss_sum / count), float(correct / count)
 
 
 class Trainer:
-    def __init__(self, cfg, world, reducer, model, optimizer, reader, test_ds, log, progress):
+    def __init__(self, cfg, world, reducer, model, optimizer, reader, test_ds, log, progress, stop):
         self.cfg, self.world, self.reducer = cfg, world, reducer
         self.model, self.optimizer, self.reader = model, optimizer, reader
-        self.test_ds, self.log, self.progress = test_ds, log, progress
+        self.test_ds, self.log, self.progress, self.stop = test_ds, log, progress, stop
         self.step = 0
         self.timers = {"compute": 0.0, "comm_wait": 0.0}
 
@@ -61,47 +61,79 @@ class Trainer:
         self.step += 1
         return loss.item(), int((out.argmax(1) == y).sum())
 
-    def fit(self) -> dict:
-        cfg, world = self.cfg, self.world
-        train_seconds, final = 0.0, {}
-        for epoch in range(cfg.epochs):
+    def fit(self, resumed: dict | None = None) -> dict:
+        """Train from the start, or from a checkpoint's position. Returns the run's results;
+        results["stopped_by"] names the signal if the run stopped early (after checkpointing)."""
+        cfg, world, steps = self.cfg, self.world, self.reader.steps
+        start_epoch, start_step, last = 0, 0, {}
+        partial = (0.0, 0.0)
+        if resumed is not None:
+            start_epoch, start_step = resumed["epoch"], resumed["step_in_epoch"]
+            self.step, last = resumed["global_step"], resumed.get("last_record", {})
+            partial = tuple(resumed["partial"][world.rank]) if len(resumed["partial"]) == world.size else partial
+        train_seconds = 0.0
+        for epoch in range(start_epoch, cfg.epochs):
             self.model.train()
+            first = start_step if epoch == start_epoch else 0
+            loss_sum, correct = partial if epoch == start_epoch else (0.0, 0.0)
             t0 = time.perf_counter()
-            loss_sum = correct = 0.0
-            bar = self.progress(total=self.reader.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-            for x, y in self.reader.epoch(epoch):
+            bar = self.progress(total=steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+            for done, (x, y) in enumerate(self.reader.epoch(epoch, first), start=first + 1):
                 loss, right = self.train_step(x, y)
                 loss_sum += loss
                 correct += right
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if self.stop.agreed(self.reducer):  # collective, every step boundary
+                    bar.close()
+                    path = self.checkpoint(epoch, done, (loss_sum, correct), last)
+                    self.reducer.barrier()  # nobody exits before rank 0's file is complete
+                    return {"stopped_by": self.stop.name, "checkpoint": path, "steps": self.step}
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and done < steps:
+                    self.checkpoint(epoch, done, (loss_sum, correct), last)
             bar.close()
             seconds = time.perf_counter() - t0
             train_seconds += seconds
-            steps = self.reader.steps
+            ran = steps - first
             # every rank ran `steps` steps of equal batches, so the plain mean is exact
             train_loss, train_acc = self.reducer.mean(loss_sum / steps, correct / (steps * cfg.batch_size))
-            record = {"epoch": epoch + 1, "step": self.step, "train_loss": train_loss,
-                      "train_accuracy": train_acc, "epoch_seconds": seconds,
-                      "samples_per_second": steps * cfg.batch_size * world.size / seconds}
+            last = {"epoch": epoch + 1, "step": self.step, "train_loss": train_loss,
+                    "train_accuracy": train_acc, "epoch_seconds": seconds,
+                    "samples_per_second": ran * cfg.batch_size * world.size / seconds}
             if self.test_ds is not None:
-                record["test_loss"], record["test_accuracy"] = evaluate(
+                last["test_loss"], last["test_accuracy"] = evaluate(
                     self.model, self.test_ds, self.reducer, world, max(cfg.batch_size, 256))
-            self.log.metrics(record)
+            self.log.metrics(last)
             self.log.info(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  "
-                          f"train acc {train_acc:.4f}" + (f"  test acc {record['test_accuracy']:.4f}"
-                          if "test_accuracy" in record else "") +
-                          f"  {record['samples_per_second']:.0f} samples/s")
-            final = record
-        samples = self.step * cfg.batch_size * world.size
+                          f"train acc {train_acc:.4f}" + (f"  test acc {last['test_accuracy']:.4f}"
+                          if "test_accuracy" in last else "") +
+                          f"  {last['samples_per_second']:.0f} samples/s")
+            self.checkpoint(epoch + 1, 0, (0.0, 0.0), last)
+        return self._results(last, train_seconds, self.step - (resumed or {}).get("global_step", 0))
+
+    def checkpoint(self, epoch: int, step_in_epoch: int, partial, last: dict) -> str | None:
+        """Collective: gather every rank's RNG state and partial epoch sums; rank 0 writes."""
+        from . import checkpoint
+
+        per_rank = self.reducer.gather_object((checkpoint.rng_state(), list(partial)))
+        if not self.world.is_main:
+            return None
+        state = checkpoint.build(self.model, self.optimizer, epoch, step_in_epoch, self.step,
+                                 [r for r, _ in per_rank],
+                                 {"partial": [p for _, p in per_rank], "last_record": last})
+        return checkpoint.save(self.cfg.out, state, self.cfg.keep_checkpoints)
+
+    def _results(self, last: dict, train_seconds: float, steps_run: int) -> dict:
+        samples = steps_run * self.cfg.batch_size * self.world.size
         compute, comm, wait = (self.reducer.allreduce_array(
             [self.timers["compute"], self.timers["comm_wait"], self.reader.wait_seconds], "max"))
+        compute, comm, wait = float(compute), float(comm), float(wait)
         return {
             "steps": self.step,
-            "final_train_loss": final.get("train_loss"),
-            "final_train_accuracy": final.get("train_accuracy"),
-            "test_loss": final.get("test_loss"),
-            "test_accuracy": final.get("test_accuracy"),
+            "final_train_loss": last.get("train_loss"),
+            "final_train_accuracy": last.get("train_accuracy"),
+            "test_loss": last.get("test_loss"),
+            "test_accuracy": last.get("test_accuracy"),
             "samples_per_second": samples / train_seconds if train_seconds else 0.0,
             "train_seconds": train_seconds,
             "breakdown_seconds_max_over_ranks": {"compute": compute, "comm_wait": comm,

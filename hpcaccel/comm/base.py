@@ -54,11 +54,15 @@ class Reducer(ABC):
 
     def mean(self, *values: float) -> list[float]:
         """Average scalars over ranks (metrics)."""
-        return list(self.allreduce_array(np.asarray(values, dtype=np.float64)) / self.size)
+        return [float(v) for v in self.allreduce_array(np.asarray(values, dtype=np.float64)) / self.size]
 
     @abstractmethod
     def broadcast_object(self, obj, root: int = 0):
         """Pickle-broadcast a small Python object from root."""
+
+    @abstractmethod
+    def gather_object(self, obj, root: int = 0) -> list | None:
+        """Pickle-gather small Python objects to root (a list by rank there, None elsewhere)."""
 
     @abstractmethod
     def barrier(self) -> None: ...

@@ -207,6 +207,9 @@ class MPIReducer(Reducer):
     def broadcast_object(self, obj, root=0):
         return self.comm.bcast(obj, root=root)
 
+    def gather_object(self, obj, root=0):
+        return self.comm.gather(obj, root=root)
+
     def barrier(self):
         self.comm.Barrier()
 

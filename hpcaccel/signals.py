@@ -1,0 +1,40 @@
+"""Stop requests: SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption,
+scancel) set a flag; the loop asks all ranks at each step boundary whether any rank got one.
+
+Cross-rank invariant: the decision to stop is a collective max over ranks, so either every
+rank stops after the same step or none does, even if the signal reached only some ranks.
+"""
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopRequest:
+    def __init__(self, signals=STOP_SIGNALS):
+        self.received: int | None = None
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def agreed(self, reducer) -> bool:
+        """Collective: True on every rank if any rank received a stop signal."""
+        mine = 0.0 if self.received is None else float(self.received)
+        got = reducer.allreduce_array(np.array([mine]), "max")[0]
+        if got and self.received is None:
+            self.received = int(got)
+        return bool(got)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "none"
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
