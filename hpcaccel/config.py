@@ -37,6 +37,8 @@ class TrainConfig:
     synthetic_classes: int = _opt(10, "classes in the synthetic source")
     shuffle: bool = _opt(True, "shuffle per epoch (deterministic from --seed); off: global "
                          "batch k is samples [k*G, (k+1)*G) whatever the rank count")
+    check_data: bool = _opt(True, "before training, scan the data (each rank its share) for "
+                            "labels out of range and NaN/inf samples")
     # model and optimisation
     model: str = _opt("cnn", "built-in model (mlp, cnn) or package.module:factory")
     epochs: int = _opt(20, "passes over the training data")
@@ -51,6 +53,11 @@ class TrainConfig:
                         "auto picks the best available", choices=("auto", "mpi"))
     bucket_mb: float = _opt(25.0, "gradient bucket size in MB: each bucket's allreduce starts "
                             "as soon as its gradients are ready during backward")
+    stall_timeout: float = _opt(300.0, "seconds without a completed step after which a rank "
+                                "reports its last step and aborts the whole job (a peer died "
+                                "or hung); 0 disables")
+    nonfinite: str = _opt("stop", "on a NaN/inf loss on any rank: stop all ranks with an error, "
+                          "or skip that step on all ranks and count it", choices=("stop", "skip"))
     threads: Optional[int] = _opt(None, "intra-op threads per rank (default: the rank's CPU "
                                   "affinity, shared evenly among ranks bound alike)")
     # output and checkpoints
@@ -74,7 +81,7 @@ class TrainConfig:
             raise UsageError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
         if self.checkpoint_every < 0:
             raise UsageError(f"--checkpoint-every must not be negative, got {self.checkpoint_every}")
-        for name in ("lr", "momentum", "weight_decay"):
+        for name in ("lr", "momentum", "weight_decay", "stall_timeout"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
         if self.threads is not None and self.threads <= 0:

@@ -11,6 +11,12 @@ class UsageError(Exception):
     exit_code = 2
 
 
+class Diverged(Exception):
+    """The loss became NaN/inf on some rank; raised on every rank together (exit code 1)."""
+
+    exit_code = 1
+
+
 # The run was stopped by SIGUSR1/SIGTERM (time limit, preemption) after every rank agreed
 # and a checkpoint was written: the batch script requeues the job, which resumes from it.
 REQUEUE_EXIT_CODE = 3

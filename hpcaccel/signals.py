@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import signal
 
-import numpy as np
-
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -23,13 +21,15 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.received = signum
 
-    def agreed(self, reducer) -> bool:
-        """Collective: True on every rank if any rank received a stop signal."""
-        mine = 0.0 if self.received is None else float(self.received)
-        got = reducer.allreduce_array(np.array([mine]), "max")[0]
-        if got and self.received is None:
-            self.received = int(got)
-        return bool(got)
+    def local_flag(self) -> float:
+        """This rank's vote for the per-step max-reduction (0: no signal)."""
+        return 0.0 if self.received is None else float(self.received)
+
+    def agreed(self, reduced_flag: float) -> bool:
+        """Given the max of all ranks' flags: stop? The same answer on every rank."""
+        if reduced_flag and self.received is None:
+            self.received = int(reduced_flag)  # the signal reached another rank
+        return bool(reduced_flag)
 
     @property
     def name(self) -> str:

@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 
-from .errors import REQUEUE_EXIT_CODE, UsageError
+from .errors import REQUEUE_EXIT_CODE, Diverged, UsageError
 
 
 class SetupFailed(Exception):
@@ -59,10 +59,10 @@ def setup(cfg, comm):
         wait=lambda err: agree(comm, err))
 
     def check_data():
-        if world.rank == 0:
-            data.check_labels(train_ds, "--data")
+        if cfg.check_data:  # each rank scans its own share; agreed collectively below
+            data.scan(train_ds, world.rank, world.size, "--data")
             if test_ds is not None:
-                data.check_labels(test_ds, "--test-data")
+                data.scan(test_ds, world.rank, world.size, "--test-data")
         need = cfg.batch_size * world.size
         if train_ds.samples < need:
             raise UsageError(f"--data {train_ds.files[0]}: {train_ds.samples} samples, fewer than "
@@ -116,6 +116,7 @@ def run(argv, comm) -> dict:
     from .metrics import NullRunLog, RunLog
     from .signals import StopRequest
     from .trainer import Trainer
+    from .watchdog import Watchdog
 
     t_start = time.perf_counter()
     stop = StopRequest()  # from the start: a signal during set-up is honoured at step 1
@@ -129,9 +130,13 @@ def run(argv, comm) -> dict:
     log.info(f"hpcaccel: {world.size} ranks on {world.nodes} node(s), {world.threads} thread(s) "
              f"per rank, backend {reducer.name}, {world.mpi_library}; data {train_ds.samples} "
              f"samples in {len(train_ds.files)} file(s), {reader.steps} steps/epoch")
+    watchdog = Watchdog(cfg.stall_timeout, world.rank, abort=lambda: comm.Abort(1)).start()
     trainer = Trainer(cfg, world, reducer, model, optimizer, reader, test_ds, log,
-                      _progress_factory(cfg.progress and world.is_main), stop)
-    result = trainer.fit(resumed)
+                      _progress_factory(cfg.progress and world.is_main), stop, watchdog)
+    try:
+        result = trainer.fit(resumed)
+    finally:
+        watchdog.stop()
     if "stopped_by" in result:
         log.info(f"hpcaccel: stopped by {result['stopped_by']} after step {result['steps']}; "
                  f"checkpoint {result['checkpoint']}; continue with --resume auto")
@@ -170,6 +175,10 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"hpcaccel: set-up failed: {e}", file=sys.stderr, flush=True)
         return 1
+    except Diverged as e:  # decided by all ranks together: a clean, collective stop
+        if rank == 0:
+            print(f"hpcaccel: error: {e}", file=sys.stderr, flush=True)
+        return Diverged.exit_code
     except BaseException as e:  # noqa: BLE001 - one rank failing must end every rank
         sys.stderr.write(f"hpcaccel: rank {rank} failed: {type(e).__name__}: {e}\n"
                          + "".join(traceback.format_exception(e)))

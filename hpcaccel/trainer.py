@@ -7,12 +7,14 @@ loop always match.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 import torch.nn.functional as F
 
 from .data import eval_batches
+from .errors import Diverged
 
 
 def make_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -39,14 +41,18 @@ def evaluate(model, ds, reducer, world, batch: int) -> tuple[float, float]:
 
 
 class Trainer:
-    def __init__(self, cfg, world, reducer, model, optimizer, reader, test_ds, log, progress, stop):
+    def __init__(self, cfg, world, reducer, model, optimizer, reader, test_ds, log, progress,
+                 stop, watchdog):
         self.cfg, self.world, self.reducer = cfg, world, reducer
         self.model, self.optimizer, self.reader = model, optimizer, reader
-        self.test_ds, self.log, self.progress, self.stop = test_ds, log, progress, stop
+        self.test_ds, self.log, self.progress = test_ds, log, progress
+        self.stop, self.watchdog = stop, watchdog
         self.step = 0
+        self.skipped_steps = 0
         self.timers = {"compute": 0.0, "comm_wait": 0.0}
 
-    def train_step(self, x, y) -> tuple[float, int]:
+    def train_step(self, x, y) -> tuple[float, int] | None:
+        """One optimizer step; None if it was skipped (non-finite loss, --nonfinite skip)."""
         t0 = time.perf_counter()
         self.reducer.zero_grad()
         out = self.model(x)
@@ -55,11 +61,23 @@ class Trainer:
         t1 = time.perf_counter()
         self.reducer.synchronize()  # exposed communication: what backward did not hide
         t2 = time.perf_counter()
+        loss_value = loss.item()
+        # One tiny collective per step carries every cross-rank decision: did any rank get a
+        # stop signal, did any rank see a non-finite loss? All ranks act on the same answer.
+        signal_flag, nonfinite = self.reducer.allreduce_array(
+            [self.stop.local_flag(), 0.0 if math.isfinite(loss_value) else 1.0], "max")
+        self.step += 1
+        self.stop.agreed(signal_flag)
+        if nonfinite:
+            if self.cfg.nonfinite == "stop":
+                raise Diverged(f"non-finite loss at step {self.step} (on at least one rank); "
+                               f"lower --lr, or pass --nonfinite skip to skip such steps")
+            self.skipped_steps += 1
+            return None
         self.reducer.step()
         self.timers["compute"] += (t1 - t0) + (time.perf_counter() - t2)
         self.timers["comm_wait"] += t2 - t1
-        self.step += 1
-        return loss.item(), int((out.argmax(1) == y).sum())
+        return loss_value, int((out.argmax(1) == y).sum())
 
     def fit(self, resumed: dict | None = None) -> dict:
         """Train from the start, or from a checkpoint's position. Returns the run's results;
@@ -76,16 +94,20 @@ class Trainer:
             self.model.train()
             first = start_step if epoch == start_epoch else 0
             loss_sum, correct = partial if epoch == start_epoch else (0.0, 0.0)
+            skipped_before = self.skipped_steps
             t0 = time.perf_counter()
             bar = self.progress(total=steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}")
             for done, (x, y) in enumerate(self.reader.epoch(epoch, first), start=first + 1):
-                loss, right = self.train_step(x, y)
-                loss_sum += loss
-                correct += right
+                result = self.train_step(x, y)
+                self.watchdog.beat(self.step)
+                if result is not None:
+                    loss_sum += result[0]
+                    correct += result[1]
+                    bar.set_postfix(loss=f"{result[0]:.4f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                if self.stop.agreed(self.reducer):  # collective, every step boundary
+                if self.stop.received is not None:  # agreed by all ranks inside train_step
                     bar.close()
+                    self.watchdog.beat(self.step, "checkpoint")
                     path = self.checkpoint(epoch, done, (loss_sum, correct), last)
                     self.reducer.barrier()  # nobody exits before rank 0's file is complete
                     return {"stopped_by": self.stop.name, "checkpoint": path, "steps": self.step}
@@ -96,11 +118,13 @@ class Trainer:
             train_seconds += seconds
             ran = steps - first
             # every rank ran `steps` steps of equal batches, so the plain mean is exact
-            train_loss, train_acc = self.reducer.mean(loss_sum / steps, correct / (steps * cfg.batch_size))
+            taken = max(1, steps - (self.skipped_steps - skipped_before))  # same on every rank
+            train_loss, train_acc = self.reducer.mean(loss_sum / taken, correct / (taken * cfg.batch_size))
             last = {"epoch": epoch + 1, "step": self.step, "train_loss": train_loss,
                     "train_accuracy": train_acc, "epoch_seconds": seconds,
                     "samples_per_second": ran * cfg.batch_size * world.size / seconds}
             if self.test_ds is not None:
+                self.watchdog.beat(self.step, "evaluation")
                 last["test_loss"], last["test_accuracy"] = evaluate(
                     self.model, self.test_ds, self.reducer, world, max(cfg.batch_size, 256))
             self.log.metrics(last)
@@ -108,7 +132,9 @@ class Trainer:
                           f"train acc {train_acc:.4f}" + (f"  test acc {last['test_accuracy']:.4f}"
                           if "test_accuracy" in last else "") +
                           f"  {last['samples_per_second']:.0f} samples/s")
+            self.watchdog.beat(self.step, "checkpoint")
             self.checkpoint(epoch + 1, 0, (0.0, 0.0), last)
+            self.watchdog.beat(self.step)
         return self._results(last, train_seconds, self.step - (resumed or {}).get("global_step", 0))
 
     def checkpoint(self, epoch: int, step_in_epoch: int, partial, last: dict) -> str | None:
@@ -130,6 +156,7 @@ class Trainer:
         compute, comm, wait = float(compute), float(comm), float(wait)
         return {
             "steps": self.step,
+            "skipped_steps": self.skipped_steps,
             "final_train_loss": last.get("train_loss"),
             "final_train_accuracy": last.get("train_accuracy"),
             "test_loss": last.get("test_loss"),

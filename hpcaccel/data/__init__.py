@@ -1,7 +1,7 @@
 """Datasets: HDF5 files (or shard sets) read per rank; built-in sources packed on first use."""
 from __future__ import annotations
 
-from .hdf5 import H5Dataset, check_labels, open_dataset, write_file, write_index
+from .hdf5 import H5Dataset, open_dataset, scan, write_file, write_index
 from .reader import RankReader, eval_batches
 from .sources import BUILTINS, pack_builtin
 
@@ -42,5 +42,5 @@ def raise_mismatch(train: H5Dataset, test: H5Dataset):
                      f"({train.sample_shape} / {train.classes})")
 
 
-__all__ = ["H5Dataset", "RankReader", "eval_batches", "open_dataset", "check_labels",
+__all__ = ["H5Dataset", "RankReader", "eval_batches", "open_dataset", "scan",
            "write_file", "write_index", "resolve", "BUILTINS"]

@@ -161,14 +161,34 @@ def _inspect(path: str, flag: str) -> dict:
                 "chunk": int(x.chunks[0]) if x.chunks else min(len(x), 4096)}
 
 
-def check_labels(ds: H5Dataset, flag: str = "--data", block: int = 1 << 20) -> None:
-    """Scan y in blocks: every label must be in [0, classes)."""
-    for path in ds.files:
-        with h5py.File(path, "r") as f:
-            y = f["y"]
-            for s in range(0, len(y), block):
-                part = y[s:s + block]
-                lo, hi = int(part.min()), int(part.max())
-                if lo < 0 or hi >= ds.classes:
-                    raise UsageError(f"{flag} {path}: label {lo if lo < 0 else hi} out of range "
-                                     f"[0, {ds.classes})")
+def scan(ds: H5Dataset, rank: int = 0, world: int = 1, flag: str = "--data",
+         block_bytes: int = 16 << 20) -> None:
+    """Check this rank's share of the samples: labels in [0, classes), x finite.
+
+    Ranks scan disjoint parts in parallel, so the whole dataset is checked once, in
+    bounded memory, before training starts.
+    """
+    from .sharding import eval_ranges, locate
+
+    a, b = eval_ranges(ds.samples, rank, world)
+    sample_bytes = 4 * int(np.prod(ds.sample_shape))
+    rows = max(1, block_bytes // sample_bytes)
+    handles = {}
+    try:
+        for f, lo, hi in locate([(a, b)], list(ds.lengths)):
+            path = ds.files[f]
+            h = handles.setdefault(f, h5py.File(path, "r"))
+            for s in range(lo, hi, rows):
+                y = h["y"][s:min(s + rows, hi)]
+                bad = (y < 0) | (y >= ds.classes)
+                if bad.any():
+                    i = int(np.argmax(bad))
+                    raise UsageError(f"{flag} {path}: label {int(y[i])} of sample {s + i} out of "
+                                     f"range [0, {ds.classes})")
+                x = h["x"][s:min(s + rows, hi)]
+                if x.dtype.kind == "f" and not np.isfinite(x).all():
+                    i = int(np.argmax(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)))
+                    raise UsageError(f"{flag} {path}: sample {s + i} contains NaN or inf")
+    finally:
+        for h in handles.values():
+            h.close()

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcaccel.data import RankReader, check_labels, eval_batches, open_dataset, write_file
+from hpcaccel.data import RankReader, eval_batches, open_dataset, scan, write_file
 from hpcaccel.data.sources import digits_split, pack_builtin
 from hpcaccel.errors import UsageError
 
@@ -134,8 +134,23 @@ def test_bad_files_raise_one_line_naming_the_file(tmp_path, make, needle):
 
 def test_labels_out_of_range(tmp_path):
     write_file(str(tmp_path / "l.h5"), [np.zeros((4, 2))], [np.array([0, 1, 2, 7])], 4, (2,), 3, "t")
-    with pytest.raises(UsageError, match="label 7 out of range"):
-        check_labels(open_dataset(str(tmp_path / "l.h5")))
+    with pytest.raises(UsageError, match="label 7 of sample 3 out of range"):
+        scan(open_dataset(str(tmp_path / "l.h5")))
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_scan_finds_nan_in_any_rank_share(tmp_path, world):
+    x = np.zeros((30, 2), np.float32)
+    x[25, 1] = np.nan
+    write_file(str(tmp_path / "n.h5"), [x], [np.zeros(30)], 30, (2,), 3, "t")
+    ds = open_dataset(str(tmp_path / "n.h5"))
+    errors = []
+    for rank in range(world):
+        try:
+            scan(ds, rank, world, block_bytes=40)  # several blocks per rank
+        except UsageError as e:
+            errors.append(str(e))
+    assert len(errors) == 1 and "sample 25 contains NaN or inf" in errors[0]
 
 
 def test_inconsistent_shards(tmp_path):

@@ -1,0 +1,123 @@
+"""No rank ever hangs: a crash, a SIGKILL, a hang or a NaN on one rank ends every rank
+quickly with a clear message; bad data is one line and exit code 2."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# A user model that misbehaves on one rank at one step, chosen by environment variables.
+FAULTY = '''
+import os, time, torch
+from mpi4py import MPI
+
+class Faulty(torch.nn.Module):
+    def __init__(self, shape, classes):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(shape[-1] * shape[-2] * shape[0], classes))
+        self.calls = 0
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+        mine = MPI.COMM_WORLD.Get_rank() == int(os.environ["FAULT_RANK"])
+        if mine and self.training and self.calls == int(os.environ["FAULT_STEP"]):
+            kind = os.environ["FAULT"]
+            if kind == "raise":
+                raise RuntimeError("user model exploded")
+            if kind == "sigkill":
+                os.kill(os.getpid(), 9)
+            if kind == "hang":
+                time.sleep(3600)
+        out = self.net(x)
+        if mine and os.environ["FAULT"] == "nan" and self.training and self.calls >= int(os.environ["FAULT_STEP"]):
+            out = out * float("nan")
+        return out
+
+def faulty(shape, classes):
+    return Faulty(shape, classes)
+'''
+
+
+@pytest.fixture(scope="module")
+def faulty_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faulty")
+    (d / "faultymodel.py").write_text(FAULTY)
+    return d
+
+
+def train(np_, out, *args, env=None, timeout=120):
+    cmd = ["bash", os.path.join(ROOT, "scripts", "mpirun.sh"), str(np_), sys.executable, "-m",
+           "hpcaccel.train", "--progress", "false", "--out", str(out), "--epochs", "3", *args]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
+    return r, time.time() - t0
+
+
+def faulty_run(np_, tmp_path, faulty_dir, fault, rank, step=5, *extra):
+    env = {"PYTHONPATH": str(faulty_dir), "FAULT": fault, "FAULT_RANK": str(rank),
+           "FAULT_STEP": str(step)}
+    return train(np_, tmp_path / "run", "--model", "faultymodel:faulty", *extra, env=env)
+
+
+@pytest.mark.parametrize("np_", [2, 4])
+def test_exception_on_one_rank_ends_all_within_30s(tmp_path, faulty_dir, np_):
+    r, seconds = faulty_run(np_, tmp_path, faulty_dir, "raise", np_ - 1)
+    assert r.returncode != 0 and seconds < 30, (seconds, r.stderr[-2000:])
+    assert r.stderr.count(f"hpcaccel: rank {np_ - 1} failed: RuntimeError: user model exploded") == 1
+
+
+@pytest.mark.parametrize("np_", [2, 4])
+def test_sigkill_of_one_rank_ends_all_within_30s(tmp_path, faulty_dir, np_):
+    r, seconds = faulty_run(np_, tmp_path, faulty_dir, "sigkill", 1)
+    assert r.returncode != 0 and seconds < 30, (seconds, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("np_", [2, 4])
+def test_hung_rank_is_caught_by_the_stall_watchdog(tmp_path, faulty_dir, np_):
+    r, seconds = faulty_run(np_, tmp_path, faulty_dir, "hang", 0, 5, "--stall-timeout", "5")
+    assert r.returncode != 0 and seconds < 30, (seconds, r.stderr[-2000:])
+    assert "no progress for" in r.stderr and "after step 4" in r.stderr
+
+
+def test_nonfinite_loss_stops_every_rank_with_one_message(tmp_path, faulty_dir):
+    r, seconds = faulty_run(2, tmp_path, faulty_dir, "nan", 1, 7)
+    assert r.returncode == 1, r.stderr[-2000:]
+    errors = [l for l in r.stderr.splitlines() if l.startswith("hpcaccel: error:")]
+    assert len(errors) == 1 and "non-finite loss at step 7" in errors[0]
+
+
+def test_nonfinite_loss_skip_mode_skips_on_every_rank(tmp_path, faulty_dir):
+    # from step 7 on, rank 1's loss is NaN: every later step is skipped on both ranks
+    r, _ = faulty_run(2, tmp_path, faulty_dir, "nan", 1, 7, "--nonfinite", "skip")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_steps"] == summary["steps"] - 6
+    assert summary["test_accuracy"] is not None  # parameters stayed finite
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("nan", "sample 100 contains NaN or inf"),
+    ("label", "label 10 of sample 7 out of range [0, 10)"),
+])
+def test_bad_data_content_one_line_exit_2(tmp_path, case, needle):
+    x = np.random.default_rng(0).standard_normal((256, 1, 4, 4)).astype(np.float32)
+    y = np.arange(256) % 10
+    if case == "nan":
+        x[100, 0, 1, 1] = np.inf
+    else:
+        y[7] = 10
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["x"], f["y"] = x, y
+        f.attrs["classes"] = 10
+    r, _ = train(2, tmp_path / "run", "--data", str(tmp_path / "d.h5"))
+    assert r.returncode == 2
+    errors = [l for l in r.stderr.splitlines() if l.startswith("hpcaccel: error:")]
+    assert len(errors) == 1 and needle in errors[0] and str(tmp_path / "d.h5") in errors[0]
+    assert not (tmp_path / "run").exists()
