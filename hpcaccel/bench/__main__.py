@@ -1,0 +1,91 @@
+"""Benchmark tools.
+
+  python -m hpcaccel.bench predict --grad-mb 100 --compute-ms 120 [--network ib100]
+        [--results benchmarks/results] [--overlap 0.5]
+      Ring-allreduce cost model: step time and weak-scaling efficiency at 2..1024 ranks,
+      fitted to this machine's microbenchmark (if results exist) and for network presets.
+  python -m hpcaccel.bench report [--results benchmarks/results] [--plots docs/img]
+      Tables (markdown, to stdout) and PNG plots from the benchmark results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import costmodel, report
+
+
+def predict(args) -> str:
+    grad = args.grad_mb * 2**20
+    compute = args.compute_ms / 1e3
+    models = []
+    fitted = None
+    try:
+        fitted = report.fitted_model(report.load(args.results).get("allreduce", {}))
+    except FileNotFoundError:
+        pass
+    gamma = fitted["gamma"] if fitted else 1 / 10e9
+    if fitted:
+        models.append(("this machine (fitted: alpha %.2f us, beta %.3f ns/B, gamma %.3f ns/B)"
+                       % (fitted["alpha"] * 1e6, fitted["beta"] * 1e9, fitted["gamma"] * 1e9),
+                       fitted["alpha"], fitted["beta"]))
+    for key in ([args.network] if args.network else list(costmodel.PRESETS)):
+        net = costmodel.PRESETS[key]
+        models.append((net.name, net.alpha, net.beta))
+    lines = [f"gradient {args.grad_mb:g} MiB, compute {args.compute_ms:g} ms per step, "
+             f"overlap {args.overlap:g}, gamma {gamma * 1e9:.3f} ns/B"]
+    for name, alpha, beta in models:
+        lines += ["", f"## {name}", "| ranks | allreduce (ms) | step (ms) | efficiency |", "| --- | --- | --- | --- |"]
+        for row in costmodel.predict_table(compute, grad, alpha, beta, gamma, overlap=args.overlap):
+            lines.append(f"| {row['ranks']} | {row['allreduce_s'] * 1e3:.2f} | {row['step_s'] * 1e3:.1f} "
+                         f"| {row['efficiency']:.0%} |")
+    if args.json:
+        return json.dumps({"fitted": fitted, "models": [
+            {"name": n, "rows": costmodel.predict_table(compute, grad, a, b, gamma, overlap=args.overlap)}
+            for n, a, b in models]}, indent=1)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hpcaccel.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    pr = sub.add_parser("predict", help="cost-model predictions of step time and efficiency")
+    pr.add_argument("--grad-mb", type=float, required=True, help="gradient size per step (MiB)")
+    pr.add_argument("--compute-ms", type=float, required=True, help="compute time per step on one rank (ms)")
+    pr.add_argument("--network", choices=sorted(costmodel.PRESETS), help="one preset (default: all)")
+    pr.add_argument("--overlap", type=float, default=0.0, help="fraction of compute that can hide communication (0..1)")
+    pr.add_argument("--results", default="benchmarks/results", help="microbenchmark results to fit")
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+    rp = sub.add_parser("report", help="markdown tables and PNG plots from results")
+    rp.add_argument("--results", default="benchmarks/results")
+    rp.add_argument("--plots", default="docs/img", help="directory for PNG plots")
+    args = p.parse_args(argv)
+    if args.command == "predict":
+        if args.grad_mb <= 0 or args.compute_ms <= 0 or not 0 <= args.overlap <= 1:
+            print("hpcaccel.bench: error: --grad-mb and --compute-ms must be positive, --overlap in [0, 1]",
+                  file=sys.stderr)
+            return 2
+        print(predict(args))
+        return 0
+    results = report.load(args.results)
+    if not results:
+        print(f"hpcaccel.bench: error: --results {args.results}: no results (run `make bench`)", file=sys.stderr)
+        return 2
+    for path in report.plots(results, args.plots):
+        print(f"plot: {path}")
+    for p_, _ in sorted(results.get("allreduce", {}).items()):
+        print(f"\n### allreduce at {p_} ranks\n\n" + report.allreduce_table(results["allreduce"], p_))
+    for key in sorted(k for k in results if k.startswith("throughput-")):
+        for scaling in ("weak", "strong"):
+            print(f"\n### {key[11:]}: {scaling} scaling\n\n" + report.throughput_table(results[key], scaling))
+    fitted = report.fitted_model(results.get("allreduce", {}))
+    if fitted:
+        print(f"\nfitted ring model: alpha {fitted['alpha'] * 1e6:.2f} us, beta {fitted['beta'] * 1e9:.3f} ns/B, "
+              f"gamma {fitted['gamma'] * 1e9:.3f} ns/B")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

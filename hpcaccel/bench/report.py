@@ -1,0 +1,150 @@
+"""Benchmark results (benchmarks/results/*.json) -> plots and the docs/benchmarks.md tables."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from . import costmodel
+
+
+def load(results_dir: str) -> dict:
+    """{benchmark: {ranks: data}} from every results JSON."""
+    out: dict = {}
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        with open(path) as fh:
+            data = json.load(fh)
+        out.setdefault(data["benchmark"], {})[data["ranks"]] = data
+    return out
+
+
+def fitted_model(allreduce: dict, impl: str = "mpi4py Allreduce in-place") -> dict | None:
+    """alpha, beta of the ring model fitted to the measured allreduce (p > 1), gamma from the
+    measured memory bandwidth (an addition reads two operands and writes one: 3 bytes moved
+    per byte reduced)."""
+    samples, gamma = [], None
+    for p, data in allreduce.items():
+        gamma = 3 / data["memcpy_bytes_per_second"]  # memcpy figure counts read + write bytes
+        rows = data["results"].get(impl, {}).get("rows", [])
+        samples += [(p, r["bytes"], r["seconds"]) for r in rows]
+    if gamma is None or len([s for s in samples if s[0] > 1]) < 2:
+        return None
+    alpha, beta = costmodel.fit(samples, gamma)
+    return {"alpha": alpha, "beta": beta, "gamma": gamma, "fitted_on": impl}
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, k in (("MiB", 20), ("KiB", 10)):
+        if n >= 1 << k:
+            return f"{n >> k} {unit}"
+    return f"{n} B"
+
+
+def allreduce_table(allreduce: dict, ranks: int) -> str:
+    data = allreduce[ranks]
+    impls = [n for n, r in data["results"].items() if "rows" in r]
+    lines = [f"| size | " + " | ".join(impls) + " |", "| --- |" + " --- |" * len(impls)]
+    by_size = {}
+    for n in impls:
+        for row in data["results"][n]["rows"]:
+            by_size.setdefault(row["bytes"], {})[n] = row
+    for size in sorted(by_size):
+        cells = []
+        for n in impls:
+            row = by_size[size].get(n)
+            cells.append(f"{row['seconds'] * 1e6:,.1f} us, {row['busbw'] / 1e9:.2f} GB/s" if row else "")
+        lines.append(f"| {_fmt_bytes(size)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def throughput_table(throughput: dict, scaling: str) -> str:
+    ranks = sorted(throughput)
+    base = throughput.get(1, {}).get("results", {}).get(scaling, {})
+    names = sorted({n for p in ranks for n in throughput[p]["results"].get(scaling, {})})
+    lines = ["| ranks | backend | samples/s (mean, 95% CI) | per rank | efficiency | compute / comm wait / data wait (ms per step) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for p in ranks:
+        for n in names:
+            e = throughput[p]["results"].get(scaling, {}).get(n)
+            if not e:
+                continue
+            s = e["samples_per_second"]
+            ci = f" ({s['ci95'][0]:.0f}-{s['ci95'][1]:.0f})" if s.get("ci95") else ""
+            b1 = base.get(n) or base.get("hpcaccel mpi")
+            eff = ""
+            if b1:
+                one = b1["samples_per_second"]["mean"]
+                eff = f"{s['mean'] / (one * p) if scaling == 'weak' else s['mean'] / (one * p):.0%}"
+            br = e.get("breakdown_seconds_per_step")
+            brs = f"{br['compute'] * 1e3:.1f} / {br['comm_wait'] * 1e3:.1f} / {br['data_wait'] * 1e3:.2f}" if br else "-"
+            lines.append(f"| {p} | {n} | {s['mean']:.0f}{ci} | {s['mean'] / p:.0f} | {eff} | {brs} |")
+    return "\n".join(lines)
+
+
+def plots(results: dict, out_dir: str) -> list[str]:
+    """PNG plots: busbw vs size per backend; efficiency vs ranks; step breakdown."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for p, data in sorted(results.get("allreduce", {}).items()):
+        if p < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, r in data["results"].items():
+            if "rows" in r:
+                ax.plot([x["bytes"] for x in r["rows"]], [x["busbw"] / 1e9 for x in r["rows"]],
+                        marker="o", ms=3, label=name)
+        ax.axhline(data["memcpy_bytes_per_second"] / 1e9, ls="--", c="grey", label="memcpy (read+write)")
+        ax.set(xscale="log", xlabel="message size (bytes)", ylabel="busbw (GB/s)",
+               title=f"allreduce busbw at {p} ranks")
+        ax.legend(fontsize=8)
+        path = os.path.join(out_dir, f"allreduce-busbw-np{p}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    for key, per in results.items():
+        if not key.startswith("throughput-") or 1 not in per:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, scaling in zip(axes, ("weak", "strong")):
+            names = sorted({n for d in per.values() for n in d["results"].get(scaling, {})})
+            for n in names:
+                xs, ys = [], []
+                for p in sorted(per):
+                    e = per[p]["results"].get(scaling, {}).get(n)
+                    b1 = per[1]["results"].get(scaling, {}).get(n)
+                    if e and b1:
+                        xs.append(p)
+                        ys.append(e["samples_per_second"]["mean"] / (b1["samples_per_second"]["mean"] * p))
+                ax.plot(xs, ys, marker="o", label=n)
+            ax.set(xlabel="ranks", ylabel="efficiency", title=f"{key[11:]}: {scaling} scaling", ylim=(0, 1.1))
+            ax.legend(fontsize=8)
+        path = os.path.join(out_dir, f"{key}-efficiency.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        labels, comp, comm_, wait = [], [], [], []
+        for p in sorted(per):
+            e = per[p]["results"].get("weak", {}).get("hpcaccel mpi", {}).get("breakdown_seconds_per_step")
+            if e:
+                labels.append(f"{p} ranks")
+                comp.append(e["compute"] * 1e3)
+                comm_.append(e["comm_wait"] * 1e3)
+                wait.append(e["data_wait"] * 1e3)
+        ax.bar(labels, comp, label="compute")
+        ax.bar(labels, comm_, bottom=comp, label="exposed communication")
+        ax.bar(labels, wait, bottom=[a + b for a, b in zip(comp, comm_)], label="data wait")
+        ax.set(ylabel="ms per step", title=f"{key[11:]}: hpcaccel mpi step breakdown (weak)")
+        ax.legend(fontsize=8)
+        path = os.path.join(out_dir, f"{key}-breakdown.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
