@@ -1,0 +1,105 @@
+"""Optimizers and learning-rate schedules for data-parallel training.
+
+Large global batches (batch x ranks) need the linear scaling rule with warm-up (Goyal et al.
+2017, "Accurate, Large Minibatch SGD"): lr = base_lr x global_batch / ref_batch, reached
+linearly over the warm-up steps, then cosine or step decay. LARS (You et al. 2017) scales
+each layer's update by a trust ratio ||w|| / ||g|| so layers learn at similar relative rates.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+OPTIMIZERS = ("sgd", "adamw", "lars")
+SCHEDULES = ("constant", "cosine", "step")
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling.
+
+    For each weight tensor: g <- g + wd*w; local_lr = eta*||w||/||g||;
+    v <- m*v + lr*local_lr*g; w <- w - v. Biases and normalisation parameters (1-d) take
+    plain momentum SGD steps, as is standard.
+    """
+
+    def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, eta=0.001, eps=1e-9):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      eta=eta, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["weight_decay"]:
+                    g = g.add(p, alpha=group["weight_decay"])
+                trust = torch.ones(())
+                if p.ndim > 1:
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    if w_norm > 0 and g_norm > 0:
+                        trust = group["eta"] * w_norm / (g_norm + group["eps"])
+                buf = self.state[p].get("momentum_buffer")
+                update = g.mul(trust * group["lr"])
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = update.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(update)
+                p.sub_(buf)
+        return loss
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights only: biases and normalisation parameters (1-d) are exempt,
+    as is standard practice (and required for LARS to behave)."""
+    decay, exempt = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (exempt if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if exempt:
+        groups.append({"params": exempt, "weight_decay": 0.0})
+    return groups
+
+
+def make_optimizer(name: str, model: torch.nn.Module, lr: float, momentum: float,
+                   weight_decay: float, nesterov: bool = False) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def scaled_lr(base_lr: float, global_batch: int, ref_batch: int | None) -> float:
+    """Linear scaling rule: with ref_batch None (off) the lr is used as given."""
+    return base_lr if not ref_batch else base_lr * global_batch / ref_batch
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,
+              step_every: int = 0, step_gamma: float = 0.1) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based). Pure.
+
+    Warm-up rises linearly from 1/warmup to 1 over `warmup_steps`; then `constant`,
+    `cosine` (to 0 at total_steps) or `step` (x step_gamma every step_every steps).
+    """
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    after = step - warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(after, span) / span))
+    if schedule == "step" and step_every:
+        return step_gamma ** (after // step_every)
+    return 1.0
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
