@@ -49,10 +49,24 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "weight decay")
     seed: int = _opt(0, "seed for initialisation, shuffling and synthetic data")
     # parallelism
-    backend: str = _opt("auto", "gradient allreduce backend: mpi (hpcaccel's mpi4py reducer); "
-                        "auto picks the best available", choices=("auto", "mpi"))
-    bucket_mb: float = _opt(25.0, "gradient bucket size in MB: each bucket's allreduce starts "
-                            "as soon as its gradients are ready during backward")
+    backend: str = _opt("auto", "gradient allreduce backend: horovod (Horovod's ring-allreduce), "
+                        "mpi (hpcaccel's mpi4py reducer); auto: horovod where it is installed "
+                        "with MPI support, else mpi (see docs/backends.md)",
+                        choices=("auto", "horovod", "mpi"))
+    bucket_mb: float = _opt(25.0, "mpi backend: gradient bucket size in MB; each bucket's "
+                            "allreduce starts as soon as its gradients are ready during backward")
+    fusion_mb: Optional[float] = _opt(None, "horovod backend: tensor fusion threshold in MB "
+                                      "(HOROVOD_FUSION_THRESHOLD; 0 disables fusion); unset: "
+                                      "Horovod's (128) or the environment's")
+    cycle_time_ms: Optional[float] = _opt(None, "horovod backend: milliseconds between Horovod's "
+                                          "communication cycles (HOROVOD_CYCLE_TIME); unset: "
+                                          "Horovod's (1) or the environment's")
+    compression: str = _opt("none", "gradients on the wire: none (fp32), fp16 or bf16 (half the "
+                            "bytes, rounded; bf16 only with the mpi backend)",
+                            choices=("none", "fp16", "bf16"))
+    accum_steps: int = _opt(1, "gradient accumulation: split each rank's batch into this many "
+                            "micro-batches, communicate only after the last; same result as one "
+                            "pass over the batch (BatchNorm statistics aside), less memory")
     stall_timeout: float = _opt(300.0, "seconds without a completed step after which a rank "
                                 "reports its last step and aborts the whole job (a peer died "
                                 "or hung); 0 disables")
@@ -73,7 +87,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         positive = {"epochs": self.epochs, "batch_size": self.batch_size,
                     "synthetic_samples": self.synthetic_samples,
-                    "synthetic_classes": self.synthetic_classes, "bucket_mb": self.bucket_mb}
+                    "synthetic_classes": self.synthetic_classes, "bucket_mb": self.bucket_mb,
+                    "accum_steps": self.accum_steps}
         for name, value in positive.items():
             if value <= 0:
                 raise UsageError(f"--{_flag(name)} must be positive, got {value}")
@@ -84,6 +99,13 @@ class TrainConfig:
         for name in ("lr", "momentum", "weight_decay", "stall_timeout"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        if self.accum_steps > self.batch_size:
+            raise UsageError(f"--accum-steps {self.accum_steps} is more than --batch-size "
+                             f"{self.batch_size}: every micro-batch needs at least one sample")
+        if self.fusion_mb is not None and self.fusion_mb < 0:
+            raise UsageError(f"--fusion-mb must not be negative, got {self.fusion_mb}")
+        if self.cycle_time_ms is not None and self.cycle_time_ms <= 0:
+            raise UsageError(f"--cycle-time-ms must be positive, got {self.cycle_time_ms}")
         if self.threads is not None and self.threads <= 0:
             raise UsageError(f"--threads must be positive, got {self.threads}")
         try:

@@ -45,13 +45,12 @@ def collectively(_comm, fn, *args, **kwargs):
 
 def setup(cfg, comm):
     from . import data, env
-    from .comm import make_reducer
+    from .comm import make_reducer, reducer_options
     from .models import build_model
     from .trainer import make_optimizer
 
     world = collectively(comm, env.detect, threads=cfg.threads, comm=comm)
-    reducer = collectively(comm, make_reducer, cfg.backend, comm=comm,
-                           bucket_bytes=int(cfg.bucket_mb * 2**20))
+    reducer = collectively(comm, make_reducer, cfg.backend, comm=comm, **reducer_options(cfg))
     shape = tuple(int(s) for s in cfg.synthetic_shape.split(","))
     train_ds, test_ds = collectively(
         comm, data.resolve, cfg.data, cfg.test_data, samples=cfg.synthetic_samples, shape=shape,

@@ -7,6 +7,7 @@ loop always match.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -55,9 +56,7 @@ class Trainer:
         """One optimizer step; None if it was skipped (non-finite loss, --nonfinite skip)."""
         t0 = time.perf_counter()
         self.reducer.zero_grad()
-        out = self.model(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()  # bucket allreduces start inside, as gradients become ready
+        loss, correct = self.forward_backward(x, y)  # allreduces start in the last backward
         t1 = time.perf_counter()
         self.reducer.synchronize()  # exposed communication: what backward did not hide
         t2 = time.perf_counter()
@@ -77,7 +76,25 @@ class Trainer:
         self.reducer.step()
         self.timers["compute"] += (t1 - t0) + (time.perf_counter() - t2)
         self.timers["comm_wait"] += t2 - t1
-        return loss_value, int((out.argmax(1) == y).sum())
+        return loss_value, int(correct)
+
+    def forward_backward(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient of the batch's mean loss in --accum-steps micro-batches: all but the last
+        backward accumulate locally (no_sync), the last one starts the allreduces. Each
+        micro-batch's mean loss is weighted by its share of the batch, so the sum of their
+        gradients is the gradient of one pass over the batch. Returns (loss, correct)."""
+        k = self.cfg.accum_steps
+        micro = list(zip(x.tensor_split(k), y.tensor_split(k)))
+        loss_sum, correct = 0.0, 0
+        for i, (xm, ym) in enumerate(micro):
+            final = i == len(micro) - 1
+            with contextlib.nullcontext() if final else self.reducer.no_sync():
+                out = self.model(xm)
+                loss = F.cross_entropy(out, ym) * (len(ym) / len(y))
+                loss.backward()
+            loss_sum = loss_sum + loss.detach()
+            correct = correct + (out.argmax(1) == ym).sum()
+        return loss_sum, correct
 
     def fit(self, resumed: dict | None = None) -> dict:
         """Train from the start, or from a checkpoint's position. Returns the run's results;

@@ -1,19 +1,85 @@
-"""Gradient reducers. The training loop sees only `Reducer`; `make_reducer` picks one."""
+"""Gradient reducers. The training loop sees only `Reducer`; `make_reducer` picks one.
+
+Backends:
+  horovod  Horovod's DistributedOptimizer (ring-allreduce, tensor fusion), when
+           `horovod.torch` imports and was built with MPI (scripts/horovod.sh builds it).
+  mpi      hpcaccel's own bucketed reducer over mpi4py; needs nothing beyond mpi4py.
+  auto     horovod where it is usable on every rank, else mpi (rank 0 says why, once).
+"""
 from __future__ import annotations
+
+import sys
 
 from .base import Reducer
 
-BACKENDS = ("auto", "mpi")
+BACKENDS = ("auto", "horovod", "mpi")
+COMPRESSIONS = ("none", "fp16", "bf16")
 
 
-def make_reducer(name: str, comm=None, bucket_bytes: int = 25 * 2**20) -> Reducer:
-    """Build the reducer named `name` (auto: the best available). Collective."""
-    from .mpi import MPIReducer
+def horovod_unavailable() -> str | None:
+    """Local. Why the Horovod backend cannot be used in this process, or None if it can."""
+    try:
+        import horovod.torch as hvd
+    except Exception as e:  # noqa: BLE001 - a wheel built for another torch fails with OSError etc.
+        first_line = (str(e).splitlines() or [""])[0]
+        return f"horovod.torch does not import ({type(e).__name__}: {first_line})"
+    if not hvd.mpi_built():
+        return "Horovod was built without MPI"
+    return None
+
+
+def _choose(name: str, comm) -> str:
+    """Collective. The backend every rank will use. Ranks must agree, or their collectives
+    would never match: Horovod is taken only if it is usable on every rank."""
+    if name == "mpi":
+        return "mpi"
+    reasons = comm.allgather(horovod_unavailable())
+    missing = [r for r, why in enumerate(reasons) if why is not None]
+    if not missing:
+        return "horovod"
+    where = "" if len(missing) == len(reasons) else f" on rank(s) {missing[:8]}"
+    if name == "horovod":
+        from ..errors import UsageError
+        raise UsageError(f"--backend horovod: not usable{where}: {reasons[missing[0]]}; build it "
+                         f"with `bash scripts/horovod.sh .venv/bin/python` or use --backend mpi")
+    if comm.Get_rank() == 0:
+        print(f"hpcaccel: warning: Horovod is not usable{where} ({reasons[missing[0]]}); "
+              f"using the mpi4py reducer (--backend mpi)", file=sys.stderr, flush=True)
+    return "mpi"
+
+
+def make_reducer(name: str, comm=None, bucket_bytes: int = 25 * 2**20, compression: str = "none",
+                 fusion_bytes: int | None = None, cycle_time_ms: float | None = None) -> Reducer:
+    """Build the reducer named `name` (auto: the best available). Collective.
+
+    bucket_bytes: the mpi reducer's bucket size. compression: gradients on the wire as
+    none, fp16 or bf16 (horovod: none or fp16). fusion_bytes, cycle_time_ms: Horovod's
+    tensor-fusion threshold and cycle time (None: Horovod's default or its environment).
+    """
+    from ..errors import UsageError
 
     if name not in BACKENDS:
-        from ..errors import UsageError
         raise UsageError(f"--backend: unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
-    return MPIReducer(comm=comm, bucket_bytes=bucket_bytes)
+    if compression not in COMPRESSIONS:
+        raise UsageError(f"--compression: unknown {compression!r} (choose from {', '.join(COMPRESSIONS)})")
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    if _choose(name, comm) == "horovod":
+        from .horovod import HorovodReducer
+        return HorovodReducer(comm=comm, compression=compression, fusion_bytes=fusion_bytes,
+                              cycle_time_ms=cycle_time_ms)
+    from .mpi import MPIReducer
+    return MPIReducer(comm=comm, bucket_bytes=bucket_bytes, compression=compression)
 
 
-__all__ = ["Reducer", "make_reducer", "BACKENDS"]
+def reducer_options(cfg) -> dict:
+    """make_reducer's keyword arguments from a TrainConfig."""
+    def to_bytes(mb):
+        return None if mb is None else int(mb * 2**20)
+    return {"bucket_bytes": to_bytes(cfg.bucket_mb), "compression": cfg.compression,
+            "fusion_bytes": to_bytes(cfg.fusion_mb), "cycle_time_ms": cfg.cycle_time_ms}
+
+
+__all__ = ["Reducer", "make_reducer", "reducer_options", "horovod_unavailable", "BACKENDS",
+           "COMPRESSIONS"]

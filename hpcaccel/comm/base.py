@@ -24,9 +24,17 @@ class Reducer(ABC):
     def broadcast_parameters(self, module: torch.nn.Module, root: int = 0) -> None:
         """Copy `root`'s parameters and buffers to every rank, in place."""
 
+    def broadcast_optimizer_state(self, root: int = 0) -> None:
+        """Copy `root`'s optimizer state (momentum, Adam moments, hyperparameters) to every
+        rank. Call after attach(). Ships the whole state_dict: fine for the occasional call."""
+        state = self.broadcast_object(self.optimizer.state_dict() if self.rank == root else None, root)
+        if self.rank != root:
+            self.optimizer.load_state_dict(state)
+
     @abstractmethod
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Start averaging `model`'s gradients across ranks during backward."""
+        """Start averaging `model`'s gradients across ranks during backward. `optimizer`
+        stays the one that steps and owns the state (checkpoint it, not a wrapper)."""
 
     # -- per step -------------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -44,7 +52,9 @@ class Reducer(ABC):
 
     @contextlib.contextmanager
     def no_sync(self):
-        """Backward passes inside accumulate gradients locally without communication."""
+        """Backward passes inside accumulate gradients locally without communication.
+        Gradient accumulation over K micro-batches: the first K-1 backward passes inside
+        no_sync(), the last outside it, then synchronize() and step() once."""
         yield
 
     # -- values ---------------------------------------------------------------------------

@@ -3,7 +3,14 @@ assertions are written in terms of the world size so they hold at any rank count
 import pytest
 
 # Backends the reducer and equivalence tests are parametrized over.
-BACKENDS = ["mpi"]
+def _horovod_param():
+    from hpcaccel.comm import horovod_unavailable
+    why = horovod_unavailable()
+    return pytest.param("horovod", marks=pytest.mark.skipif(
+        why is not None, reason=f"Horovod not usable: {why}"))
+
+
+BACKENDS = ["mpi", _horovod_param()]
 
 
 @pytest.fixture(params=BACKENDS)
