@@ -6,7 +6,7 @@ NP      ?= 8
 ARGS    ?=
 TIMEOUT := timeout --signal=TERM --kill-after=30
 
-.PHONY: setup setup-test train test test-unit test-mpi clean
+.PHONY: setup setup-test train test test-unit test-mpi test-slurm clean
 
 setup:
 	@bash scripts/setup.sh train
@@ -18,7 +18,7 @@ train: setup
 	bash scripts/mpirun.sh $(NP) $(PY) -m hpcaccel.train --out runs/digits $(ARGS)
 
 test: setup-test
-	@$(MAKE) --no-print-directory test-unit test-mpi
+	@$(MAKE) --no-print-directory test-unit test-mpi test-slurm
 
 test-unit:
 	$(TIMEOUT) 1200 $(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration
@@ -29,6 +29,11 @@ test-mpi:
 	  echo "== MPI tests at $$np ranks"; \
 	  $(TIMEOUT) 900 bash scripts/mpirun.sh $$np bash scripts/pytest_rank.sh tests/mpi || exit 1; \
 	done
+
+# Templates as real Slurm jobs on a one-node cluster that scripts/slurm_cluster.sh starts
+# (installs slurm-wlm and munge if missing; needs root, skipped otherwise). A few minutes.
+test-slurm:
+	$(TIMEOUT) 900 $(PY) -m pytest -q -p no:cacheprovider tests/slurm
 
 clean:
 	rm -rf runs build

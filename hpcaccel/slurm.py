@@ -1,0 +1,222 @@
+"""Slurm batch scripts for hpcaccel: render a template, submit it, collect a sweep.
+
+  python -m hpcaccel.slurm templates
+  python -m hpcaccel.slurm params cpu
+  python -m hpcaccel.slurm render cpu --nodes 2 --time 02:00:00 --partition cpu \\
+      --set cores_per_socket=32 --set venv=/path/venv -- --data /scratch/ds/index.json
+  python -m hpcaccel.slurm submit cpu ...same...              # prints the job id
+  python -m hpcaccel.slurm submit sweep --sweep lr.toml -- --epochs 20
+  python -m hpcaccel.slurm collect runs/hpcaccel-sweep-1234 [--format md|csv]
+
+Templates are slurm/NAME.sbatch (or any path to one); `--set KEY=VALUE` sets a template
+parameter (`params` lists them), `--env NAME=VALUE` exports a variable in the job,
+`--sbatch FLAG=VALUE` adds a directive, and everything after `--` goes to
+`python -m hpcaccel.train`. Bad input: one line naming the flag, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+
+from . import slurm_sweep, slurm_template
+from .errors import UsageError
+
+# slurm/ sits next to the package in a source checkout (pip install -e .)
+TEMPLATE_DIR = os.environ.get("HPCACCEL_SLURM_TEMPLATES") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm")
+# shortcuts for common parameters: --nodes N is --set nodes=N
+SHORTCUTS = ("nodes", "time", "partition", "account", "job_name")
+
+
+def template_path(name: str) -> str:
+    if os.sep in name or name.endswith(".sbatch"):
+        path = name
+    else:
+        path = os.path.join(TEMPLATE_DIR, name + ".sbatch")
+    if not os.path.isfile(path):
+        known = ", ".join(list_templates()) or f"none in {TEMPLATE_DIR}"
+        raise UsageError(f"template {name}: no such template (known: {known})")
+    return path
+
+
+def list_templates() -> list[str]:
+    try:
+        names = os.listdir(TEMPLATE_DIR)
+    except OSError:
+        return []
+    return sorted(n[:-7] for n in names if n.endswith(".sbatch") and not n.startswith("_"))
+
+
+def load_template(name: str) -> slurm_template.Template:
+    path = template_path(name)
+    base = os.path.dirname(os.path.abspath(path))
+
+    def read_include(file: str) -> str:
+        inc = os.path.join(base, file)
+        if os.path.dirname(os.path.abspath(inc)) != base:
+            raise UsageError(f"template {name}: #@include {file}: only files next to the template")
+        try:
+            with open(inc) as fh:
+                return fh.read()
+        except OSError as e:
+            raise UsageError(f"template {name}: #@include {file}: {e.strerror}") from None
+
+    with open(path) as fh:
+        text = fh.read()
+    return slurm_template.parse(os.path.basename(path)[:-7] if path.endswith(".sbatch") else name,
+                                text, read_include)
+
+
+def _pairs(items, flag: str) -> list[tuple[str, str]]:
+    out = []
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{flag} {item}: expected KEY=VALUE")
+        out.append((key.strip(), value))
+    return out
+
+
+def check_train_flags(train_args: list, sweep: list | None, sweep_path: str | None) -> None:
+    """Parse the train flags (and each sweep entry with them) as the job will, so a typo
+    fails now rather than after hours in the queue."""
+    from .config import parse_args
+
+    def parse(extra, where):
+        try:
+            parse_args(extra + train_args, quiet=True)
+        except UsageError as e:  # the temporary file's name means nothing to the user
+            message = str(e).replace(f"--config {extra[-1]}: ", "") if extra else str(e)
+            raise UsageError(f"{where}: {message}") from None
+
+    if not sweep:
+        parse([], "train flags (after --)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(len(sweep)):
+            path = os.path.join(tmp, f"entry-{i}.toml")
+            with open(path, "w") as fh:
+                fh.write(slurm_sweep.entry_toml(sweep, i))
+            parse(["--config", path], f"--sweep {sweep_path}: entry {i}")
+
+
+def render_from_args(args) -> str:
+    tpl = load_template(args.template)
+    settings = {}
+    for key in SHORTCUTS:
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = (value, f"--{key.replace('_', '-')}")
+    for key, value in _pairs(args.set, "--set"):
+        if key in settings:
+            raise UsageError(f"--set {key}: given twice (also as {settings[key][1]})")
+        settings[key] = (value, f"--set {key}")
+    sweep = slurm_sweep.load(args.sweep) if args.sweep else None
+    train_args = list(args.train_args)
+    script = slurm_template.render(tpl, settings, train_args, dict(_pairs(args.env, "--env")),
+                                   args.sbatch or (), sweep)
+    check_train_flags(train_args, sweep, args.sweep)
+    return script
+
+
+def submit(script: str, sbatch: str = "sbatch") -> str:
+    """sbatch the script (on stdin, so Slurm keeps its own copy); return the job id."""
+    try:
+        r = subprocess.run([sbatch, "--parsable"], input=script, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UsageError("submit: sbatch not found (not on a Slurm login node? try render)") from None
+    if r.returncode != 0:
+        raise RuntimeError(f"sbatch failed (exit {r.returncode}): {r.stderr.strip()}")
+    return r.stdout.strip().split(";")[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m hpcaccel.slurm", description=__doc__.splitlines()[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="\n".join(__doc__.splitlines()[2:]))
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, text in (("render", "print a ready sbatch script"),
+                       ("submit", "render and sbatch it; print the job id")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("template", help="template name (slurm/NAME.sbatch) or path")
+        p.add_argument("--nodes", help="nodes (--set nodes=N)")
+        p.add_argument("--time", help="wall-clock limit HH:MM:SS (--set time=...)")
+        p.add_argument("--partition", help="partition (--set partition=...)")
+        p.add_argument("--account", help="account (--set account=...)")
+        p.add_argument("--job-name", dest="job_name", help="job name (--set job_name=...)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a template parameter")
+        p.add_argument("--env", action="append", metavar="NAME=VALUE", help="export in the job")
+        p.add_argument("--sbatch", action="append", metavar="FLAG=VALUE", help="an extra sbatch directive")
+        p.add_argument("--sweep", metavar="FILE", help="sweep file (.toml, .json, .csv) for the sweep template")
+    p = sub.add_parser("collect", help="one table of every sweep task's summary.json")
+    p.add_argument("sweep_dir")
+    p.add_argument("--format", choices=("md", "csv"), default="md")
+    p = sub.add_parser("templates", help="list the templates")
+    p = sub.add_parser("params", help="list a template's parameters")
+    p.add_argument("template")
+    p = sub.add_parser("sweep-entry", help="(used by the sweep template) print entry INDEX "
+                       "of a sweep as a TOML config")
+    p.add_argument("sweep", help="sweep file, or - for the JSON list on stdin")
+    p.add_argument("index", type=int)
+    return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 through the common path
+        raise UsageError(message)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # everything after the first -- is for hpcaccel.train, untouched by this parser
+    cut = argv.index("--") if "--" in argv else len(argv)
+    try:
+        args = build_parser().parse_args(argv[:cut])
+        args.train_args = argv[cut + 1:]
+        if args.train_args and args.command not in ("render", "submit"):
+            raise UsageError(f"{args.command}: takes no train flags (nothing goes after --)")
+        return run(args)
+    except UsageError as e:
+        print(f"hpcaccel.slurm: error: {e}", file=sys.stderr)
+        return UsageError.exit_code
+    except RuntimeError as e:
+        print(f"hpcaccel.slurm: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args) -> int:
+    if args.command == "render":
+        sys.stdout.write(render_from_args(args))
+    elif args.command == "submit":
+        print(submit(render_from_args(args)))
+    elif args.command == "collect":
+        columns, rows, notes = slurm_sweep.collect(args.sweep_dir)
+        sys.stdout.write(slurm_sweep.table(columns, rows, args.format))
+        for note in notes:
+            print(f"hpcaccel.slurm: {note}", file=sys.stderr)
+    elif args.command == "templates":
+        for name in list_templates():
+            print(name)
+    elif args.command == "params":
+        for p in load_template(args.template).params.values():
+            default = "(required)" if p.default is None else shlex.quote(p.default) if p.default else "''"
+            print(f"{p.name:16} {p.type:12} {default:12} {p.help}")
+    elif args.command == "sweep-entry":
+        import json
+        if args.sweep == "-":
+            try:
+                entries = json.loads(sys.stdin.read())
+            except ValueError as e:
+                raise UsageError(f"sweep-entry: stdin is not a JSON list: {e}") from None
+        else:
+            entries = slurm_sweep.load(args.sweep)
+        sys.stdout.write(slurm_sweep.entry_toml(entries, args.index))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Rendering Slurm templates: golden files, validation, one-line errors naming the flag.
+
+Golden files: tests/unit/golden/*.sbatch; after an intended change to a template,
+regenerate them with  HPCACCEL_UPDATE_GOLDEN=1 pytest tests/unit/test_slurm_render.py
+and review the diff.
+"""
+import os
+import subprocess
+
+import pytest
+
+from hpcaccel import slurm, slurm_template
+from hpcaccel.errors import REQUEUE_EXIT_CODE, UsageError
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+SWEEP = os.path.join(GOLDEN, "sweep-lr.toml")
+
+CASES = {
+    "cpu-minimal": ["render", "cpu", "--set", "cores_per_socket=32"],
+    "cpu-site-mpirun": [
+        "render", "cpu", "--nodes", "4", "--time", "1-00:00:00", "--partition", "compute",
+        "--account", "proj42", "--job-name", "resnet.v2", "--set", "cores_per_socket=32",
+        "--set", "modules=gcc/12.2 openmpi/4.1.4", "--set", "venv=/opt/venvs/hpcaccel",
+        "--set", "launcher=mpirun", "--set", "run_dir=/scratch/me/resnet", "--set", "signal_seconds=600",
+        "--env", "OMPI_MCA_btl=self,vader,tcp", "--sbatch", "exclusive", "--sbatch=--mail-type=END",
+        "--", "--data", "/scratch/ds/index.json", "--epochs", "90"],
+    "gpu": ["render", "gpu", "--nodes", "2", "--set", "gpus_per_node=4", "--set", "cpus_per_gpu=8",
+            "--set", "conda_env=torch", "--set", "setup_script=/etc/site/gpu-env.sh",
+            "--", "--data", "/scratch/ds/index.json"],
+    "sweep": ["render", "sweep", "--sweep", SWEEP, "--set", "max_parallel=2", "--set", "cpus_per_rank=8",
+              "--time", "00:30:00", "--", "--data", "digits", "--epochs", "5"],
+}
+
+
+def render(capsys, argv):
+    rc = slurm.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden(case, capsys):
+    rc, out, err = render(capsys, CASES[case])
+    assert rc == 0, err
+    path = os.path.join(GOLDEN, f"{case}.sbatch")
+    if os.environ.get("HPCACCEL_UPDATE_GOLDEN") == "1":
+        with open(path, "w") as fh:
+            fh.write(out)
+    with open(path) as fh:
+        assert out == fh.read(), f"{case}: differs from {path} (see the module docstring)"
+    subprocess.run(["bash", "-n"], input=out, text=True, check=True)  # valid bash
+
+
+def test_directives_come_first_and_sorted(capsys):
+    _, out, _ = render(capsys, CASES["cpu-site-mpirun"])
+    lines = out.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    directives = [l for l in lines if l.startswith("#SBATCH")]
+    assert lines[1:1 + len(directives)] == directives == sorted(directives)
+    assert "#SBATCH --signal=B:USR1@600" in directives and "#SBATCH --requeue" in directives
+    assert not [l for l in lines if l.startswith("#@") or "{{" in l]
+
+
+def test_optional_directives_are_dropped_when_empty(capsys):
+    _, out, _ = render(capsys, CASES["cpu-minimal"])
+    for flag in ("--partition", "--account", "--qos", "--mem", "--constraint", "--chdir"):
+        assert f"#SBATCH {flag}" not in out
+
+
+def test_sweep_array_and_embedded_configs(capsys):
+    _, out, _ = render(capsys, CASES["sweep"])
+    assert "#SBATCH --array=0-4%2" in out
+    assert "#SBATCH --output=%x-%A_%a.out" in out  # the sweep's own default
+
+
+def test_requeue_exit_code_is_the_trainers():
+    assert REQUEUE_EXIT_CODE == 3
+    tpl = slurm.load_template("cpu")
+    out = slurm_template.render(tpl, {"cores_per_socket": ("4", "--set cores_per_socket")})
+    assert f"REQUEUE_EXIT_CODE={REQUEUE_EXIT_CODE}\n" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["render", "cpu"], "--set cores_per_socket=VALUE is required by template cpu"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--nodes", "0"], "--nodes: nodes must be a positive integer"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--nodes", "two"], "--nodes: nodes must be a positive integer"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--time", "25:61:00"], "--time: time must be a time limit"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--time", "0"], "--time: time must be a time limit"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--time", "00:04:00"], "--time: the time limit (00:04:00 = 240 s) must be longer"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--time", "00:04:00", "--set", "signal_seconds=300"],
+     "--set signal_seconds: signal_seconds (300) must be less than"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--job-name", "a b"], "--job-name: job_name may contain only"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--partition", "x;y"], "--partition: partition may contain only"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--set", "launcher=ssh"], "--set launcher: launcher must be one of srun, mpirun"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--set", "colour=blue"], "--set colour: template cpu has no parameter 'colour'"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--set", "array=0-3"], "--set array: array is computed"),
+    (["render", "cpu", "--set", "cores_per_socket"], "--set cores_per_socket: expected KEY=VALUE"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--set", "nodes=1", "--nodes", "2"], "--set nodes: given twice"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--", "--out", "x"], "--out (after --): the template sets it"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--", "--resume=auto"], "--resume (after --)"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--", "--epochs", "-1"], "train flags (after --): --epochs must be positive"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--", "--no-such-flag"], "train flags (after --): unrecognized arguments"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--env", "1X=2"], "--env 1X=...: not a valid environment variable name"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--sbatch", "requeue"], "--sbatch --requeue: already set by template cpu"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--sbatch", "comment=a b"], "--sbatch comment=a b: may contain only"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--sbatch", "x;rm=1"], "not an sbatch option name"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--set", "output=a b.out"], "--set output: output must be one word"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--sweep", SWEEP], "--sweep: template cpu does not run sweeps"),
+    (["render", "sweep"], "--sweep FILE is required by template sweep"),
+    (["render", "sweep", "--sweep", SWEEP, "--", "--lr", "0.3"], "--lr (after --): the sweep file sets lr per task"),
+    (["render", "nosuch"], "template nosuch: no such template (known: cpu, gpu, sweep)"),
+    (["collect", "/nonexistent/sweep"], "collect /nonexistent/sweep: no such directory"),
+    (["collect", "x", "--", "--lr", "1"], "collect: takes no train flags"),
+])
+def test_bad_input_is_one_line_naming_the_flag(argv, needle, capsys):
+    rc, out, err = render(capsys, argv)
+    assert rc == UsageError.exit_code == 2
+    assert out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("hpcaccel.slurm: error: "), err
+    assert needle in err, err
+
+
+@pytest.mark.parametrize("value", ["x\n#SBATCH --uid=0", "$(id)", "a`id`", "a'b", 'a"b', "a b", "a;b", "a\tb"])
+def test_directive_values_cannot_smuggle_lines_or_shell(value, capsys):
+    for flag in (["--job-name", value], ["--partition", value], ["--set", f"output={value}"],
+                 ["--set", f"chdir={value}"], ["--sbatch", f"comment={value}"]):
+        rc, out, err = render(capsys, ["render", "cpu", "--set", "cores_per_socket=4", *flag])
+        assert rc == 2 and out == "", (flag, err)
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("#!/bin/bash\necho {{nope}}\n", "unknown placeholder {{nope}}"),
+    ("#!/bin/bash\n#@param x posint\n", "expected #@param NAME TYPE DEFAULT HELP"),
+    ("#!/bin/bash\n#@param x float 1 help\n", "unknown parameter type 'float'"),
+    ("#!/bin/bash\n#@default y 1\n", "#@default of undeclared parameter 'y'"),
+    ("#!/bin/bash\n#@sbatch nodes=1\n", "expected #@sbatch --FLAG[=VALUE]"),
+    ("#!/bin/bash\n#@frobnicate\n", "unknown line #@frobnicate"),
+])
+def test_template_mistakes_are_reported(text, problem):
+    with pytest.raises(UsageError, match=problem.replace("{", r"\{").replace("}", r"\}").replace("[", r"\[").replace("]", r"\]")):
+        slurm_template.parse("t", text)
+
+
+def test_templates_and_params_are_listed(capsys):
+    assert slurm.main(["templates"]) == 0
+    assert capsys.readouterr().out.split() == ["cpu", "gpu", "sweep"]
+    assert slurm.main(["params", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "cores_per_socket" in out and "(required)" in out and "signal_seconds" in out
+
+
+@pytest.mark.parametrize("text,seconds", [("01:00:00", 3600), ("1-00:00:00", 86400), ("2-12", 216000),
+                                          ("90", 5400), ("10:30", 630), ("48:00:00", 172800)])
+def test_time_limits(text, seconds):
+    assert slurm_template._time_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["0", "00:00:00", "1:60:00", "1-25:00:00", "abc", "01:00:00\n", "-1", ""])
+def test_bad_time_limits(text):
+    assert slurm_template._time_seconds(text) is None
