@@ -1,0 +1,146 @@
+"""Training throughput on the same models and the same synthetic HDF5 data through
+hpcaccel (mpi), hpcaccel (horovod) and plain torch DDP (gloo), side by side in one run.
+
+Models: a communication-heavy MLP (~25M parameters, 3072 -> 6144 -> 1024 -> 10) and a
+compute-heavy small CNN (3x32x32). Weak scaling: 64 samples per rank per step; strong
+scaling: 128 samples per step in total. Each configuration is repeated; the JSON holds
+samples/s per repeat, mean and 95% interval, and hpcaccel's per-step breakdown (compute,
+exposed communication, data wait). Efficiencies need the 1-rank run: `make bench` runs
+1, 2 and 4 ranks and `python -m hpcaccel.bench report` combines them.
+"""
+import math
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.mpi(min_size=1)
+
+MODELS = {
+    "mlp25m": {"shape": (3072,), "factory": lambda s, c: __import__("hpcaccel.models", fromlist=["mlp"]).mlp(s, c, hidden=(6144, 1024))},
+    "cnn": {"shape": (3, 32, 32), "factory": lambda s, c: __import__("hpcaccel.models", fromlist=["cnn"]).cnn(s, c)},
+}
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def summary(values):
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci95": None, "values": values}
+    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return {"mean": mean, "ci95": [mean - half, mean + half], "values": values}
+
+
+@pytest.fixture(scope="module")
+def datasets(comm, smoke, tmp_path_factory):
+    """One synthetic HDF5 file per model, packed once by rank 0 (same data for every backend)."""
+    from hpcaccel.data import open_dataset, write_file
+    from hpcaccel.data.sources import synthetic_blocks
+
+    out = {}
+    base = tmp_path_factory.mktemp("bench-data") if comm.Get_rank() == 0 else None
+    n = 64 * comm.Get_size() * (8 if smoke else 40)
+    for name, spec in MODELS.items():
+        path = None
+        if comm.Get_rank() == 0:
+            path = str(base / f"{name}.h5")
+            parts = list(zip(*synthetic_blocks(n, spec["shape"], 10, 0, 0)))
+            write_file(path, parts[0], parts[1], n, spec["shape"], 10, "bench")
+        out[name] = open_dataset(comm.bcast(path))
+    return out
+
+
+def run_hpcaccel(comm, backend, model_name, ds, batch, steps, warmup):
+    from hpcaccel.comm import make_reducer
+    from hpcaccel.config import TrainConfig
+    from hpcaccel.data import RankReader
+    from hpcaccel.metrics import NullRunLog
+    from hpcaccel.signals import StopRequest
+    from hpcaccel.trainer import Trainer, make_optimizer
+    from hpcaccel.watchdog import Watchdog
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    cfg = TrainConfig(batch_size=batch, lr=0.01, backend=backend, progress=False)
+    torch.manual_seed(0)
+    model = MODELS[model_name]["factory"](ds.sample_shape, ds.classes)
+    opt = make_optimizer(cfg, model)
+    reducer = make_reducer(backend, comm=comm)
+    reducer.broadcast_parameters(model)
+    reducer.attach(model, opt)
+    reader = RankReader(ds, rank, size, batch, shuffle=True, seed=0)
+    trainer = Trainer(cfg, None, reducer, model, opt, reader, None, NullRunLog(), None,
+                      StopRequest(signals=()), Watchdog(0, rank, abort=None))
+    model.train()
+    batches = iter(reader.epoch(0))
+    for _ in range(warmup):
+        trainer.train_step(*next(batches))
+    trainer.timers = {k: 0.0 for k in trainer.timers}
+    reader.wait_seconds = 0.0
+    comm.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(*next(batches))
+    comm.Barrier()
+    seconds = time.perf_counter() - t0
+    breakdown = {"compute": trainer.timers["compute"] / steps,
+                 "comm_wait": trainer.timers["comm_wait"] / steps,
+                 "data_wait": reader.wait_seconds / steps}
+    batches.close()
+    reducer.close()
+    return seconds, {k: comm.allreduce(v, op=__import__("mpi4py").MPI.MAX) for k, v in breakdown.items()}
+
+
+def run_ddp(comm, model_name, ds, batch, steps, warmup):
+    import ddp_baseline as ddp
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    ddp.init_gloo(rank, size, comm.bcast(ddp.free_port() if rank == 0 else None))
+    x, y = ddp.load_share(ds.files[0], rank, size, batch, warmup + steps)
+    torch.manual_seed(0)
+    model = MODELS[model_name]["factory"](ds.sample_shape, ds.classes)
+    seconds, _ = ddp.train_ddp(model, x, y, batch, steps, warmup)
+    return comm.allreduce(seconds, op=__import__("mpi4py").MPI.MAX), None
+
+
+def backends(comm):
+    from hpcaccel.comm import horovod_unavailable
+    reasons = comm.allgather(horovod_unavailable())
+    names = ["hpcaccel mpi"]
+    if all(r is None for r in reasons):
+        names.append("hpcaccel horovod")
+    return names + ["torch DDP gloo"]
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_throughput(comm, smoke, datasets, record, model_name):
+    size = comm.Get_size()
+    ds = datasets[model_name]
+    steps, warmup, repeats = (3, 1, 1) if smoke else (20, 3, 3)
+    results = {}
+    for scaling, batch in (("weak", 64), ("strong", max(1, 128 // size))):
+        for name in backends(comm):
+            rates, breakdowns = [], []
+            # interleave repeats is not possible across backends without re-initialising;
+            # repeats of one backend run back to back, backends in a fixed order
+            for _ in range(repeats):
+                if name == "torch DDP gloo":
+                    seconds, br = run_ddp(comm, model_name, ds, batch, steps, warmup)
+                else:
+                    seconds, br = run_hpcaccel(comm, name.split()[1], model_name, ds, batch, steps, warmup)
+                rates.append(steps * batch * size / seconds)
+                if br:
+                    breakdowns.append(br)
+            entry = {"samples_per_second": summary(rates), "batch_per_rank": batch}
+            if breakdowns:
+                entry["breakdown_seconds_per_step"] = {
+                    k: statistics.fmean(b[k] for b in breakdowns) for k in breakdowns[0]}
+            results.setdefault(scaling, {})[name] = entry
+    params = sum(p.numel() for p in MODELS[model_name]["factory"](ds.sample_shape, ds.classes).parameters())
+    record(f"throughput-{model_name}", {"ranks": size, "model": model_name, "parameters": params,
+                                        "steps": steps, "repeats": repeats, "results": results})
+    if comm.Get_rank() == 0:
+        print(f"\n{model_name} ({params / 1e6:.1f}M parameters) at {size} ranks, samples/s:")
+        for scaling, per in results.items():
+            print(f"  {scaling}: " + ", ".join(f"{n} {e['samples_per_second']['mean']:.0f}" for n, e in per.items()))
