@@ -56,6 +56,7 @@ def run_hpcaccel(comm, backend, model_name, ds, batch, steps, warmup):
     from hpcaccel.comm import make_reducer
     from hpcaccel.config import TrainConfig
     from hpcaccel.data import RankReader
+    from hpcaccel.env import World
     from hpcaccel.metrics import NullRunLog
     from hpcaccel.signals import StopRequest
     from hpcaccel.trainer import Trainer, make_optimizer
@@ -70,7 +71,8 @@ def run_hpcaccel(comm, backend, model_name, ds, batch, steps, warmup):
     reducer.broadcast_parameters(model)
     reducer.attach(model, opt)
     reader = RankReader(ds, rank, size, batch, shuffle=True, seed=0)
-    trainer = Trainer(cfg, None, reducer, model, opt, reader, None, NullRunLog(), None,
+    world = World(rank, size, rank, size, 1, "bench", torch.get_num_threads(), "")
+    trainer = Trainer(cfg, world, reducer, model, opt, reader, None, NullRunLog(), None,
                       StopRequest(signals=()), Watchdog(0, rank, abort=None))
     model.train()
     batches = iter(reader.epoch(0))

@@ -40,14 +40,43 @@ class TrainConfig:
     check_data: bool = _opt(True, "before training, scan the data (each rank its share) for "
                             "labels out of range and NaN/inf samples")
     # model and optimisation
-    model: str = _opt("cnn", "built-in model (mlp, cnn) or package.module:factory")
+    model: str = _opt("cnn", "built-in model (mlp, cnn, resnet) or package.module:factory, "
+                      "called as factory(input_shape, num_classes)")
+    dropout: float = _opt(0.0, "dropout probability in the built-in models' heads")
     epochs: int = _opt(20, "passes over the training data")
     batch_size: int = _opt(16, "samples per rank per step (global batch = this x ranks)")
-    lr: float = _opt(0.05, "learning rate")
-    optimizer: str = _opt("sgd", "optimizer", choices=("sgd", "adamw"))
-    momentum: float = _opt(0.9, "SGD momentum")
-    weight_decay: float = _opt(0.0, "weight decay")
-    seed: int = _opt(0, "seed for initialisation, shuffling and synthetic data")
+    lr: float = _opt(0.05, "peak learning rate (scaled by --lr-ref-batch, if set)")
+    lr_ref_batch: int = _opt(0, "linear scaling rule: peak lr = --lr x global batch / this "
+                             "(Goyal et al. 2017); 0: --lr as given")
+    lr_schedule: str = _opt("constant", "after warm-up: constant, cosine (to 0 at the end), or "
+                            "step (x --lr-step-gamma every --lr-step-epochs)",
+                            choices=("constant", "cosine", "step"))
+    warmup_epochs: float = _opt(0.0, "linear learning-rate warm-up over this many epochs")
+    lr_step_epochs: int = _opt(0, "step schedule: epochs between decays")
+    lr_step_gamma: float = _opt(0.1, "step schedule: decay factor")
+    optimizer: str = _opt("sgd", "sgd (momentum, optionally Nesterov), adamw, or lars "
+                          "(layer-wise adaptive rates for large batches)",
+                          choices=("sgd", "adamw", "lars"))
+    momentum: float = _opt(0.9, "momentum (sgd, lars)")
+    nesterov: bool = _opt(False, "Nesterov momentum (sgd)")
+    weight_decay: float = _opt(0.0, "weight decay on weights (biases and normalisation "
+                               "parameters exempt); decoupled for adamw")
+    clip_grad_norm: float = _opt(0.0, "clip the global norm of the averaged gradient to this; "
+                                 "0: off")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss, in [0, 1)")
+    augment: str = _opt("none", "image augmentation per rank, deterministic from --seed: random "
+                        "shift by one pixel, left-right flip, or both",
+                        choices=("none", "shift", "flip", "shift+flip"))
+    precision: str = _opt("fp32", "fp32; bf16 autocast (CPU or CUDA); fp16 autocast with "
+                          "dynamic loss scaling (CUDA only)", choices=("fp32", "bf16", "fp16"))
+    device: str = _opt("auto", "auto: one CUDA GPU per rank (the local rank's) where CUDA is "
+                       "available, else CPU", choices=("auto", "cpu", "cuda"))
+    init_from: Optional[str] = _opt(None, "fine-tuning: start from this model.pt or checkpoint, "
+                                    "loading every tensor whose name and shape match (a head "
+                                    "for a different class count stays new)")
+    freeze: str = _opt("", "fine-tuning: comma-separated parameter name prefixes to freeze, "
+                       "e.g. body or 0,3")
+    seed: int = _opt(0, "seed for initialisation, shuffling, augmentation and synthetic data")
     # parallelism
     backend: str = _opt("auto", "gradient allreduce backend: horovod (Horovod's ring-allreduce), "
                         "mpi (hpcaccel's mpi4py reducer); auto: horovod where it is installed "
@@ -96,9 +125,15 @@ class TrainConfig:
             raise UsageError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
         if self.checkpoint_every < 0:
             raise UsageError(f"--checkpoint-every must not be negative, got {self.checkpoint_every}")
-        for name in ("lr", "momentum", "weight_decay", "stall_timeout"):
+        for name in ("lr", "momentum", "weight_decay", "stall_timeout", "clip_grad_norm",
+                     "warmup_epochs", "lr_ref_batch", "lr_step_epochs", "lr_step_gamma"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        for name in ("dropout", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UsageError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.lr_schedule == "step" and self.lr_step_epochs == 0:
+            raise UsageError("--lr-schedule step needs --lr-step-epochs (epochs between decays)")
         if self.accum_steps > self.batch_size:
             raise UsageError(f"--accum-steps {self.accum_steps} is more than --batch-size "
                              f"{self.batch_size}: every micro-batch needs at least one sample")

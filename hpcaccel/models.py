@@ -1,6 +1,8 @@
 """Built-in models, and user models given as `package.module:factory`.
 
-Every model is built as factory(input_shape, num_classes) -> torch.nn.Module.
+Every model is built as factory(input_shape, num_classes) -> torch.nn.Module. The built-in
+CNNs name their parts `body` and `head`, so fine-tuning can `--freeze body` and a different
+class count gets a new head.
 """
 from __future__ import annotations
 
@@ -25,19 +27,19 @@ def mlp(input_shape, num_classes, hidden=(256, 256), dropout=0.0) -> nn.Module:
 
 
 def cnn(input_shape, num_classes, width=32, dropout=0.0) -> nn.Module:
-    """Two conv blocks and a linear head; works for any spatial size >= 1."""
+    """Two conv blocks (`body`) and a linear `head`; works for any spatial size >= 1."""
     if len(input_shape) != 3:
         raise UsageError(f"--model cnn needs samples shaped (channels, height, width), "
                          f"got {tuple(input_shape)}; use --model mlp")
     c = input_shape[0]
-    return nn.Sequential(
+    body = nn.Sequential(
         nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
         nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
         nn.MaxPool2d(2) if min(input_shape[1:]) >= 2 else nn.Identity(),
         nn.AdaptiveAvgPool2d(2), nn.Flatten(),
         nn.Dropout(dropout) if dropout else nn.Identity(),
-        nn.Linear(2 * width * 4, num_classes),
     )
+    return _with_head(body, 2 * width * 4, num_classes)
 
 
 class BasicBlock(nn.Module):

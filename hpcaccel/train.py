@@ -69,8 +69,24 @@ def setup(cfg, comm):
     collectively(comm, check_data)
 
     import torch
+    from . import device as devices
+    from . import finetune
+
+    dev = collectively(comm, devices.resolve, cfg.device, world.local_rank, world.local_size)
+    collectively(comm, devices.check_precision, cfg.precision, dev)
     torch.manual_seed(cfg.seed)
-    model = collectively(comm, build_model, cfg.model, train_ds.sample_shape, train_ds.classes)
+    model = collectively(comm, build_model, cfg.model, train_ds.sample_shape, train_ds.classes,
+                         dropout=cfg.dropout)
+    if cfg.init_from:
+        loaded, fresh = collectively(comm, finetune.load_matching, model, cfg.init_from)
+        if world.is_main:
+            print(f"hpcaccel: --init-from {cfg.init_from}: loaded {len(loaded)} tensors"
+                  + (f", kept fresh: {', '.join(fresh[:6])}" if fresh else ""), flush=True)
+    if cfg.freeze:
+        frozen = collectively(comm, finetune.freeze, model, finetune.parse_prefixes(cfg.freeze))
+        if world.is_main:
+            print(f"hpcaccel: --freeze: {len(frozen)} parameter tensors frozen", flush=True)
+    model.to(dev)
     optimizer = make_optimizer(cfg, model)
     reducer.broadcast_parameters(model)  # all ranks start from rank 0's initialisation
     reducer.attach(model, optimizer)
@@ -127,7 +143,8 @@ def run(argv, comm) -> dict:
         log.info(f"hpcaccel: resuming from {resumed['path']} (epoch {resumed['epoch'] + 1}, "
                  f"step {resumed['global_step']})")
     log.info(f"hpcaccel: {world.size} ranks on {world.nodes} node(s), {world.threads} thread(s) "
-             f"per rank, backend {reducer.name}, {world.mpi_library}; data {train_ds.samples} "
+             f"per rank, device {next(model.parameters()).device}, precision {cfg.precision}, "
+             f"backend {reducer.name}, {world.mpi_library}; data {train_ds.samples} "
              f"samples in {len(train_ds.files)} file(s), {reader.steps} steps/epoch")
     watchdog = Watchdog(cfg.stall_timeout, world.rank, abort=lambda: comm.Abort(1)).start()
     trainer = Trainer(cfg, world, reducer, model, optimizer, reader, test_ds, log,
@@ -143,6 +160,7 @@ def run(argv, comm) -> dict:
         reducer.close()
         return result
     summary = {"world_size": world.size, "resumed_from": resumed and resumed["path"], "nodes": world.nodes, "threads_per_rank": world.threads,
+               "device": str(next(model.parameters()).device),
                "backend": reducer.name, "mpi_library": world.mpi_library, "epochs": cfg.epochs,
                **result, "wall_seconds": time.perf_counter() - t_start, "config": cfg.to_dict()}
     log.model(model.state_dict())

@@ -14,26 +14,48 @@ import time
 import torch
 import torch.nn.functional as F
 
+from . import device as devices
+from . import optim
+from .augment import augment, generator
 from .data import eval_batches
 from .errors import Diverged
 
 
 def make_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optim.make_optimizer(cfg.optimizer, model, cfg.lr, cfg.momentum, cfg.weight_decay,
+                                nesterov=cfg.nesterov)
+
+
+class LRSchedule:
+    """Peak lr (linear scaling rule), warm-up, then constant/cosine/step decay; set on the
+    optimizer before every step from the global step, so a resumed run follows the same
+    curve. Identical on every rank (same step, same global batch)."""
+
+    def __init__(self, cfg, world_size: int, steps_per_epoch: int):
+        self.peak = optim.scaled_lr(cfg.lr, cfg.batch_size * world_size, cfg.lr_ref_batch)
+        self.total = cfg.epochs * steps_per_epoch
+        self.warmup = round(cfg.warmup_epochs * steps_per_epoch)
+        self.schedule = cfg.lr_schedule
+        self.step_every = cfg.lr_step_epochs * steps_per_epoch
+        self.gamma = cfg.lr_step_gamma
+
+    def lr(self, step: int) -> float:
+        return self.peak * optim.lr_factor(step, self.total, self.warmup, self.schedule,
+                                           self.step_every, self.gamma)
 
 
 @torch.no_grad()
-def evaluate(model, ds, reducer, world, batch: int) -> tuple[float, float]:
+def evaluate(model, ds, reducer, world, batch: int, device=None,
+             precision: str = "fp32") -> tuple[float, float]:
     """(loss, accuracy) over the whole evaluation set; each rank scores its own part."""
     model.eval()
+    device = device or torch.device("cpu")
     loss_sum = correct = 0.0
     count = 0
     for x, y in eval_batches(ds, world.rank, world.size, batch):
-        out = model(x)
+        x, y = x.to(device), y.to(device)
+        with devices.autocast(precision, device):
+            out = model(x).float()
         loss_sum += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
         count += len(y)
@@ -50,11 +72,19 @@ class Trainer:
         self.stop, self.watchdog = stop, watchdog
         self.step = 0
         self.skipped_steps = 0
+        self.device = next(model.parameters()).device
+        self.scaler = devices.grad_scaler(cfg.precision, self.device)
+        self.schedule = LRSchedule(cfg, world.size, reader.steps)
+        self.trainable = [p for g in optimizer.param_groups for p in g["params"]]
         self.timers = {"compute": 0.0, "comm_wait": 0.0}
 
-    def train_step(self, x, y) -> tuple[float, int] | None:
+    def train_step(self, x, y, epoch: int = 0) -> tuple[float, int] | None:
         """One optimizer step; None if it was skipped (non-finite loss, --nonfinite skip)."""
         t0 = time.perf_counter()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.cfg.augment != "none":  # this rank's own stream, fixed by (seed, epoch, rank, step)
+            x = augment(x, self.cfg.augment,
+                        generator(self.cfg.seed, epoch, self.world.rank, self.step))
         self.reducer.zero_grad()
         loss, correct = self.forward_backward(x, y)  # allreduces start in the last backward
         t1 = time.perf_counter()
@@ -73,10 +103,24 @@ class Trainer:
                                f"lower --lr, or pass --nonfinite skip to skip such steps")
             self.skipped_steps += 1
             return None
-        self.reducer.step()
+        self.apply_update()
         self.timers["compute"] += (t1 - t0) + (time.perf_counter() - t2)
         self.timers["comm_wait"] += t2 - t1
         return loss_value, int(correct)
+
+    def apply_update(self) -> None:
+        """Clip, set the lr, step. The gradients are already averaged, hence identical on
+        every rank: clipping and the loss scaler's inf check decide the same everywhere."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.clip_grad_norm)
+        optim.set_lr(self.optimizer, self.schedule.lr(self.step - 1))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.reducer.step()
 
     def forward_backward(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient of the batch's mean loss in --accum-steps micro-batches: all but the last
@@ -89,9 +133,11 @@ class Trainer:
         for i, (xm, ym) in enumerate(micro):
             final = i == len(micro) - 1
             with contextlib.nullcontext() if final else self.reducer.no_sync():
-                out = self.model(xm)
-                loss = F.cross_entropy(out, ym) * (len(ym) / len(y))
-                loss.backward()
+                with devices.autocast(self.cfg.precision, self.device):
+                    out = self.model(xm)
+                    loss = F.cross_entropy(out.float(), ym, label_smoothing=self.cfg.label_smoothing)
+                loss = loss * (len(ym) / len(y))
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             loss_sum = loss_sum + loss.detach()
             correct = correct + (out.argmax(1) == ym).sum()
         return loss_sum, correct
@@ -115,7 +161,7 @@ class Trainer:
             t0 = time.perf_counter()
             bar = self.progress(total=steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}")
             for done, (x, y) in enumerate(self.reader.epoch(epoch, first), start=first + 1):
-                result = self.train_step(x, y)
+                result = self.train_step(x, y, epoch)
                 self.watchdog.beat(self.step)
                 if result is not None:
                     loss_sum += result[0]
@@ -143,7 +189,8 @@ class Trainer:
             if self.test_ds is not None:
                 self.watchdog.beat(self.step, "evaluation")
                 last["test_loss"], last["test_accuracy"] = evaluate(
-                    self.model, self.test_ds, self.reducer, world, max(cfg.batch_size, 256))
+                    self.model, self.test_ds, self.reducer, world, max(cfg.batch_size, 256),
+                    self.device, cfg.precision)
             self.log.metrics(last)
             self.log.info(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  "
                           f"train acc {train_acc:.4f}" + (f"  test acc {last['test_accuracy']:.4f}"

@@ -80,12 +80,21 @@ class _Bucket:
             total += p.numel()
         self.numel = total
         # gradients, then one used-flag per parameter
-        self.flat = torch.zeros(total + len(params), dtype=params[0].dtype)
-        self.array = self.flat.numpy()  # shares memory: MPI works on the tensor itself
+        device = params[0].device
+        self.flat = torch.zeros(total + len(params), dtype=params[0].dtype, device=device)
         self.flags = self.flat[total:]
-        # compression: a 16-bit copy travels instead; MPI sees its bits as int16 (wire_sum_op)
-        self.wire = None if wire_dtype is None else torch.zeros(len(self.flat), dtype=wire_dtype)
-        self.wire_array = None if self.wire is None else self.wire.view(torch.int16).numpy()
+        on_host = device.type == "cpu"
+        # CPU: MPI works on the bucket's own memory (zero copy). GPU: through a pinned host
+        # copy, as no CUDA-aware MPI is assumed. Compression: a 16-bit copy travels instead;
+        # MPI sees its bits as int16 (wire_sum_op).
+        self.array = self.flat.numpy() if on_host else None
+        if wire_dtype is None and not on_host:
+            wire_dtype = self.flat.dtype
+        self.wire = None if wire_dtype is None else torch.zeros(
+            len(self.flat), dtype=wire_dtype, pin_memory=not on_host)
+        self.wire_16bit = self.wire is not None and self.wire.element_size() == 2
+        self.wire_array = None if self.wire is None else (
+            self.wire.view(torch.int16) if self.wire_16bit else self.wire).numpy()
         self.pending = len(params)
         self.ready = [False] * len(params)
         self.request = None       # overlap=nonblocking: the MPI request
@@ -167,15 +176,13 @@ class MPIReducer(Reducer):
         # Reverse registration order approximates the order autograd produces gradients.
         params = [p for p in reversed(list(model.parameters())) if p.requires_grad]
         for p in params:
-            if p.device.type != "cpu":
-                raise NotImplementedError("the mpi reducer handles CPU tensors only")
             if p.dtype not in (torch.float32, torch.float64):
                 raise NotImplementedError(f"the mpi reducer handles float32/float64 "
                                           f"parameters, not {p.dtype}")
-        # one dtype per bucket
+        # one dtype and device per bucket
         by_dtype = {}
         for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
+            by_dtype.setdefault((p.device, p.dtype), []).append(p)
         for group in by_dtype.values():
             sizes = [p.numel() * p.element_size() for p in group]
             for idx in plan_buckets(sizes, self.bucket_bytes):
@@ -224,6 +231,8 @@ class MPIReducer(Reducer):
         if b.wire is None:
             return b.array, self._MPI.SUM
         b.wire.copy_(b.flat)
+        if not b.wire_16bit:
+            return b.wire_array, self._MPI.SUM  # host copy of a GPU bucket
         return [b.wire_array, self._MPI.INT16_T], self._wire_op
 
     def _widen(self, b: _Bucket):

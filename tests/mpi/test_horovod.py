@@ -2,6 +2,7 @@
 both, and how the backend is chosen. Real Horovod, real MPI; every assertion holds at any
 world size."""
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 
 from hpcaccel.comm import horovod_unavailable, make_reducer
 from hpcaccel.config import TrainConfig
+from hpcaccel.env import World
 from hpcaccel.errors import UsageError
 from hpcaccel.trainer import Trainer
 
@@ -157,7 +159,9 @@ def test_trainer_accum_steps_equals_one_step_with_k_times_the_micro_batch(make, 
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         red = make()
         cfg = TrainConfig(batch_size=k * micro_batch, accum_steps=accum_steps)
-        trainer = Trainer(cfg, None, red, model, opt, None, None, None, None, None, None)
+        world = World(comm.Get_rank(), comm.Get_size(), 0, 1, 1, "test", 1, "")
+        reader = types.SimpleNamespace(steps=steps)  # only its length is used here
+        trainer = Trainer(cfg, world, red, model, opt, reader, None, None, None, None, None)
         losses = []
         try:
             red.broadcast_parameters(model)

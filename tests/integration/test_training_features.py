@@ -1,0 +1,94 @@
+"""Training features end to end under real mpirun: mixed precision, accumulation,
+large-batch recipe, and fine-tuning with a frozen body and a new head."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def mpirun(np_, *args, timeout=300, env=None):
+    cmd = ["bash", os.path.join(ROOT, "scripts", "mpirun.sh"), str(np_), sys.executable,
+           "-m", "hpcaccel.train", "--progress", "false", "--backend", "mpi", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("HPCACCEL_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
+
+
+def summary_of(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("flags", [
+    ["--precision", "bf16"],
+    ["--accum-steps", "4"],
+    ["--optimizer", "lars", "--lr", "2", "--lr-ref-batch", "64", "--warmup-epochs", "1",
+     "--lr-schedule", "cosine", "--weight-decay", "1e-4", "--clip-grad-norm", "5",
+     "--label-smoothing", "0.1", "--augment", "shift"],
+], ids=["bf16", "accum4", "lars-recipe"])
+def test_digits_at_4_ranks_reaches_95_percent(tmp_path, flags):
+    out = tmp_path / "run"
+    r = mpirun(4, "--out", str(out), "--epochs", "10", *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = summary_of(out)
+    assert summary["world_size"] == 4 and summary["test_accuracy"] >= 0.95, summary
+    assert summary["steps"] == 10 * (1437 // (16 * 4))  # accumulation splits batches, not steps
+
+
+def pack_digits(path, keep, split):
+    from hpcaccel.data.sources import digits_split
+    x, y = (digits_split()[0] if split == "train" else digits_split()[1])
+    mask = np.isin(y, keep)
+    np.savez(path.with_suffix(".npz"), x=x[mask], y=y[mask].astype(np.int64))
+    r = subprocess.run([sys.executable, "-m", "hpcaccel.data", "pack", "--source",
+                        str(path.with_suffix(".npz")), "--out", str(path)] +
+                       (["--classes", "10"] if max(keep) > 4 else []),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return str(path)
+
+
+def test_fine_tune_5_to_9_on_a_frozen_body_trained_on_0_to_4(tmp_path):
+    low = [pack_digits(tmp_path / f"low-{s}.h5", [0, 1, 2, 3, 4], s) for s in ("train", "test")]
+    high = [pack_digits(tmp_path / f"high-{s}.h5", [5, 6, 7, 8, 9], s) for s in ("train", "test")]
+    pre = tmp_path / "pre"
+    r = mpirun(2, "--out", str(pre), "--data", low[0], "--test-data", low[1], "--epochs", "8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    pretrained = torch.load(pre / "model.pt", weights_only=True)
+    assert pretrained["head.weight"].shape[0] == 5
+
+    tuned = tmp_path / "tuned"
+    r = mpirun(2, "--out", str(tuned), "--data", high[0], "--test-data", high[1], "--epochs", "8",
+               "--init-from", str(pre / "model.pt"), "--freeze", "body")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "kept fresh: head.weight, head.bias" in r.stdout
+    summary = summary_of(tuned)
+    assert summary["test_accuracy"] >= 0.9, summary  # a linear head on frozen 0-4 features
+    state = torch.load(tuned / "model.pt", weights_only=True)
+    assert state["head.weight"].shape[0] == 10  # a new head for the new class count
+    for name, value in pretrained.items():
+        if name.startswith("body."):  # frozen: weights and BatchNorm statistics... weights
+            if name.endswith(("weight", "bias")):
+                assert torch.equal(state[name], value), name
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--init-from", "/nonexistent/model.pt"], "--init-from /nonexistent/model.pt: no such file"),
+    (["--freeze", "nosuchlayer"], "--freeze nosuchlayer: no parameter name starts with it"),
+    (["--precision", "fp16"], "--precision fp16 needs CUDA"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+])
+def test_bad_training_flags_one_line_exit_2(tmp_path, args, needle):
+    r = mpirun(2, "--out", str(tmp_path / "run"), *args, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
+    errors = [l for l in r.stderr.splitlines() if l.startswith("hpcaccel: error:")]
+    assert len(errors) == 1 and needle in errors[0], r.stderr[-2000:]
