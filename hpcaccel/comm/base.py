@@ -62,6 +62,10 @@ class Reducer(ABC):
     def allreduce_array(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
         """Reduce a small float64 array over ranks (op: sum, max, min)."""
 
+    @abstractmethod
+    def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce a tensor over ranks in place (op: sum, max, min) and return it."""
+
     def mean(self, *values: float) -> list[float]:
         """Average scalars over ranks (metrics)."""
         return [float(v) for v in self.allreduce_array(np.asarray(values, dtype=np.float64)) / self.size]

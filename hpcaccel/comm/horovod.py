@@ -175,7 +175,12 @@ class HorovodReducer(Reducer):
     def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce `tensor` over ranks in place (op: sum, max, min) and return it."""
         name = f"hpcaccel.tensor.{op}.{tensor.dtype}.{tuple(tensor.shape)}"
-        return self.hvd.allreduce_(tensor, op=self._ops[op], name=name)
+        if tensor.is_contiguous():
+            return self.hvd.allreduce_(tensor, op=self._ops[op], name=name)
+        dense = self.hvd.allreduce_(tensor.detach().contiguous(), op=self._ops[op], name=name)
+        with torch.no_grad():
+            tensor.copy_(dense)  # Horovod reduces contiguous tensors only
+        return tensor
 
     # Small control messages use the job's mpi4py communicator: Horovod's object collectives
     # each wait for a background cycle, and Horovod has no gather to one rank.

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 
 import numpy as np
 import torch
@@ -159,6 +160,7 @@ class MPIReducer(Reducer):
         self._queue = None  # overlap=thread: buckets waiting for the communication thread
         self._worker = None
         self._worker_error = None
+        self.trace = None  # a Timeline (--timeline): each bucket's allreduce becomes a span
 
     # -- set-up ---------------------------------------------------------------------------
     def broadcast_parameters(self, module, root=0):
@@ -254,11 +256,15 @@ class MPIReducer(Reducer):
 
     def _allreduce_mean(self, b: _Bucket):
         """Blocking sum, then the mean, in this bucket's memory (the flags stay sums)."""
+        t0 = time.perf_counter()
         buf, op = self._on_wire(b)
         self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=op)
         self._widen(b)
         if self.size > 1:
             b.flat[:b.numel].div_(self.size)
+        if self.trace is not None:
+            self.trace.add("bucket_allreduce", t0, time.perf_counter(), bucket=b.index,
+                           bytes=b.flat.numel() * b.flat.element_size())
 
     def _start_worker(self):
         self._queue = queue.SimpleQueue()
@@ -332,6 +338,19 @@ class MPIReducer(Reducer):
         out = np.array(values, dtype=np.float64, copy=True)
         self.comm.Allreduce(self._MPI.IN_PLACE, out, op=getattr(self._MPI, _OPS[op]))
         return out
+
+    def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce `tensor` over ranks in place (op: sum, max, min) and return it. A contiguous
+        CPU tensor is handed to MPI as is (zero copy); others go through a host copy."""
+        mpi_op = getattr(self._MPI, _OPS[op])
+        if tensor.is_contiguous() and tensor.device.type == "cpu":
+            self.comm.Allreduce(self._MPI.IN_PLACE, tensor.detach().numpy(), op=mpi_op)
+            return tensor
+        host = tensor.detach().cpu().contiguous()
+        self.comm.Allreduce(self._MPI.IN_PLACE, host.numpy(), op=mpi_op)
+        with torch.no_grad():
+            tensor.copy_(host)
+        return tensor
 
     def broadcast_object(self, obj, root=0):
         return self.comm.bcast(obj, root=root)

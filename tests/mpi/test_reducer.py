@@ -82,3 +82,21 @@ def test_allreduce_array_and_mean(make, comm):
     assert red.mean(float(comm.Get_rank()))[0] == pytest.approx((size - 1) / 2)
     assert red.broadcast_object({"a": comm.Get_rank()}) == {"a": 0}
     red.close()
+
+
+@pytest.mark.parametrize("op", ["sum", "max", "min"])
+def test_allreduce_in_place_contiguous_and_strided(make, comm, op):
+    rank, size = comm.Get_rank(), comm.Get_size()
+    red = make()
+    try:
+        t = torch.arange(7, dtype=torch.float32) + rank
+        assert red.allreduce_(t, op) is t
+        ranks = torch.arange(size, dtype=torch.float32)
+        expect = {"sum": torch.arange(7) * size + ranks.sum(), "max": torch.arange(7) + size - 1,
+                  "min": torch.arange(7).float()}[op]
+        torch.testing.assert_close(t, expect.float())
+        strided = (torch.ones(4, 6) * (rank + 1))[:, ::2]  # not contiguous: through a copy
+        red.allreduce_(strided, "sum")
+        assert torch.all(strided == size * (size + 1) / 2)
+    finally:
+        red.close()
