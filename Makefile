@@ -6,7 +6,7 @@ NP      ?= 8
 ARGS    ?=
 TIMEOUT := timeout --signal=TERM --kill-after=30
 
-.PHONY: setup setup-test train test test-unit test-mpi test-slurm clean
+.PHONY: setup setup-test train test test-unit test-mpi test-slurm test-bench-smoke bench clean
 
 setup:
 	@bash scripts/setup.sh train
@@ -18,7 +18,7 @@ train: setup
 	bash scripts/mpirun.sh $(NP) $(PY) -m hpcaccel.train --out runs/digits $(ARGS)
 
 test: setup-test
-	@$(MAKE) --no-print-directory test-unit test-mpi test-slurm
+	@$(MAKE) --no-print-directory test-unit test-mpi test-bench-smoke test-slurm
 
 test-unit:
 	$(TIMEOUT) 1200 $(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration
@@ -34,6 +34,21 @@ test-mpi:
 # (installs slurm-wlm and munge if missing; needs root, skipped otherwise). A few minutes.
 test-slurm:
 	$(TIMEOUT) 900 $(PY) -m pytest -q -p no:cacheprovider tests/slurm
+
+# The benchmarks at tiny sizes, 2 ranks: they keep working (numbers not recorded).
+test-bench-smoke:
+	HPCACCEL_BENCH_SMOKE=1 HPCACCEL_BENCH_OUT=build/bench-smoke $(TIMEOUT) 600 \
+	  bash scripts/mpirun.sh 2 bash scripts/pytest_rank.sh benchmarks
+
+# Scaling benchmarks at 1, 2 and 4 ranks (1 thread per rank), then tables and plots.
+# Records numbers, asserts nothing; results in benchmarks/results, see docs/benchmarks.md.
+BENCH_NP ?= 1 2 4
+bench: setup-test
+	@for np in $(BENCH_NP); do \
+	  echo "== benchmarks at $$np ranks"; \
+	  bash scripts/mpirun.sh $$np bash scripts/pytest_rank.sh benchmarks -s || exit 1; \
+	done
+	$(PY) -m hpcaccel.bench report --results benchmarks/results --plots docs/img
 
 clean:
 	rm -rf runs build

@@ -112,6 +112,9 @@ class TrainConfig:
                                  "epoch and when stopped by SIGUSR1/SIGTERM)")
     keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep")
     progress: bool = _opt(True, "progress bar on rank 0")
+    timeline: Optional[str] = _opt(None, "write a Chrome-trace JSON of every rank's data wait, "
+                                   "forward/backward, allreduce and optimizer spans to this "
+                                   "file (open in Perfetto, ui.perfetto.dev)")
 
     def validate(self) -> "TrainConfig":
         positive = {"epochs": self.epochs, "batch_size": self.batch_size,

@@ -147,12 +147,21 @@ def run(argv, comm) -> dict:
              f"backend {reducer.name}, {world.mpi_library}; data {train_ds.samples} "
              f"samples in {len(train_ds.files)} file(s), {reader.steps} steps/epoch")
     watchdog = Watchdog(cfg.stall_timeout, world.rank, abort=lambda: comm.Abort(1)).start()
+    timeline = None
+    if cfg.timeline:
+        from .timeline import Timeline
+        timeline = collectively(comm, Timeline, cfg.timeline, comm)
+        reader.trace = timeline
+        if hasattr(reducer, "trace"):
+            reducer.trace = timeline  # the mpi reducer's per-bucket spans
     trainer = Trainer(cfg, world, reducer, model, optimizer, reader, test_ds, log,
-                      _progress_factory(cfg.progress and world.is_main), stop, watchdog)
+                      _progress_factory(cfg.progress and world.is_main), stop, watchdog, timeline)
     try:
         result = trainer.fit(resumed)
     finally:
         watchdog.stop()
+    if timeline is not None:
+        timeline.close()  # collective: every rank leaves fit() at the same step
     if "stopped_by" in result:
         log.info(f"hpcaccel: stopped by {result['stopped_by']} after step {result['steps']}; "
                  f"checkpoint {result['checkpoint']}; continue with --resume auto")

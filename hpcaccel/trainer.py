@@ -19,6 +19,7 @@ from . import optim
 from .augment import augment, generator
 from .data import eval_batches
 from .errors import Diverged
+from .timeline import NullTimeline
 
 
 def make_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -65,11 +66,12 @@ def evaluate(model, ds, reducer, world, batch: int, device=None,
 
 class Trainer:
     def __init__(self, cfg, world, reducer, model, optimizer, reader, test_ds, log, progress,
-                 stop, watchdog):
+                 stop, watchdog, timeline=None):
         self.cfg, self.world, self.reducer = cfg, world, reducer
         self.model, self.optimizer, self.reader = model, optimizer, reader
         self.test_ds, self.log, self.progress = test_ds, log, progress
         self.stop, self.watchdog = stop, watchdog
+        self.timeline = timeline or NullTimeline()
         self.step = 0
         self.skipped_steps = 0
         self.device = next(model.parameters()).device
@@ -104,8 +106,12 @@ class Trainer:
             self.skipped_steps += 1
             return None
         self.apply_update()
-        self.timers["compute"] += (t1 - t0) + (time.perf_counter() - t2)
+        t3 = time.perf_counter()
+        self.timers["compute"] += (t1 - t0) + (t3 - t2)
         self.timers["comm_wait"] += t2 - t1
+        self.timeline.add("forward_backward", t0, t1, step=self.step)
+        self.timeline.add("allreduce_wait", t1, t2, step=self.step)
+        self.timeline.add("optimizer_step", t2, t3, step=self.step)
         return loss_value, int(correct)
 
     def apply_update(self) -> None:
@@ -188,16 +194,19 @@ class Trainer:
                     "samples_per_second": ran * cfg.batch_size * world.size / seconds}
             if self.test_ds is not None:
                 self.watchdog.beat(self.step, "evaluation")
-                last["test_loss"], last["test_accuracy"] = evaluate(
-                    self.model, self.test_ds, self.reducer, world, max(cfg.batch_size, 256),
-                    self.device, cfg.precision)
+                with self.timeline.span("evaluate", epoch=epoch + 1):
+                    last["test_loss"], last["test_accuracy"] = evaluate(
+                        self.model, self.test_ds, self.reducer, world,
+                        max(cfg.batch_size, 256), self.device, cfg.precision)
             self.log.metrics(last)
             self.log.info(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  "
                           f"train acc {train_acc:.4f}" + (f"  test acc {last['test_accuracy']:.4f}"
                           if "test_accuracy" in last else "") +
                           f"  {last['samples_per_second']:.0f} samples/s")
             self.watchdog.beat(self.step, "checkpoint")
-            self.checkpoint(epoch + 1, 0, (0.0, 0.0), last)
+            with self.timeline.span("checkpoint"):
+                self.checkpoint(epoch + 1, 0, (0.0, 0.0), last)
+            self.timeline.flush()  # collective, once per epoch on every rank
             self.watchdog.beat(self.step)
         return self._results(last, train_seconds, self.step - (resumed or {}).get("global_step", 0))
 

@@ -49,6 +49,7 @@ class RankReader:
         self.shuffle, self.seed, self.prefetch = shuffle, seed, prefetch
         self.steps = steps_per_epoch(ds.samples, batch, world)
         self.wait_seconds = 0.0
+        self.trace = None  # a Timeline (--timeline) records each wait as a span
 
     def segments(self, epoch: int) -> list[Segment]:
         return epoch_segments(list(self.ds.lengths), self.ds.chunk, self.rank, self.world,
@@ -65,7 +66,10 @@ class RankReader:
             while True:
                 t0 = time.perf_counter()
                 item = q.get()
-                self.wait_seconds += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                self.wait_seconds += t1 - t0
+                if self.trace is not None:
+                    self.trace.add("data_wait", t0, t1)
                 if item is _DONE:
                     return
                 if isinstance(item, BaseException):

@@ -92,3 +92,20 @@ def test_bad_training_flags_one_line_exit_2(tmp_path, args, needle):
     assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
     errors = [l for l in r.stderr.splitlines() if l.startswith("hpcaccel: error:")]
     assert len(errors) == 1 and needle in errors[0], r.stderr[-2000:]
+
+
+def test_timeline_has_every_ranks_spans(tmp_path):
+    trace = tmp_path / "trace.json"
+    r = mpirun(2, "--out", str(tmp_path / "run"), "--epochs", "2", "--timeline", str(trace))
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = json.loads(trace.read_text())
+    spans = [e for e in events if e["ph"] == "X"]
+    steps = json.loads((tmp_path / "run" / "summary.json").read_text())["steps"]
+    for rank in range(2):
+        mine = [e for e in spans if e["pid"] == rank]
+        names = {e["name"] for e in mine}
+        assert {"data_wait", "forward_backward", "allreduce_wait", "optimizer_step",
+                "bucket_allreduce", "evaluate"} <= names
+        assert sum(e["name"] == "forward_backward" for e in mine) == steps
+        assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in mine)
+    assert {e["args"]["name"] for e in events if e["name"] == "process_name"} == {"rank 0", "rank 1"}
