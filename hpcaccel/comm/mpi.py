@@ -1,10 +1,12 @@
 """hpcaccel's own reducer over mpi4py: bucketed, overlapped, zero-copy gradient allreduce.
 
 How a step flows:
-  zero_grad()   every parameter's .grad is a view into its bucket's flat buffer, zeroed.
-  backward()    autograd accumulates into those views in place; a post-accumulate hook
-                marks the parameter ready; when a bucket is complete, its in-place
-                allreduce is started (buckets strictly in index order, see below).
+  zero_grad()   every .grad set to None (no memset); the buckets are reused.
+  backward()    a post-accumulate hook copies each fresh gradient into its bucket slice,
+                makes .grad a view of that slice and marks the parameter ready; when a
+                bucket is complete, its in-place allreduce is started (buckets strictly in
+                index order, see below). Further backward passes in the same step
+                (accumulation) add into the views in place.
   synchronize() starts any bucket not yet started, waits for all, divides by world size.
 
 How a bucket's allreduce runs (`overlap`):
@@ -98,6 +100,7 @@ class _Bucket:
             self.wire.view(torch.int16) if self.wire_16bit else self.wire).numpy()
         self.pending = len(params)
         self.ready = [False] * len(params)
+        self.touched = [False] * len(params)  # got a gradient on this rank this step
         self.request = None       # overlap=nonblocking: the MPI request
         self.done = threading.Event()  # overlap=thread: set by the communication thread
 
@@ -149,9 +152,10 @@ class MPIReducer(Reducer):
         self._MPI = MPI
         self.overlap = overlap
         self.comm = comm or MPI.COMM_WORLD
-        super().__init__(self.comm.Get_rank(), self.comm.Get_size())
+        super().__init__(self.comm)
         self.bucket_bytes = int(bucket_bytes)
         self.buckets: list[_Bucket] = []
+        self._params: list[torch.nn.Parameter] = []  # attached, in bucket order
         self._where = {}          # parameter -> (bucket, index in bucket)
         self._next_launch = 0     # buckets [0, _next_launch) have been started this step
         self._sync = True
@@ -181,6 +185,12 @@ class MPIReducer(Reducer):
             if p.dtype not in (torch.float32, torch.float64):
                 raise NotImplementedError(f"the mpi reducer handles float32/float64 "
                                           f"parameters, not {p.dtype}")
+        self._params = params
+        if self.size == 1:
+            # Nothing to average: no buckets, no hooks, no copies. Gradients stay autograd's
+            # own tensors and a parameter without one keeps .grad None, as the contract says.
+            self.zero_grad()
+            return
         # one dtype and device per bucket
         by_dtype = {}
         for p in params:
@@ -198,25 +208,32 @@ class MPIReducer(Reducer):
 
     # -- per step -------------------------------------------------------------------------
     def zero_grad(self):
+        if self.size == 1:
+            for p in self._params:
+                p.grad = None
+            return
         for b in self.buckets:
             if b.request is not None:
                 raise RuntimeError("zero_grad() while gradients are being reduced: "
                                    "call synchronize() first")
-            b.flat.zero_()
             b.pending = len(b.params)
             b.ready = [False] * len(b.params)
-            for i, p in enumerate(b.params):
-                if not b.is_view(i, p.grad):
-                    p.grad = b.view(i)
+            b.touched = [False] * len(b.params)
+            # No memset of the buckets: autograd hands each parameter a fresh gradient and
+            # _on_grad copies it in (one pass), instead of zeroing the bucket and having
+            # autograd add into it (three). Slices of untouched parameters are zeroed at launch.
+            for p in b.params:
+                p.grad = None
         self._next_launch = 0
 
     def _on_grad(self, p):
         b, i = self._where[p]
         if not b.is_view(i, p.grad):
-            # First step, or someone replaced .grad: move it into the bucket (one copy).
+            # A fresh gradient (after zero_grad): move it into the bucket (one copy). Later
+            # backward passes of the step (accumulation) add into the bucket in place.
             b.view(i).copy_(p.grad)
             p.grad = b.view(i)
-        b.flags[i] = 1
+        b.touched[i] = True
         if not self._sync:
             return  # accumulating locally; communication happens on the last micro-step
         if b.ready[i]:
@@ -242,7 +259,13 @@ class MPIReducer(Reducer):
             b.flat.copy_(b.wire)
 
     def _launch(self, b: _Bucket):
+        """Start bucket b's allreduce. Training thread, in bucket order."""
         self._next_launch = b.index + 1
+        # Parameters without a gradient on this rank contribute zeros and an unset flag.
+        for i, touched in enumerate(b.touched):
+            if not touched:
+                b.view(i).zero_()
+        b.flags.copy_(torch.tensor(b.touched, dtype=b.flags.dtype))
         if self.overlap == "nonblocking":
             buf, op = self._on_wire(b)
             b.request = self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=op)
@@ -351,15 +374,6 @@ class MPIReducer(Reducer):
         with torch.no_grad():
             tensor.copy_(host)
         return tensor
-
-    def broadcast_object(self, obj, root=0):
-        return self.comm.bcast(obj, root=root)
-
-    def gather_object(self, obj, root=0):
-        return self.comm.gather(obj, root=root)
-
-    def barrier(self):
-        self.comm.Barrier()
 
     def close(self):
         for h in self._handles:

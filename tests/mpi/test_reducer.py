@@ -100,3 +100,31 @@ def test_allreduce_in_place_contiguous_and_strided(make, comm, op):
         assert torch.all(strided == size * (size + 1) / 2)
     finally:
         red.close()
+
+
+def test_one_rank_communicator_keeps_the_contract(make, backend):
+    """On a communicator of one rank (each rank's COMM_SELF here) nothing is communicated,
+    but zero_grad, unused parameters and accumulation behave as at any size."""
+    from mpi4py import MPI
+
+    if backend == "horovod":
+        pytest.skip("Horovod runs on one communicator per process (the job's, started earlier)")
+
+    model = Many()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    red = make(comm=MPI.COMM_SELF)
+    try:
+        red.attach(model, opt)
+        for _ in range(2):  # gradients must not leak from one step into the next
+            red.zero_grad()
+            with red.no_sync():
+                rank_grads(model, 0, use_sometimes=False).backward()
+            rank_grads(model, 0, use_sometimes=False).backward()
+            red.synchronize()
+            for p in list(model.small) + [model.big, model.odd]:
+                expect = 2 * torch.arange(p.numel(), dtype=p.dtype).view_as(p)
+                torch.testing.assert_close(p.grad, expect)
+            assert model.unused.grad is None and model.sometimes.grad is None
+            red.step()
+    finally:
+        red.close()
