@@ -25,6 +25,16 @@ MODELS = {
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 
+def plan(smoke):
+    """(timed steps, warm-up steps, repeats) per configuration."""
+    return (3, 1, 1) if smoke else (20, 3, 3)
+
+
+def batches(size):
+    """Per-rank batch: weak scaling keeps 64 per rank, strong scaling 128 in total."""
+    return {"weak": 64, "strong": max(1, 128 // size)}
+
+
 def summary(values):
     mean = statistics.fmean(values)
     if len(values) < 2:
@@ -41,7 +51,9 @@ def datasets(comm, smoke, tmp_path_factory):
 
     out = {}
     base = tmp_path_factory.mktemp("bench-data") if comm.Get_rank() == 0 else None
-    n = 64 * comm.Get_size() * (8 if smoke else 40)
+    # enough for the longest run: warm-up + timed steps at the largest per-rank batch
+    steps, warmup, _ = plan(smoke)
+    n = max(batches(comm.Get_size()).values()) * comm.Get_size() * (warmup + steps + 1)
     for name, spec in MODELS.items():
         path = None
         if comm.Get_rank() == 0:
@@ -107,22 +119,26 @@ def run_ddp(comm, model_name, ds, batch, steps, warmup):
 
 
 def backends(comm):
+    """In the order they run. Horovod last: from hvd.init until the process exits its
+    background thread runs a coordination collective every cycle (1 ms), which on a
+    2-core machine takes CPU from anything measured after it (and it cannot be shut down
+    and restarted within a process). gloo's threads are idle between calls."""
     from hpcaccel.comm import horovod_unavailable
     reasons = comm.allgather(horovod_unavailable())
-    names = ["hpcaccel mpi"]
+    names = ["hpcaccel mpi", "torch DDP gloo"]
     if all(r is None for r in reasons):
         names.append("hpcaccel horovod")
-    return names + ["torch DDP gloo"]
+    return names
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_throughput(comm, smoke, datasets, record, model_name):
     size = comm.Get_size()
     ds = datasets[model_name]
-    steps, warmup, repeats = (3, 1, 1) if smoke else (20, 3, 3)
+    steps, warmup, repeats = plan(smoke)
     results = {}
-    for scaling, batch in (("weak", 64), ("strong", max(1, 128 // size))):
-        for name in backends(comm):
+    for name in backends(comm):  # outer: no backend is measured after Horovod started
+        for scaling, batch in batches(size).items():
             rates, breakdowns = [], []
             # interleave repeats is not possible across backends without re-initialising;
             # repeats of one backend run back to back, backends in a fixed order

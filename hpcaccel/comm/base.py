@@ -15,9 +15,11 @@ import torch
 class Reducer(ABC):
     name: str = "?"
 
-    def __init__(self, rank: int, size: int):
-        self.rank = rank
-        self.size = size
+    def __init__(self, comm):
+        """comm: the job's mpi4py communicator; every backend runs on it."""
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
 
     # -- set-up ---------------------------------------------------------------------------
     @abstractmethod
@@ -70,16 +72,19 @@ class Reducer(ABC):
         """Average scalars over ranks (metrics)."""
         return [float(v) for v in self.allreduce_array(np.asarray(values, dtype=np.float64)) / self.size]
 
-    @abstractmethod
+    # Small control messages go over the job's mpi4py communicator (`self.comm`, which every
+    # backend runs on): Horovod's object collectives each wait for a background cycle, and
+    # Horovod has no gather to one rank.
     def broadcast_object(self, obj, root: int = 0):
         """Pickle-broadcast a small Python object from root."""
+        return self.comm.bcast(obj, root=root)
 
-    @abstractmethod
     def gather_object(self, obj, root: int = 0) -> list | None:
         """Pickle-gather small Python objects to root (a list by rank there, None elsewhere)."""
+        return self.comm.gather(obj, root=root)
 
-    @abstractmethod
-    def barrier(self) -> None: ...
+    def barrier(self) -> None:
+        self.comm.Barrier()
 
     def close(self) -> None:
         """Local. Release resources; idempotent."""

@@ -89,7 +89,7 @@ class HorovodReducer(Reducer):
 
         self.hvd = hvd
         self.comm = comm or MPI.COMM_WORLD
-        super().__init__(self.comm.Get_rank(), self.comm.Get_size())
+        super().__init__(self.comm)
         self.compression = _compressor(hvd, compression)
         _start_horovod(hvd, self.comm, fusion_bytes, cycle_time_ms)
         if (hvd.rank(), hvd.size()) != (self.rank, self.size):
@@ -181,17 +181,6 @@ class HorovodReducer(Reducer):
         with torch.no_grad():
             tensor.copy_(dense)  # Horovod reduces contiguous tensors only
         return tensor
-
-    # Small control messages use the job's mpi4py communicator: Horovod's object collectives
-    # each wait for a background cycle, and Horovod has no gather to one rank.
-    def broadcast_object(self, obj, root=0):
-        return self.comm.bcast(obj, root=root)
-
-    def gather_object(self, obj, root=0):
-        return self.comm.gather(obj, root=root)
-
-    def barrier(self):
-        self.comm.Barrier()
 
     def close(self):
         if self._distributed is not None:
