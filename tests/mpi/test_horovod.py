@@ -48,10 +48,8 @@ def make_optimizer(name, model):
     return torch.optim.AdamW(model.parameters(), lr=0.01)
 
 
-def train(backend, comm, steps, optimizer="sgd", **options):
-    model = small_net()
-    opt = make_optimizer(optimizer, model)
-    red = make_reducer(backend, comm=comm, **options)
+def run_steps(red, model, opt, comm, steps):
+    """Plain data-parallel steps on each rank's own batch; closes the reducer."""
     try:
         red.broadcast_parameters(model)
         red.attach(model, opt)
@@ -63,6 +61,12 @@ def train(backend, comm, steps, optimizer="sgd", **options):
             red.step()
     finally:
         red.close()
+
+
+def train(backend, comm, steps, optimizer="sgd", **options):
+    model = small_net()
+    opt = make_optimizer(optimizer, model)
+    run_steps(make_reducer(backend, comm=comm, **options), model, opt, comm, steps)
     return model, opt
 
 
@@ -301,18 +305,7 @@ def test_frozen_parameters_fine_tuning(make, comm):
         p.requires_grad_(False)
     frozen = [p.detach().clone() for p in model[0].parameters()]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    red = make()
-    try:
-        red.broadcast_parameters(model)
-        red.attach(model, opt)
-        for step in range(3):
-            x, y = rank_batch(comm, step)
-            red.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            red.synchronize()
-            red.step()
-    finally:
-        red.close()
+    run_steps(make(), model, opt, comm, 3)
     assert all(p.grad is None for p in model[0].parameters())
     for p, before in zip(model[0].parameters(), frozen):
         assert torch.equal(p.detach(), before)
