@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+from hpcaccel.comm import horovod_unavailable
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -22,15 +24,22 @@ def data_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HPCACCEL_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
 
 
-def test_digits_at_4_ranks_reaches_95_percent(tmp_path, data_cache):
+WHY_NO_HOROVOD = horovod_unavailable()
+
+
+# ids: pytest-mpi takes a bare "mpi" keyword (a parameter id) for its own marker and skips
+@pytest.mark.parametrize("backend", ["mpi", pytest.param("horovod", marks=pytest.mark.skipif(
+    WHY_NO_HOROVOD is not None, reason=f"Horovod not usable: {WHY_NO_HOROVOD}"))],
+    ids=["mpi-backend", "horovod-backend"])
+def test_digits_at_4_ranks_reaches_95_percent(tmp_path, data_cache, backend):
     out = tmp_path / "run"
-    r = mpirun(4, "--out", str(out), "--epochs", "10")
+    r = mpirun(4, "--out", str(out), "--epochs", "10", "--backend", backend)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     for key in ("world_size", "backend", "epochs", "steps", "final_train_loss", "test_accuracy",
                 "samples_per_second", "wall_seconds", "config"):
         assert key in summary
-    assert summary["world_size"] == 4
+    assert summary["world_size"] == 4 and summary["backend"] == backend
     assert summary["test_accuracy"] >= 0.95
     assert summary["steps"] == 10 * (1437 // (16 * 4))
     lines = (out / "metrics.jsonl").read_text().splitlines()

@@ -29,11 +29,20 @@ def rank_grads(model, rank, use_sometimes):
     return loss
 
 
-def test_mean_of_gradients_odd_sizes_many_tensors_and_big_tensor(make, comm):
+def chunked_mpi_reducer(comm, **kw):
+    """The mpi reducer with every allreduce cut into odd 13-float slices."""
+    from hpcaccel.comm.mpi import MPIReducer
+    return MPIReducer(comm=comm, chunk_bytes=52, **kw)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "sliced"])
+def test_mean_of_gradients_odd_sizes_many_tensors_and_big_tensor(make, comm, backend, chunked):
     rank, size = comm.Get_rank(), comm.Get_size()
+    if chunked and backend != "mpi":
+        pytest.skip("slicing of large allreduces is the mpi reducer's")
     model = Many()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    red = make(bucket_bytes=64 * 1024)
+    red = chunked_mpi_reducer(comm, bucket_bytes=64 * 1024) if chunked else make(bucket_bytes=64 * 1024)
     red.broadcast_parameters(model)
     red.attach(model, opt)
     for step in range(3):  # several steps: buffers are reused and must be cleared
