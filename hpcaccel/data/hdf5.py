@@ -133,6 +133,9 @@ def _open_index(path: str, flag: str) -> H5Dataset:
 def _inspect(path: str, flag: str) -> dict:
     if not os.path.exists(path):
         raise UsageError(f"{flag} {path}: no such file")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory, not a file (give an HDF5 file or "
+                         f"the index.json of a sharded dataset)")
     if not os.access(path, os.R_OK):
         raise UsageError(f"{flag} {path}: not readable (permission denied)")
     if not h5py.is_hdf5(path):

@@ -121,3 +121,54 @@ def test_bad_data_content_one_line_exit_2(tmp_path, case, needle):
     errors = [l for l in r.stderr.splitlines() if l.startswith("hpcaccel: error:")]
     assert len(errors) == 1 and needle in errors[0] and str(tmp_path / "d.h5") in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+def _h5(path, **datasets):
+    with h5py.File(path, "w") as f:
+        for k, v in datasets.items():
+            f[k] = v
+    return str(path)
+
+
+def _text(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def _shards(tmp_path):
+    from hpcaccel.data import write_file
+    write_file(str(tmp_path / "a.h5"), [np.zeros((64, 2))], [np.zeros(64, int)], 64, (2,), 3, "t")
+    write_file(str(tmp_path / "b.h5"), [np.zeros((64, 5))], [np.zeros(64, int)], 64, (5,), 3, "t")
+    (tmp_path / "index.json").write_text(json.dumps({
+        "format": "hpcaccel-shards", "version": 1,
+        "files": [{"path": "a.h5", "samples": 64}, {"path": "b.h5", "samples": 64}]}))
+    return str(tmp_path / "index.json")
+
+
+# Bad data files and flags, as the user meets them: through the CLI, at 2 ranks.
+@pytest.mark.parametrize("make_args,needle", [
+    (lambda d: ["--data", str(d)], "is a directory, not a file"),
+    (lambda d: ["--data", _text(d / "t.h5", "hello")], "not an HDF5 file"),
+    (lambda d: ["--data", _h5(d / "t.h5", x=np.zeros((64, 2)))], "no dataset 'y'"),
+    (lambda d: ["--data", _h5(d / "t.h5", x=np.zeros((64, 2)), y=np.zeros(65, int))],
+     "x has 64 samples but y has 65"),
+    (lambda d: ["--data", _h5(d / "t.h5", x=np.zeros((64, 2)), y=np.zeros(64))], "integer labels"),
+    (lambda d: ["--data", _h5(d / "t.h5", x=np.array([b"a"] * 64), y=np.zeros(64, int))], "x must be"),
+    (lambda d: ["--data", _h5(d / "t.h5", x=np.zeros((0, 2)), y=np.zeros(0, int))], "empty"),
+    (lambda d: ["--data", _shards(d)], "differ"),
+    (lambda d: ["--batch-size", "0"], "--batch-size must be positive"),
+    (lambda d: ["--backend", "nccl"], "--backend: invalid choice"),
+], ids=["directory", "not-hdf5", "no-y", "length-mismatch", "float-labels", "bytes-x", "empty",
+        "inconsistent-shards", "zero-batch", "unknown-backend"])
+def test_bad_input_through_the_cli_one_line_exit_2(tmp_path, make_args, needle):
+    data = tmp_path / "data"
+    data.mkdir()
+    args = make_args(data)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("earlier run\n")
+    r, _ = train(2, out, *args, timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [l for l in r.stderr.splitlines() if l.startswith("hpcaccel: error:")]
+    assert len(errors) == 1 and needle in errors[0], r.stderr[-2000:]
+    assert (out / "metrics.jsonl").read_text() == "earlier run\n"  # nothing overwritten
