@@ -31,7 +31,11 @@ red.allreduce_array([1.0])
 t0 = time.perf_counter()
 for _ in range(4):
     red.allreduce_array([1.0])
-print("seconds", time.perf_counter() - t0)
+seconds = time.perf_counter() - t0
+# one line, from rank 0: mpirun may merge lines that ranks print at the same moment
+fastest = red.comm.allreduce(seconds, op=__import__("mpi4py").MPI.MIN)
+if red.rank == 0:
+    print("seconds", fastest)
 red.close()
 """
 
@@ -41,7 +45,7 @@ def test_horovod_cycle_time_takes_effect():
     r = mpirun(2, "-c", CYCLE_PROBE.format(cycle=100.0))
     assert r.returncode == 0, r.stderr[-3000:]
     seconds = [float(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("seconds")]
-    assert len(seconds) == 2 and min(seconds) >= 0.25, r.stdout
+    assert len(seconds) == 1 and seconds[0] >= 0.25, r.stdout
 
 
 def train(np_, out, *args):
