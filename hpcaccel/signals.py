@@ -35,6 +35,14 @@ class StopRequest:
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received else "none"
 
+    def ignore_further(self) -> None:
+        """The run is ending (checkpointed, or finished): a stop signal has nothing left to
+        stop. Ignore further ones, because Python puts back the default handlers while the
+        process exits, and a signal then (Slurm's and the batch script's both reach the
+        ranks) would turn exit code 3 or 0 into death by signal."""
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_IGN)
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

@@ -160,6 +160,7 @@ def run(argv, comm) -> dict:
         result = trainer.fit(resumed)
     finally:
         watchdog.stop()
+        stop.ignore_further()
     if timeline is not None:
         timeline.close()  # collective: every rank leaves fit() at the same step
     if "stopped_by" in result:

@@ -129,3 +129,31 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path):
     assert checkpoint.list_checkpoints(str(tmp_path)) == [good]
     state = checkpoint.load(good, model)
     assert state["global_step"] == 1
+
+
+def test_stop_signals_while_exiting_do_not_kill_the_checkpointed_rank(tmp_path):
+    """Slurm signals the ranks and the batch script forwards its own signal too, so more stop
+    signals can arrive while a rank exits after its checkpoint. A stream of SIGUSR1 from
+    the first epoch until the process is gone must still end with exit code 3."""
+    import threading
+    cmd = [sys.executable, "-m", "hpcaccel.train", *ARGS, "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def keep_signalling():
+        while proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGUSR1)
+            except ProcessLookupError:
+                return
+            time.sleep(0.005)
+
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "epoch 1/" in line:
+            threading.Thread(target=keep_signalling, daemon=True).start()
+            break
+    out, _ = proc.communicate(timeout=120)
+    text = "".join(lines) + out
+    assert proc.returncode == 3, text[-3000:]
+    assert "stopped by SIGUSR1" in text and checkpoint.list_checkpoints(str(tmp_path / "run"))
