@@ -12,8 +12,15 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class StopRequest:
+    """`received`: this rank's own signal, set asynchronously by the handler at any moment.
+    `stopping`: the decision all ranks share, set only by agreed(). The loop must act on
+    `stopping` alone: a signal landing between a step's vote and the loop's check would
+    otherwise make this rank stop while its peers, who voted without it, go on (and wait
+    for it in their next collective forever)."""
+
     def __init__(self, signals=STOP_SIGNALS):
         self.received: int | None = None
+        self.stopping: int | None = None
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -27,13 +34,13 @@ class StopRequest:
 
     def agreed(self, reduced_flag: float) -> bool:
         """Given the max of all ranks' flags: stop? The same answer on every rank."""
-        if reduced_flag and self.received is None:
-            self.received = int(reduced_flag)  # the signal reached another rank
+        if reduced_flag:
+            self.stopping = int(reduced_flag)  # possibly a signal that reached another rank
         return bool(reduced_flag)
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.received).name if self.received else "none"
+        return signal.Signals(self.stopping).name if self.stopping else "none"
 
     def ignore_further(self) -> None:
         """The run is ending (checkpointed, or finished): a stop signal has nothing left to

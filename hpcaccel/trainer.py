@@ -174,7 +174,7 @@ class Trainer:
                     correct += result[1]
                     bar.set_postfix(loss=f"{result[0]:.4f}", refresh=False)
                 bar.update(1)
-                if self.stop.received is not None:  # agreed by all ranks inside train_step
+                if self.stop.stopping is not None:  # agreed by all ranks inside train_step
                     bar.close()
                     self.watchdog.beat(self.step, "checkpoint")
                     path = self.checkpoint(epoch, done, (loss_sum, correct), last)
