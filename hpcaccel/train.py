@@ -142,8 +142,9 @@ def run(argv, comm) -> dict:
     if resumed is not None:
         log.info(f"hpcaccel: resuming from {resumed['path']} (epoch {resumed['epoch'] + 1}, "
                  f"step {resumed['global_step']})")
+    device = next(model.parameters()).device
     log.info(f"hpcaccel: {world.size} ranks on {world.nodes} node(s), {world.threads} thread(s) "
-             f"per rank, device {next(model.parameters()).device}, precision {cfg.precision}, "
+             f"per rank, device {device}, precision {cfg.precision}, "
              f"backend {reducer.name}, {world.mpi_library}; data {train_ds.samples} "
              f"samples in {len(train_ds.files)} file(s), {reader.steps} steps/epoch")
     watchdog = Watchdog(cfg.stall_timeout, world.rank, abort=lambda: comm.Abort(1)).start()
@@ -151,9 +152,7 @@ def run(argv, comm) -> dict:
     if cfg.timeline:
         from .timeline import Timeline
         timeline = collectively(comm, Timeline, cfg.timeline, comm)
-        reader.trace = timeline
-        if hasattr(reducer, "trace"):
-            reducer.trace = timeline  # the mpi reducer's per-bucket spans
+        reader.trace = reducer.trace = timeline
     trainer = Trainer(cfg, world, reducer, model, optimizer, reader, test_ds, log,
                       _progress_factory(cfg.progress and world.is_main), stop, watchdog, timeline)
     try:
@@ -170,7 +169,7 @@ def run(argv, comm) -> dict:
         reducer.close()
         return result
     summary = {"world_size": world.size, "resumed_from": resumed and resumed["path"], "nodes": world.nodes, "threads_per_rank": world.threads,
-               "device": str(next(model.parameters()).device),
+               "device": str(device),
                "backend": reducer.name, "mpi_library": world.mpi_library, "epochs": cfg.epochs,
                **result, "wall_seconds": time.perf_counter() - t_start, "config": cfg.to_dict()}
     log.model(model.state_dict())

@@ -14,6 +14,9 @@ import torch
 
 class Reducer(ABC):
     name: str = "?"
+    # A Timeline (--timeline) the backend records its communication spans in, or None.
+    # Backends that cannot see their own communication (Horovod) leave it unused.
+    trace = None
 
     def __init__(self, comm):
         """comm: the job's mpi4py communicator; every backend runs on it."""

@@ -169,7 +169,6 @@ class MPIReducer(Reducer):
         self._queue = None  # overlap=thread: buckets waiting for the communication thread
         self._worker = None
         self._worker_error = None
-        self.trace = None  # a Timeline (--timeline): each bucket's allreduce becomes a span
 
     # -- set-up ---------------------------------------------------------------------------
     def broadcast_parameters(self, module, root=0):
@@ -259,9 +258,13 @@ class MPIReducer(Reducer):
             return b.wire_array, self._MPI.SUM  # host copy of a GPU bucket
         return [b.wire_array, self._MPI.INT16_T], self._wire_op
 
-    def _widen(self, b: _Bucket):
+    def _average(self, b: _Bucket):
+        """After the sum: back from the wire buffer (if any) into the bucket, then divide the
+        gradients (not the flags, which stay counts) by the world size. Buckets exist only
+        on communicators of more than one rank."""
         if b.wire is not None:
             b.flat.copy_(b.wire)
+        b.flat[:b.numel].div_(self.size)
 
     def _launch(self, b: _Bucket):
         """Start bucket b's allreduce. Training thread, in bucket order."""
@@ -287,9 +290,7 @@ class MPIReducer(Reducer):
         t0 = time.perf_counter()
         buf, op = self._on_wire(b)
         self._allreduce_in_place(buf, op)
-        self._widen(b)
-        if self.size > 1:
-            b.flat[:b.numel].div_(self.size)
+        self._average(b)
         if self.trace is not None:
             self.trace.add("bucket_allreduce", t0, time.perf_counter(), bucket=b.index,
                            bytes=b.flat.numel() * b.flat.element_size())
@@ -351,12 +352,11 @@ class MPIReducer(Reducer):
                 self._allreduce_mean(b)
         for b in self.buckets:
             if self.overlap == "nonblocking":
-                self._widen(b)
-                if self.size > 1:
-                    b.flat[:b.numel].div_(self.size)
+                self._average(b)
             b.request = None
+            used = b.flags.tolist()  # one read per bucket, not one tensor op per parameter
             for i, p in enumerate(b.params):
-                if b.flags[i] > 0:
+                if used[i] > 0:
                     if not b.is_view(i, p.grad):
                         p.grad = b.view(i)
                 else:
