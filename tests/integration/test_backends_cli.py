@@ -1,23 +1,15 @@
 """Backends under real mpirun, each job a fresh set of processes: Horovod's knobs take
 effect (Horovod reads them once per process), and the training CLI runs on both backends."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from hpcaccel.comm import horovod_unavailable
+from launch import mpirun_python as mpirun
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WHY_NO_HOROVOD = horovod_unavailable()
 needs_horovod = pytest.mark.skipif(WHY_NO_HOROVOD is not None,
                                    reason=f"Horovod not usable: {WHY_NO_HOROVOD}")
-
-
-def mpirun(np_, *args, timeout=240):
-    cmd = ["bash", os.path.join(ROOT, "scripts", "mpirun.sh"), str(np_), sys.executable, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 # Back-to-back small allreduces each wait for Horovod's next cycle: with a 100 ms cycle,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from hpcaccel import checkpoint
+from launch import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ["--data", "synthetic", "--synthetic-samples", "16384", "--synthetic-shape", "64",
         "--model", "mlp", "--epochs", "6", "--batch-size", "16", "--progress", "false"]
 
@@ -18,17 +18,6 @@ ARGS = ["--data", "synthetic", "--synthetic-samples", "16384", "--synthetic-shap
 def command(np_, *args):
     return ["bash", os.path.join(ROOT, "scripts", "mpirun.sh"), str(np_), sys.executable,
             "-m", "hpcaccel.train", *ARGS, *args]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def data_cache(tmp_path_factory):
-    old = os.environ.get("HPCACCEL_DATA")
-    os.environ["HPCACCEL_DATA"] = str(tmp_path_factory.getbasetemp() / "data-cache")
-    yield
-    if old is None:
-        del os.environ["HPCACCEL_DATA"]
-    else:
-        os.environ["HPCACCEL_DATA"] = old
 
 
 @pytest.fixture(scope="module")

@@ -1,28 +1,12 @@
 """`python -m hpcaccel.train` under real mpirun: outputs, accuracy, bad input, --help."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from hpcaccel.comm import horovod_unavailable
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def mpirun(np_, *args, timeout=240, env=None):
-    cmd = ["bash", os.path.join(ROOT, "scripts", "mpirun.sh"), str(np_), sys.executable,
-           "-m", "hpcaccel.train", "--progress", "false", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-
-
-@pytest.fixture
-def data_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HPCACCEL_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
-
+from launch import train_cli as mpirun
 
 WHY_NO_HOROVOD = horovod_unavailable()
 
@@ -31,7 +15,7 @@ WHY_NO_HOROVOD = horovod_unavailable()
 @pytest.mark.parametrize("backend", ["mpi", pytest.param("horovod", marks=pytest.mark.skipif(
     WHY_NO_HOROVOD is not None, reason=f"Horovod not usable: {WHY_NO_HOROVOD}"))],
     ids=["mpi-backend", "horovod-backend"])
-def test_digits_at_4_ranks_reaches_95_percent(tmp_path, data_cache, backend):
+def test_digits_at_4_ranks_reaches_95_percent(tmp_path, backend):
     out = tmp_path / "run"
     r = mpirun(4, "--out", str(out), "--epochs", "10", "--backend", backend)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -49,7 +33,7 @@ def test_digits_at_4_ranks_reaches_95_percent(tmp_path, data_cache, backend):
     assert r.stdout.count("hpcaccel: 4 ranks on 1 node(s)") == 1  # one start-up line
 
 
-def test_user_model_and_synthetic_data_at_2_ranks(tmp_path, data_cache):
+def test_user_model_and_synthetic_data_at_2_ranks(tmp_path):
     (tmp_path / "mymodels.py").write_text(
         "import torch\n"
         "def tiny(shape, classes):\n"
@@ -68,8 +52,12 @@ def test_user_model_and_synthetic_data_at_2_ranks(tmp_path, data_cache):
     (["--lr", "-0.1"], "--lr must not be negative"),
     (["--model", "resnet9000"], "--model: unknown model"),
     (["--batch-size", "1000"], "fewer than ranks x --batch-size"),
+    (["--init-from", "/nonexistent/model.pt"], "--init-from /nonexistent/model.pt: no such file"),
+    (["--freeze", "nosuchlayer"], "--freeze nosuchlayer: no parameter name starts with it"),
+    (["--precision", "fp16"], "--precision fp16 needs CUDA"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
 ])
-def test_bad_input_one_line_exit_2_nothing_overwritten(tmp_path, data_cache, args, needle):
+def test_bad_input_one_line_exit_2_nothing_overwritten(tmp_path, args, needle):
     out = tmp_path / "run"
     out.mkdir()
     (out / "summary.json").write_text("earlier result")

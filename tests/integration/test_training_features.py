@@ -1,7 +1,6 @@
 """Training features end to end under real mpirun: mixed precision, accumulation,
 large-batch recipe, and fine-tuning with a frozen body and a new head."""
 import json
-import os
 import subprocess
 import sys
 
@@ -9,19 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from launch import train_cli
 
 
-def mpirun(np_, *args, timeout=300, env=None):
-    cmd = ["bash", os.path.join(ROOT, "scripts", "mpirun.sh"), str(np_), sys.executable,
-           "-m", "hpcaccel.train", "--progress", "false", "--backend", "mpi", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-
-
-@pytest.fixture(autouse=True)
-def data_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HPCACCEL_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
+def mpirun(np_, *args, **kw):
+    return train_cli(np_, "--backend", "mpi", *args, **kw)
 
 
 def summary_of(out):
@@ -75,23 +66,11 @@ def test_fine_tune_5_to_9_on_a_frozen_body_trained_on_0_to_4(tmp_path):
     assert summary["test_accuracy"] >= 0.9, summary  # a linear head on frozen 0-4 features
     state = torch.load(tuned / "model.pt", weights_only=True)
     assert state["head.weight"].shape[0] == 10  # a new head for the new class count
-    for name, value in pretrained.items():
-        if name.startswith("body."):  # frozen: weights and BatchNorm statistics... weights
-            if name.endswith(("weight", "bias")):
-                assert torch.equal(state[name], value), name
-
-
-@pytest.mark.parametrize("args,needle", [
-    (["--init-from", "/nonexistent/model.pt"], "--init-from /nonexistent/model.pt: no such file"),
-    (["--freeze", "nosuchlayer"], "--freeze nosuchlayer: no parameter name starts with it"),
-    (["--precision", "fp16"], "--precision fp16 needs CUDA"),
-    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
-])
-def test_bad_training_flags_one_line_exit_2(tmp_path, args, needle):
-    r = mpirun(2, "--out", str(tmp_path / "run"), *args, timeout=120)
-    assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
-    errors = [l for l in r.stderr.splitlines() if l.startswith("hpcaccel: error:")]
-    assert len(errors) == 1 and needle in errors[0], r.stderr[-2000:]
+    # frozen parameters are unchanged (BatchNorm running statistics still update in training)
+    frozen = [n for n in pretrained if n.startswith("body.") and n.endswith(("weight", "bias"))]
+    assert len(frozen) >= 4, frozen
+    for name in frozen:
+        assert torch.equal(state[name], pretrained[name]), name
 
 
 def test_timeline_has_every_ranks_spans(tmp_path):

@@ -33,6 +33,10 @@ def test_toml_config_and_cli_override(tmp_path):
     (["--shuffle", "maybe"], "--shuffle"),
     (["--synthetic-shape", "3,a"], "--synthetic-shape"),
     (["--config", "/nonexistent.toml"], "/nonexistent.toml"),
+    (["--dropout", "1"], "--dropout must be in"),
+    (["--label-smoothing", "-0.1"], "--label-smoothing must be in"),
+    (["--lr-schedule", "step"], "--lr-schedule step needs --lr-step-epochs"),
+    (["--clip-grad-norm", "-1"], "--clip-grad-norm must not be negative"),
 ])
 def test_bad_flags_name_the_flag(argv, needle):
     with pytest.raises(UsageError, match=needle):

@@ -73,14 +73,3 @@ def test_lr_schedule_linear_scaling_warmup_cosine():
     assert sched.peak == pytest.approx(0.4)
     assert sched.lr(0) == pytest.approx(0.04) and sched.lr(9) == pytest.approx(0.4)
     assert sched.lr(10) == pytest.approx(0.4) and sched.lr(19) < 0.02
-
-
-@pytest.mark.parametrize("args,needle", [
-    (["--dropout", "1"], "--dropout must be in"),
-    (["--label-smoothing", "-0.1"], "--label-smoothing must be in"),
-    (["--lr-schedule", "step"], "--lr-schedule step needs --lr-step-epochs"),
-    (["--clip-grad-norm", "-1"], "--clip-grad-norm must not be negative"),
-])
-def test_training_flag_validation(args, needle):
-    with pytest.raises(UsageError, match=needle):
-        parse_args(args)
