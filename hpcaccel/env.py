@@ -80,15 +80,52 @@ def _affinity() -> frozenset:
         return frozenset(range(os.cpu_count() or 1))
 
 
-def detect(threads: int | None = None, comm=None) -> World:
+def cpu_affinity() -> frozenset:
+    """Local. The CPUs this process may run on: its binding, or every CPU when unbound."""
+    return _affinity()
+
+
+def parse_cpulist(text: str) -> frozenset:
+    """Linux's CPU list format ("0-3,8,10-11") as a set of CPU numbers. Pure."""
+    cpus = set()
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(cpus)
+
+
+def cpu_topology(sysfs: str = "/sys/devices/system") -> dict[int, tuple[int, int]]:
+    """Local. Each CPU's (socket, NUMA node) from sysfs; CPUs whose files are missing get
+    socket 0 / node 0 (containers and non-Linux systems then look like one socket)."""
+    def read(path, default):
+        try:
+            with open(path) as fh:
+                return fh.read().strip()
+        except OSError:
+            return default
+
+    online = parse_cpulist(read(f"{sysfs}/cpu/online", f"0-{(os.cpu_count() or 1) - 1}"))
+    node_of = {}
+    for entry in (os.listdir(f"{sysfs}/node") if os.path.isdir(f"{sysfs}/node") else []):
+        if entry.startswith("node") and entry[4:].isdigit():
+            for cpu in parse_cpulist(read(f"{sysfs}/node/{entry}/cpulist", "")):
+                node_of[cpu] = int(entry[4:])
+    return {cpu: (int(read(f"{sysfs}/cpu/cpu{cpu}/topology/physical_package_id", "0")),
+                  node_of.get(cpu, 0)) for cpu in sorted(online)}
+
+
+def detect(threads: int | None = None, comm=None, check_size: bool = True) -> World:
     """Detect the world from MPI (initialising it) and pin torch's thread count.
 
-    Collective: every rank of `comm` must call it.
+    Collective: every rank of `comm` must call it. check_size False: report rather than
+    refuse a world smaller than the launcher's (the doctor does).
     """
     from mpi4py import MPI
 
     comm = comm or MPI.COMM_WORLD
-    check_world_size(comm.Get_size(), os.environ)
+    if check_size:
+        check_world_size(comm.Get_size(), os.environ)
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
         my_cpus = _affinity()
