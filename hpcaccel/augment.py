@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-AUGMENTATIONS = ("none", "shift", "flip", "shift+flip")
-
 
 def generator(seed: int, epoch: int, rank: int, step: int) -> torch.Generator:
     g = torch.Generator()

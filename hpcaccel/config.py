@@ -12,12 +12,19 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .cli import Parser
 from .errors import UsageError
 
+# the one tomllib import (the standard library's from Python 3.11, tomli before)
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+# choices of the flags, in one place (optim.py and augment.py implement them)
+OPTIMIZERS = ("sgd", "adamw", "lars")
+SCHEDULES = ("constant", "cosine", "step")
+AUGMENTATIONS = ("none", "shift", "flip", "shift+flip")
 
 
 def _opt(default, help, choices=None, **kw):
@@ -50,13 +57,13 @@ class TrainConfig:
                              "(Goyal et al. 2017); 0: --lr as given")
     lr_schedule: str = _opt("constant", "after warm-up: constant, cosine (to 0 at the end), or "
                             "step (x --lr-step-gamma every --lr-step-epochs)",
-                            choices=("constant", "cosine", "step"))
+                            choices=SCHEDULES)
     warmup_epochs: float = _opt(0.0, "linear learning-rate warm-up over this many epochs")
     lr_step_epochs: int = _opt(0, "step schedule: epochs between decays")
     lr_step_gamma: float = _opt(0.1, "step schedule: decay factor")
     optimizer: str = _opt("sgd", "sgd (momentum, optionally Nesterov), adamw, or lars "
                           "(layer-wise adaptive rates for large batches)",
-                          choices=("sgd", "adamw", "lars"))
+                          choices=OPTIMIZERS)
     momentum: float = _opt(0.9, "momentum (sgd, lars)")
     nesterov: bool = _opt(False, "Nesterov momentum (sgd)")
     weight_decay: float = _opt(0.0, "weight decay on weights (biases and normalisation "
@@ -66,7 +73,7 @@ class TrainConfig:
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss, in [0, 1)")
     augment: str = _opt("none", "image augmentation per rank, deterministic from --seed: random "
                         "shift by one pixel, left-right flip, or both",
-                        choices=("none", "shift", "flip", "shift+flip"))
+                        choices=AUGMENTATIONS)
     precision: str = _opt("fp32", "fp32; bf16 autocast (CPU or CUDA); fp16 autocast with "
                           "dynamic loss scaling (CUDA only)", choices=("fp32", "bf16", "fp16"))
     device: str = _opt("auto", "auto: one CUDA GPU per rank (the local rank's) where CUDA is "
@@ -171,20 +178,10 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-class _Parser(argparse.ArgumentParser):
-    quiet = False  # set on ranks other than 0: --help is printed once per job
-
-    def _print_message(self, message, file=None):
-        if not self.quiet:
-            super()._print_message(message, file)
-
-    def error(self, message):  # one line, exit code 2 through the common path
-        raise UsageError(message)
-
-
-def build_parser(prog: str = "python -m hpcaccel.train", description: str = "") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(prog: str = "python -m hpcaccel.train", description: str = "",
+                 quiet: bool = False) -> Parser:
+    parser = Parser(prog=prog, description=description, quiet=quiet,
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="TOML file setting any of the flags "
                         "below (keys as flag names, - or _); the command line overrides it")
     for f in dataclasses.fields(TrainConfig):
@@ -223,13 +220,20 @@ def load_toml(path: str) -> dict:
     return values
 
 
-def parse_args(argv=None, quiet: bool = False) -> TrainConfig:
-    parser = build_parser(description=__doc__.splitlines()[0])
-    parser.quiet = quiet
+def given_values(argv=None, quiet: bool = False) -> tuple[dict, str | None]:
+    """The values the user set, by field name: the --config file's, overridden by the
+    command line's (parsed, so a flag counts however it was written); and the file's path.
+    Fields left at their defaults are absent."""
+    parser = build_parser(description=__doc__.splitlines()[0], quiet=quiet)
     args = vars(parser.parse_args(argv))
     config_path = args.pop("config", None)
     values = load_toml(config_path) if config_path else {}
     values.update(args)
+    return values, config_path
+
+
+def parse_args(argv=None, quiet: bool = False) -> TrainConfig:
+    values, config_path = given_values(argv, quiet)
     try:
         cfg = TrainConfig(**values)
     except TypeError as e:

@@ -11,9 +11,6 @@ import math
 
 import torch
 
-OPTIMIZERS = ("sgd", "adamw", "lars")
-SCHEDULES = ("constant", "cosine", "step")
-
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling.

@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from ..cli import Parser, usage_error
+from ..errors import UsageError
 from . import costmodel, report
 
 
@@ -48,8 +50,15 @@ def predict(args) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hpcaccel.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    try:
+        return run(argv)
+    except UsageError as e:
+        return usage_error("hpcaccel.bench", e)
+
+
+def run(argv=None) -> int:
+    p = Parser(prog="python -m hpcaccel.bench", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("predict", help="cost-model predictions of step time and efficiency")
     pr.add_argument("--grad-mb", type=float, required=True, help="gradient size per step (MiB)")
@@ -64,15 +73,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.command == "predict":
         if args.grad_mb <= 0 or args.compute_ms <= 0 or not 0 <= args.overlap <= 1:
-            print("hpcaccel.bench: error: --grad-mb and --compute-ms must be positive, --overlap in [0, 1]",
-                  file=sys.stderr)
-            return 2
+            raise UsageError("--grad-mb and --compute-ms must be positive, --overlap in [0, 1]")
         print(predict(args))
         return 0
     results = report.load(args.results)
     if not results:
-        print(f"hpcaccel.bench: error: --results {args.results}: no results (run `make bench`)", file=sys.stderr)
-        return 2
+        raise UsageError(f"--results {args.results}: no results (run `make bench`)")
     for path in report.plots(results, args.plots):
         print(f"plot: {path}")
     for p_, _ in sorted(results.get("allreduce", {}).items()):

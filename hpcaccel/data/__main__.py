@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 
+from ..cli import Parser, usage_error
 from ..errors import UsageError
 from .hdf5 import open_dataset, write_file, write_index
 from .sources import digits_split, synthetic_blocks
@@ -114,8 +115,8 @@ def info(path: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hpcaccel.data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m hpcaccel.data", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pack", help="pack arrays into HDF5 (one file or N shards + index.json)")
     p.add_argument("--source", required=True, help="digits, synthetic, FILE.npz or FILE.npy")
@@ -135,8 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--compression", choices=("gzip", "lzf"), default=None, help="chunk compression")
     i = sub.add_parser("info", help="describe a packed file or shard index")
     i.add_argument("path")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         if args.command == "pack":
             if args.source == "synthetic" and args.classes is None:
                 args.classes = 10
@@ -145,8 +146,7 @@ def main(argv=None) -> int:
         else:
             print(info(args.path))
     except UsageError as e:
-        print(f"hpcaccel.data: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error("hpcaccel.data", e)
     return 0
 
 

@@ -37,6 +37,8 @@ def test_toml_config_and_cli_override(tmp_path):
     (["--label-smoothing", "-0.1"], "--label-smoothing must be in"),
     (["--lr-schedule", "step"], "--lr-schedule step needs --lr-step-epochs"),
     (["--clip-grad-norm", "-1"], "--clip-grad-norm must not be negative"),
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),  # no abbreviations
+    (["--out", "x", "--resum", "auto"], "unrecognized arguments: --resum auto"),
 ])
 def test_bad_flags_name_the_flag(argv, needle):
     with pytest.raises(UsageError, match=needle):
@@ -78,3 +80,11 @@ def test_bucket_plan():
     assert plan_buckets([MB // 2, MB // 2, MB // 2, 30 * MB, MB], 25 * MB) == [[0, 1], [2], [3], [4]]
     assert plan_buckets([10] * 5, 25 * MB) == [[0, 1, 2, 3, 4]]
     assert plan_buckets([], 25 * MB) == []
+
+
+def test_given_values_are_the_parsed_flags_and_the_config_file(tmp_path):
+    from hpcaccel.config import given_values
+    f = tmp_path / "run.toml"
+    f.write_text('resume = "none"\nepochs = 3\n')
+    values, path = given_values(["--out=o", "--config", str(f), "--epochs", "5"])
+    assert values == {"out": "o", "resume": "none", "epochs": 5} and path == str(f)

@@ -14,10 +14,7 @@ import pytest
 
 from hpcaccel import slurm
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from hpcaccel.config import tomllib
 
 NASTY = ["$(touch PWNED)", "`touch PWNED`", "'; touch PWNED; '", '"; touch PWNED; "',
          "a b\nc", "x;touch PWNED", "$HOME ${PATH} \\ *", "-n"]

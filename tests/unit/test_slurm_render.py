@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from hpcaccel import slurm, slurm_template
+from hpcaccel import slurm
+from hpcaccel.slurm import template as slurm_template
 from hpcaccel.errors import REQUEUE_EXIT_CODE, UsageError
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
@@ -98,6 +99,11 @@ def test_requeue_exit_code_is_the_trainers():
     (["render", "cpu", "--set", "cores_per_socket=4", "--set", "nodes=1", "--nodes", "2"], "--set nodes: given twice"),
     (["render", "cpu", "--set", "cores_per_socket=4", "--", "--out", "x"], "--out (after --): the template sets it"),
     (["render", "cpu", "--set", "cores_per_socket=4", "--", "--resume=auto"], "--resume (after --)"),
+    # abbreviations are refused, so none can override the template's --out and --resume
+    (["render", "cpu", "--set", "cores_per_socket=4", "--", "--ou", "x"], "train flags (after --): unrecognized arguments: --ou x"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--", "--resum", "none"], "unrecognized arguments: --resum none"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--node", "2"], "unrecognized arguments: --node 2"),
+    (["render", "sweep", "--sweep", SWEEP, "--", "--lr=0.3"], "--lr (after --): the sweep file sets lr per task"),
     (["render", "cpu", "--set", "cores_per_socket=4", "--", "--epochs", "-1"], "train flags (after --): --epochs must be positive"),
     (["render", "cpu", "--set", "cores_per_socket=4", "--", "--no-such-flag"], "train flags (after --): unrecognized arguments"),
     (["render", "cpu", "--set", "cores_per_socket=4", "--env", "1X=2"], "--env 1X=...: not a valid environment variable name"),
@@ -118,6 +124,15 @@ def test_bad_input_is_one_line_naming_the_flag(argv, needle, capsys):
     assert out == ""
     assert len(err.splitlines()) == 1 and err.startswith("hpcaccel.slurm: error: "), err
     assert needle in err, err
+
+
+@pytest.mark.parametrize("key,value", [("out", '"/elsewhere"'), ("resume", '"none"')])
+def test_a_config_file_after_dashes_cannot_set_what_the_template_owns(tmp_path, capsys, key, value):
+    config = tmp_path / "run.toml"
+    config.write_text(f"epochs = 2\n{key} = {value}\n")
+    rc, out, err = render(capsys, ["render", "cpu", "--set", "cores_per_socket=4", "--", "--config", str(config)])
+    assert rc == 2 and out == ""
+    assert err.startswith(f"hpcaccel.slurm: error: --{key} (after --, in --config {config}): "), err
 
 
 @pytest.mark.parametrize("value", ["x\n#SBATCH --uid=0", "$(id)", "a`id`", "a'b", 'a"b', "a b", "a;b", "a\tb"])

@@ -4,14 +4,12 @@ import sys
 
 import pytest
 
-from hpcaccel import slurm, slurm_sweep
+from hpcaccel import slurm
+from hpcaccel.slurm import sweep as slurm_sweep
 from hpcaccel.config import parse_args
 from hpcaccel.errors import UsageError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from hpcaccel.config import tomllib
 
 
 def write(tmp_path, name, text):

@@ -27,18 +27,13 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from .errors import REQUEUE_EXIT_CODE, UsageError
+from ..errors import REQUEUE_EXIT_CODE, UsageError
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # What may appear in an #SBATCH line: no whitespace, quotes, `$`, `;` or newlines.
 DIRECTIVE_SAFE = re.compile(r"[A-Za-z0-9_.,:/%@+=\-\[\]]*")
 COMPUTED = ("template", "requeue_exit_code", "site_setup", "train_args", "array", "sweep_json")
-# Flags the templates own: they would break requeue/resume or the sweep's layout.
-RESERVED_TRAIN_FLAGS = {
-    "--out": "the template sets it; use --set run_dir=DIR (sweeps: --set sweep_dir=DIR)",
-    "--resume": "the template resumes with --resume auto after a requeue",
-}
 
 
 def _time_seconds(text: str) -> int | None:
@@ -184,16 +179,6 @@ def resolve(tpl: Template, settings: dict) -> dict:
     return values
 
 
-def check_train_args(train_args, sweep_keys=()) -> None:
-    for arg in train_args:
-        flag = arg.split("=", 1)[0]
-        if flag in RESERVED_TRAIN_FLAGS:
-            raise UsageError(f"{flag} (after --): {RESERVED_TRAIN_FLAGS[flag]}")
-        if flag.startswith("--") and flag[2:].replace("-", "_") in sweep_keys:
-            raise UsageError(f"{flag} (after --): the sweep file sets {flag[2:]} per task; "
-                             f"set it in the sweep file or drop it here")
-
-
 def site_setup(values: dict, env: dict) -> str:
     """The site block: modules, a site script, conda/venv activation, exports. Quoted."""
     q = shlex.quote
@@ -218,7 +203,9 @@ def render(tpl: Template, settings: dict | None = None, train_args=(), env: dict
            extra_directives=(), sweep: list | None = None) -> str:
     """The ready sbatch script.
 
-    settings: {param: (value, flag)}; train_args: flags for hpcaccel.train; env: exports;
+    settings: {param: (value, flag)}; train_args: flags for hpcaccel.train, inserted as
+    given (commands.check_train_flags checks them: what the template owns, a sweep's keys);
+    env: exports;
     extra_directives: further "--flag=value" strings; sweep: a list of config dicts (one
     per array task) for templates that run sweeps.
     """
@@ -228,7 +215,6 @@ def render(tpl: Template, settings: dict | None = None, train_args=(), env: dict
         raise UsageError(f"--sweep FILE is required by template {tpl.name}")
     if sweep and not uses_sweep:
         raise UsageError(f"--sweep: template {tpl.name} does not run sweeps (use the sweep template)")
-    check_train_args(train_args, {k for entry in sweep or () for k in entry})
     computed = {
         "template": tpl.name,
         "requeue_exit_code": str(REQUEUE_EXIT_CODE),

@@ -18,14 +18,9 @@ import json
 import math
 import os
 import re
-import sys
 
-from .errors import UsageError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from ..config import tomllib
+from ..errors import UsageError
 
 # keys a sweep entry may not set: the template owns them
 FORBIDDEN = {
@@ -39,7 +34,7 @@ METRICS = ("test_accuracy", "final_train_loss", "steps", "samples_per_second", "
 
 
 def _fields() -> dict:
-    from .config import TrainConfig
+    from ..config import TrainConfig
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 

@@ -8,7 +8,7 @@
   python -m hpcaccel.slurm submit sweep --sweep lr.toml -- --epochs 20
   python -m hpcaccel.slurm collect runs/hpcaccel-sweep-1234 [--format md|csv]
 
-Templates are slurm/NAME.sbatch (or any path to one); `--set KEY=VALUE` sets a template
+Templates are slurm/NAME.sbatch (or any path to one; `templates` lists the installed ones); `--set KEY=VALUE` sets a template
 parameter (`params` lists them), `--env NAME=VALUE` exports a variable in the job,
 `--sbatch FLAG=VALUE` adds a directive, and everything after `--` goes to
 `python -m hpcaccel.train`. Bad input: one line naming the flag, exit code 2.
@@ -22,12 +22,26 @@ import subprocess
 import sys
 import tempfile
 
-from . import slurm_sweep, slurm_template
-from .errors import UsageError
+from . import sweep as slurm_sweep
+from . import template as slurm_template
+from ..cli import Parser, usage_error
+from ..errors import UsageError
 
-# slurm/ sits next to the package in a source checkout (pip install -e .)
-TEMPLATE_DIR = os.environ.get("HPCACCEL_SLURM_TEMPLATES") or os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm")
+
+def _template_dir() -> str:
+    """The templates' source is the top-level slurm/ directory of the repository.
+    pyproject.toml ships it as package data, hpcaccel/slurm/templates/, in a wheel or a
+    non-editable install; in a source checkout (or an editable install, which runs from
+    it) that directory does not exist and slurm/ next to the package is used.
+    HPCACCEL_SLURM_TEMPLATES points elsewhere (a site's own templates)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    packaged = os.path.join(here, "templates")
+    if os.path.isdir(packaged):
+        return packaged
+    return os.path.join(os.path.dirname(os.path.dirname(here)), "slurm")
+
+
+TEMPLATE_DIR = os.environ.get("HPCACCEL_SLURM_TEMPLATES") or _template_dir()
 # shortcuts for common parameters: --nodes N is --set nodes=N
 SHORTCUTS = ("nodes", "time", "partition", "account", "job_name")
 
@@ -81,10 +95,33 @@ def _pairs(items, flag: str) -> list[tuple[str, str]]:
     return out
 
 
+# Train flags the templates own: they would break requeue/resume or the sweep's layout.
+RESERVED_TRAIN_FLAGS = {
+    "out": "the template sets it; use --set run_dir=DIR (sweeps: --set sweep_dir=DIR)",
+    "resume": "the template resumes with --resume auto after a requeue",
+}
+
+
 def check_train_flags(train_args: list, sweep: list | None, sweep_path: str | None) -> None:
     """Parse the train flags (and each sweep entry with them) as the job will, so a typo
-    fails now rather than after hours in the queue."""
-    from .config import parse_args
+    fails now rather than after hours in the queue. What the template owns is checked on
+    the parsed values, not on the spelling, so neither `--out=X` nor a --config file
+    setting `out` can override the template's --out and --resume."""
+    from ..config import given_values, parse_args
+
+    try:
+        given, config_path = given_values(train_args, quiet=True)
+    except UsageError as e:
+        raise UsageError(f"train flags (after --): {e}") from None
+    where = f"after --, in --config {config_path}" if config_path else "after --"
+    swept = {key for entry in sweep or () for key in entry}
+    for name in given:
+        flag = "--" + name.replace("_", "-")
+        if name in RESERVED_TRAIN_FLAGS:
+            raise UsageError(f"{flag} ({where}): {RESERVED_TRAIN_FLAGS[name]}")
+        if name in swept:
+            raise UsageError(f"{flag} ({where}): the sweep file sets {name} per task; "
+                             f"set it in the sweep file or drop it here")
 
     def parse(extra, where):
         try:
@@ -134,11 +171,11 @@ def submit(script: str, sbatch: str = "sbatch") -> str:
     return r.stdout.strip().split(";")[0]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m hpcaccel.slurm", description=__doc__.splitlines()[0],
-                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                     epilog="\n".join(__doc__.splitlines()[2:]))
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m hpcaccel.slurm", description=__doc__.splitlines()[0],
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog="\n".join(__doc__.splitlines()[2:]))
+    sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("render", "print a ready sbatch script"),
                        ("submit", "render and sbatch it; print the job id")):
         p = sub.add_parser(name, help=text, description=text)
@@ -165,11 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 through the common path
-        raise UsageError(message)
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # everything after the first -- is for hpcaccel.train, untouched by this parser
@@ -181,8 +213,7 @@ def main(argv=None) -> int:
             raise UsageError(f"{args.command}: takes no train flags (nothing goes after --)")
         return run(args)
     except UsageError as e:
-        print(f"hpcaccel.slurm: error: {e}", file=sys.stderr)
-        return UsageError.exit_code
+        return usage_error("hpcaccel.slurm", e)
     except RuntimeError as e:
         print(f"hpcaccel.slurm: {e}", file=sys.stderr)
         return 1
@@ -216,7 +247,3 @@ def run(args) -> int:
             entries = slurm_sweep.load(args.sweep)
         sys.stdout.write(slurm_sweep.entry_toml(entries, args.index))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
