@@ -56,3 +56,14 @@ bench: setup-test
 
 clean:
 	rm -rf runs build
+
+# The set-up as a new user meets it: an unprivileged account, the system MPI hidden, no
+# pip configuration; set-up, a short Horovod training run, the MPI tests. Root only (says
+# "skipped" otherwise). First run on a machine: long (torch, Horovod build); later: minutes.
+.PHONY: test-user-setup horovod-retry
+test-user-setup:
+	$(TIMEOUT) 3600 bash scripts/check_user_setup.sh
+
+# Build Horovod again after a failed build (set-up remembers a failure and does not retry).
+horovod-retry:
+	HPCACCEL_RETRY_HOROVOD=1 bash scripts/setup.sh train

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # All set-up for a fresh machine, idempotent: a second run installs nothing.
 #   scripts/setup.sh [train|test]
-# Environment: HPCACCEL_TORCH (default torch==2.13.0, the CPU build), HPCACCEL_VENV
-# (default .venv), PYTHON (interpreter that creates the venv), HPCACCEL_SKIP_HOROVOD=1.
+# Environment: HPCACCEL_TORCH (default torch==2.13.0), HPCACCEL_TORCH_INDEX (the index torch
+# comes from; default: PyTorch's CPU index on a machine without a GPU, where reachable),
+# HPCACCEL_VENV (default .venv), PYTHON (interpreter that creates the venv),
+# HPCACCEL_SKIP_HOROVOD=1, HPCACCEL_RETRY_HOROVOD=1 (see scripts/horovod.sh).
 set -euo pipefail
 
 MODE=${1:-train}
@@ -46,14 +48,39 @@ fi
 want_torch=${TORCH_SPEC#*==}
 have_torch=$("$VPY" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
 if [ "$have_torch" != "$want_torch" ]; then
+  # Which index: the user's (HPCACCEL_TORCH_INDEX, PIP_INDEX_URL or pip's index-url
+  # setting) wins; with a GPU, pip's default (PyPI's Linux torch is the CUDA build); without
+  # one, PyTorch's CPU index (~200 MB instead of ~5 GB) where it answers within seconds.
+  # pip's own configuration (find-links, extra indexes) always applies as well.
+  torch_index=()
+  cpu_index=https://download.pytorch.org/whl/cpu
+  if [ -n "${HPCACCEL_TORCH_INDEX:-}" ]; then
+    torch_index=(--index-url "$HPCACCEL_TORCH_INDEX")
+    echo "setup: torch from HPCACCEL_TORCH_INDEX=$HPCACCEL_TORCH_INDEX"
+  elif [ -n "${PIP_INDEX_URL:-}" ] || "$VPY" -m pip config list 2>/dev/null | grep -q '\.index-url='; then
+    echo "setup: torch from pip's configured index"
+  elif nvidia-smi -L >/dev/null 2>&1 || [ -e /dev/nvidia0 ]; then
+    echo "setup: GPU found: torch from pip's default index (the CUDA build)"
+  elif "$VPY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=5)' \
+       "$cpu_index" >/dev/null 2>&1; then
+    torch_index=(--index-url "$cpu_index")
+    echo "setup: no GPU: torch's CPU build from $cpu_index"
+  else
+    echo "setup: no GPU, but $cpu_index does not answer: pip's default index may give the" \
+         "CUDA build (~5 GB with its nvidia packages; it runs on CPUs too). For the CPU build" \
+         "set HPCACCEL_TORCH_INDEX to a mirror of it, or HPCACCEL_TORCH to a wheel file."
+  fi
   echo "setup: installing $TORCH_SPEC"
-  pip_install "$TORCH_SPEC"
+  pip_install "${torch_index[@]}" "$TORCH_SPEC"
+  "$VPY" -c 'import torch' 2>/dev/null || { echo "setup: error: installing $TORCH_SPEC failed (HPCACCEL_TORCH, HPCACCEL_TORCH_INDEX)" >&2; exit 1; }
+  echo "setup: installed $("$VPY" -c 'import torch; print("torch", torch.__version__, "(CUDA %s build)" % torch.version.cuda if torch.version.cuda else "(CPU build)")') into $VENV ($(du -sh "$VENV" | cut -f1))"
 fi
 
 # --- the package (editable), re-installed only when its requirements change
 extras=""; [ "$MODE" = test ] && extras="[test]"
 stamp="$VENV/.hpcaccel-installed-$MODE"
-digest=$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)
+# (and where it lives: an editable install points at this checkout)
+digest=$( (cat "$ROOT/pyproject.toml"; echo "$ROOT") | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
   echo "setup: installing hpcaccel$extras"
   pip_install -e "$ROOT$extras"
