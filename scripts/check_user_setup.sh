@@ -72,23 +72,31 @@ PYEOF
 # ------------------------------------------- as root, in a private mount namespace
 hide_system_mpi_and_run() {
   local home=$1 work=$2
-  local empty_file empty_dir
-  empty_file=$(mktemp); chmod 644 "$empty_file"   # not executable: `command -v` skips it
-  empty_dir=$(mktemp -d)
-  # Every file the system's MPI packages installed: their own directories (.../openmpi,
-  # .../mpich) are covered whole, other files (mpirun, mpicc, libmpi.so.*) one by one.
-  local pkgs dirs=() f d n=0
+  # Every file the system's MPI packages installed (mpirun, mpicc, libmpi.so.*, headers;
+  # their own .../openmpi and .../mpich directories whole) is made absent, not emptied:
+  # `command -v` still reports a file it cannot execute, and the loader stops at an empty
+  # libmpi. Each parent directory gets a read-only overlay whose top layer holds overlayfs
+  # "whiteouts" (0/0 character devices) for the hidden names.
+  local pkgs layers top=() f d parent layer n=0
   pkgs=$(dpkg-query -W -f '${Package}\n' 2>/dev/null | grep -E '^(openmpi-bin|libopenmpi|mpich|libmpich)' || true)
   [ -n "$pkgs" ] || say "no system MPI packages installed; nothing to hide"
-  for f in $(dpkg -L $pkgs 2>/dev/null | grep -E '^/usr/(bin|lib|include|share)/(.*/)?(openmpi|mpich)$' | sort -u || true); do
-    [ -d "$f" ] && mount --bind "$empty_dir" "$f" && dirs+=("$f/") && n=$((n + 1))
-  done
+  layers=$(mktemp -d)
   while read -r f; do
     case $f in /usr/bin/*|/usr/sbin/*|/usr/lib/*|/usr/include/*) ;; *) continue ;; esac
-    [ -d "$f" ] && continue
-    for d in "${dirs[@]}"; do case $f in "$d"*) continue 2 ;; esac; done
-    if [ -e "$f" ]; then mount --bind "$empty_file" "$f"; n=$((n + 1)); fi
+    for d in "${top[@]}"; do case $f in "$d"/*) continue 2 ;; esac; done
+    if [ -d "$f" ] && [ ! -L "$f" ]; then
+      case ${f##*/} in openmpi|mpich) top+=("$f") ;; *) continue ;; esac
+    fi
+    [ -e "$f" ] || [ -L "$f" ] || continue
+    parent=$(dirname "$f")
+    layer="$layers/$(echo "$parent" | tr / _)"
+    [ -d "$layer" ] || { mkdir "$layer"; chmod --reference="$parent" "$layer"; echo "$parent" > "$layer.dir"; }
+    mknod "$layer/${f##*/}" c 0 0 && n=$((n + 1))
   done < <(dpkg -L $pkgs 2>/dev/null | sort -u)
+  # Parents before their subdirectories: a child's overlay then stacks on its parent's.
+  for parent in $(cat "$layers"/*.dir 2>/dev/null | awk '{ print length, $0 }' | sort -n | cut -d' ' -f2-); do
+    mount -t overlay overlay -o "lowerdir=$layers/$(echo "$parent" | tr / _):$parent" "$parent"
+  done
   say "hid $n paths of the system MPI ($(echo $pkgs | tr '\n' ' '))"
   exec runuser -u "$CI_USER" -- env -i HOME="$home" USER="$CI_USER" LOGNAME="$CI_USER" \
     PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 PIP_CONFIG_FILE=/dev/null \
