@@ -30,6 +30,8 @@ class World:
     node_name: str
     threads: int
     mpi_library: str
+    # every node's name, in the order of each node's lowest rank (rank 0's node first)
+    hosts: tuple[str, ...] = ()
 
     @property
     def is_main(self) -> bool:
@@ -71,6 +73,13 @@ def threads_per_rank(my_cpus: frozenset, local_cpus: list[frozenset]) -> int:
     """
     sharing = sum(1 for cpus in local_cpus if cpus == my_cpus)
     return max(1, len(my_cpus) // max(1, sharing))
+
+
+def describe_hosts(hosts, limit: int = 4) -> str:
+    """The node names for a start-up line: all of a few, the first `limit` of many. Pure."""
+    hosts = list(hosts)
+    shown = ", ".join(hosts[:limit])
+    return shown + (f" and {len(hosts) - limit} more" if len(hosts) > limit else "")
 
 
 def _affinity() -> frozenset:
@@ -130,17 +139,20 @@ def detect(threads: int | None = None, comm=None, check_size: bool = True) -> Wo
     try:
         my_cpus = _affinity()
         local_cpus = local.allgather(my_cpus)
-        is_leader = 1 if local.Get_rank() == 0 else 0
-        nodes = comm.allreduce(is_leader)
+        # One name per node, from its lowest rank (the local leader): the node count and
+        # the host list come from the same collective, so every rank sees the same ones.
+        name = MPI.Get_processor_name()
+        hosts = tuple(h for h in comm.allgather(name if local.Get_rank() == 0 else None) if h)
         world = World(
             rank=comm.Get_rank(),
             size=comm.Get_size(),
             local_rank=local.Get_rank(),
             local_size=local.Get_size(),
-            nodes=nodes,
-            node_name=MPI.Get_processor_name(),
+            nodes=len(hosts),
+            node_name=name,
             threads=threads or threads_per_rank(my_cpus, local_cpus),
             mpi_library=MPI.Get_library_version().splitlines()[0].split(",")[0].strip(),
+            hosts=hosts,
         )
     finally:
         local.Free()
