@@ -30,7 +30,8 @@ fi
 # --- virtual environment
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV"
-  "$PY" -m venv "$VENV"
+  # A .venv that is a link (to a local disk, say) is created where it points.
+  "$PY" -m venv "$(readlink -m "$VENV")"
 fi
 VPY="$VENV/bin/python"
 pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
