@@ -1,7 +1,7 @@
 """Datasets: HDF5 files (or shard sets) read per rank; built-in sources packed on first use."""
 from __future__ import annotations
 
-from .hdf5 import H5Dataset, open_dataset, scan, write_file, write_index
+from .hdf5 import H5Dataset, open_dataset, scan, write_blocks, write_file, write_index
 from .reader import RankReader, eval_batches
 from .sources import BUILTINS, pack_builtin
 
@@ -43,4 +43,4 @@ def raise_mismatch(train: H5Dataset, test: H5Dataset):
 
 
 __all__ = ["H5Dataset", "RankReader", "eval_batches", "open_dataset", "scan",
-           "write_file", "write_index", "resolve", "BUILTINS"]
+           "write_blocks", "write_file", "write_index", "resolve", "BUILTINS"]

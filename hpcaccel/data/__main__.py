@@ -5,7 +5,11 @@
       --classes 10 --shards 8 --out /scratch/synth          # 8 files + index.json
   python -m hpcaccel.data pack --source arrays.npz --out data.h5   # keys x and y
   python -m hpcaccel.data pack --source x.npy --labels y.npy --out data.h5
+  python -m hpcaccel.data pack --source images.npz --normalize --out data.h5  # uint8 -> [0, 1]
   python -m hpcaccel.data info data.h5
+
+An existing output is replaced only with --overwrite. Integer samples (8-bit images, say)
+are packed as float32 unchanged unless --normalize scales them into [0, 1].
 """
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ import numpy as np
 
 from ..cli import Parser, usage_error
 from ..errors import UsageError
-from .hdf5 import open_dataset, write_file, write_index
+from .hdf5 import open_dataset, write_blocks, write_index
 from .sources import digits_split, synthetic_blocks
+
+BLOCK_ROWS = 4096  # samples converted to float32 at a time
 
 
 def _load_arrays(args):
@@ -58,11 +64,73 @@ def _check_arrays(x, y, source):
     return x, y
 
 
+def warn(message: str) -> None:
+    print(f"hpcaccel.data: warning: {message}", file=sys.stderr)
+
+
+def x_scale(x, source: str, normalize: bool) -> float:
+    """The factor x is multiplied by. Integer samples train badly as they are (0-255 pixels
+    give losses around 1e10), so say so, or with --normalize scale them into [0, 1]: x in
+    [0, 255] by 1/255 (8-bit images, whatever the array's integer type), other unsigned x
+    by 1/(the type's maximum)."""
+    integer = np.issubdtype(x.dtype, np.integer)
+    if not normalize:
+        if integer:
+            warn(f"--source {source}: x is {x.dtype} (values {int(x.min())} to {int(x.max())}), "
+                 f"packed as float32 unchanged; unscaled inputs train badly (huge losses): "
+                 f"pack with --normalize to scale them into [0, 1]")
+        return 1.0
+    if not integer:
+        raise UsageError(f"--normalize: x of --source {source} is {x.dtype}, not integer; "
+                         f"scale it before packing")
+    low, high = int(x.min()), int(x.max())
+    if 0 <= low and high <= 255:
+        return 1 / 255
+    if np.issubdtype(x.dtype, np.unsignedinteger):
+        return 1 / float(np.iinfo(x.dtype).max)
+    raise UsageError(f"--normalize: x of --source {source} is {x.dtype} with values {low} to "
+                     f"{high}; only integers in [0, 255] or unsigned types are normalised")
+
+
+def check_labels(y, classes_given, source: str) -> None:
+    low, high = int(y.min()), int(y.max())
+    if classes_given is None and low >= 1:
+        warn(f"--source {source}: labels run from {low} to {high}, packed as {high + 1} classes "
+             f"with class{'es 0 to ' + str(low - 1) if low > 1 else ' 0'} empty; shift the labels "
+             f"to start at 0 (or give --classes to keep them as they are)")
+
+
+def output_paths(out: str, shards: int, overwrite: bool) -> tuple[list[str], list[str]]:
+    """(the files pack writes, stale shard files of an earlier pack that --overwrite removes).
+    Refuses to touch an existing output without --overwrite."""
+    if shards == 1:
+        if os.path.isdir(out):
+            raise UsageError(f"--out {out}: is a directory (with one shard, --out is the .h5 file)")
+        if os.path.exists(out) and not overwrite:
+            raise UsageError(f"--out {out}: already exists; choose another --out, or add "
+                             f"--overwrite to replace it")
+        return [out], []
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: is a file (with --shards, --out is a directory)")
+    paths = [os.path.join(out, f"part-{i:05d}.h5") for i in range(shards)]
+    existing = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else ())
+                      if n == "index.json" or (n.startswith("part-") and n.endswith(".h5")))
+    if existing and not overwrite:
+        raise UsageError(f"--out {out}: already holds a packed dataset ({existing[0]}); choose "
+                         f"another --out, or add --overwrite to replace it")
+    stale = [os.path.join(out, n) for n in existing
+             if n != "index.json" and os.path.join(out, n) not in paths]
+    return paths, stale
+
+
 def pack(args) -> list[str]:
     shards = args.shards
     if shards < 1:
         raise UsageError(f"--shards must be >= 1, got {shards}")
+    paths, stale = output_paths(args.out, shards, args.overwrite)
     if args.source == "synthetic":
+        if args.normalize:
+            raise UsageError("--normalize: the synthetic source is already float")
         shape = tuple(int(s) for s in args.shape.split(","))
         n, classes = args.samples, args.classes
         blocks = lambda start, count: _slice_blocks(
@@ -71,29 +139,39 @@ def pack(args) -> list[str]:
     else:
         x, y = _check_arrays(*_load_arrays(args), args.source)
         n, shape = len(x), x.shape[1:]
+        scale = x_scale(x, args.source, args.normalize)
+        check_labels(y, args.classes, args.source)
         classes = args.classes or int(y.max()) + 1
         if int(y.max()) >= classes:
             raise UsageError(f"--classes {classes}: label {int(y.max())} out of range")
-        blocks = lambda start, count: iter([(x[start:start + count], y[start:start + count])])
+        blocks = lambda start, count: _array_blocks(x, y, start, count, scale)
         source = f"{args.source}" + (f" ({args.split} split)" if args.source == "digits" else "")
+        if scale != 1.0:
+            source += f" (x scaled by {scale:.6g})"
     if n < shards:
         raise UsageError(f"--shards {shards}: more shards than samples ({n})")
-    if shards == 1:
-        paths, lengths = [args.out], [n]
-    else:
-        os.makedirs(args.out, exist_ok=True)
-        bounds = [n * i // shards for i in range(shards + 1)]
-        paths = [os.path.join(args.out, f"part-{i:05d}.h5") for i in range(shards)]
-        lengths = [bounds[i + 1] - bounds[i] for i in range(shards)]
-    start = 0
-    for path, count in zip(paths, lengths):
-        parts = list(blocks(start, count))
-        write_file(path, [p[0] for p in parts], [p[1] for p in parts], count, shape, classes,
-                   source, chunk_rows=args.chunk_rows, compression=args.compression)
-        start += count
+    bounds = [n * i // shards for i in range(shards + 1)]
+    for i, path in enumerate(paths):
+        count = bounds[i + 1] - bounds[i]
+        write_blocks(path, blocks(bounds[i], count), count, shape, classes, source,
+                     chunk_rows=args.chunk_rows, compression=args.compression)
     if shards > 1:
-        paths.append(write_index(args.out, paths, lengths, shape, classes, source))
+        # the index last, once every shard it lists is complete
+        paths.append(write_index(args.out, paths, [bounds[i + 1] - bounds[i] for i in range(shards)],
+                                 shape, classes, source))
+        for path in stale:  # shards of an earlier, larger pack (--overwrite)
+            os.unlink(path)
     return paths
+
+
+def _array_blocks(x, y, start: int, count: int, scale: float):
+    """Samples [start, start+count) of arrays in memory, as float32 blocks of BLOCK_ROWS."""
+    for a in range(start, start + count, BLOCK_ROWS):
+        b = min(a + BLOCK_ROWS, start + count)
+        xb = x[a:b].astype(np.float32)
+        if scale != 1.0:
+            xb *= np.float32(scale)
+        yield xb, y[a:b]
 
 
 def _slice_blocks(gen, start, count):
@@ -134,6 +212,10 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-rows", type=int, default=None, help="samples per HDF5 chunk "
                    "(default: about 1 MiB)")
     p.add_argument("--compression", choices=("gzip", "lzf"), default=None, help="chunk compression")
+    p.add_argument("--normalize", action="store_true", help="scale integer samples into [0, 1]: "
+                   "values in [0, 255] (8-bit images) by 1/255, other unsigned ones by 1/(type max)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (file, or "
+                   "the shards and index.json in the directory)")
     i = sub.add_parser("info", help="describe a packed file or shard index")
     i.add_argument("path")
     try:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
 
 from ..errors import UsageError
+from ..fsutil import atomic_path, atomic_write
 
 INDEX_FORMAT = "hpcaccel-shards"
 _FLOAT_KINDS = ("f",)
@@ -41,28 +41,27 @@ def default_chunk_rows(sample_bytes: int, target_bytes: int = 1 << 20) -> int:
     return max(1, target_bytes // max(1, sample_bytes))
 
 
-def write_file(path: str, x_parts, y_parts, n: int, sample_shape, classes: int, source: str,
-               chunk_rows: int | None = None, compression: str | None = None) -> None:
-    """Write one file from iterables of x and y blocks, atomically (temp file + rename).
+def write_blocks(path: str, blocks, n: int, sample_shape, classes: int, source: str,
+                 chunk_rows: int | None = None, compression: str | None = None) -> None:
+    """Write one file of n samples from an iterable of (x, y) blocks, atomically.
 
-    Readers never see a partial file, and an existing file is replaced only once the
-    new one is complete.
+    One block is in memory at a time, so a generator of blocks writes data of any size.
+    Readers never see a partial file, an existing file is replaced only once the new one
+    is complete, and the file's permissions follow the umask (fsutil.atomic_path).
     """
     sample_shape = tuple(int(s) for s in sample_shape)
     chunk = min(n, chunk_rows or default_chunk_rows(4 * int(np.prod(sample_shape))))
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             x = f.create_dataset("x", (n, *sample_shape), dtype="float32",
                                  chunks=(max(1, chunk), *sample_shape), compression=compression)
             y = f.create_dataset("y", (n,), dtype="int64", chunks=(max(1, chunk),),
                                  compression=compression)
             pos = 0
-            for xb, yb in zip(x_parts, y_parts):
+            for xb, yb in blocks:
                 k = len(xb)
+                if pos + k > n:
+                    raise ValueError(f"{path}: more than the expected {n} samples")
                 x[pos:pos + k] = np.asarray(xb, dtype=np.float32).reshape(k, *sample_shape)
                 y[pos:pos + k] = np.asarray(yb, dtype=np.int64)
                 pos += k
@@ -71,11 +70,13 @@ def write_file(path: str, x_parts, y_parts, n: int, sample_shape, classes: int, 
             f.attrs["classes"] = int(classes)
             f.attrs["sample_shape"] = np.asarray(sample_shape, dtype=np.int64)
             f.attrs["source"] = source
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+
+def write_file(path: str, x_parts, y_parts, n: int, sample_shape, classes: int, source: str,
+               chunk_rows: int | None = None, compression: str | None = None) -> None:
+    """write_blocks from parallel sequences of x and y blocks (arrays already in memory)."""
+    write_blocks(path, zip(x_parts, y_parts), n, sample_shape, classes, source,
+                 chunk_rows=chunk_rows, compression=compression)
 
 
 def write_index(directory: str, files: list[str], lengths: list[int], sample_shape, classes: int,
@@ -84,10 +85,8 @@ def write_index(directory: str, files: list[str], lengths: list[int], sample_sha
              "sample_shape": list(sample_shape), "samples": int(sum(lengths)),
              "files": [{"path": os.path.basename(p), "samples": int(n)} for p, n in zip(files, lengths)]}
     path = os.path.join(directory, "index.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(index, fh, indent=1)
-    os.replace(tmp, path)
+    data = json.dumps(index, indent=1).encode()
+    atomic_write(path, lambda fh: fh.write(data))
     return path
 
 

@@ -1,5 +1,6 @@
 """HDF5 packing, validation and per-rank reading, on real files."""
 import json
+import os
 import subprocess
 import sys
 
@@ -165,3 +166,82 @@ def test_inconsistent_shards(tmp_path):
         "format": "hpcaccel-shards", "version": 1, "files": [{"path": "a.h5", "samples": 5}]}))
     with pytest.raises(UsageError, match="lists 5"):
         open_dataset(str(tmp_path / "index.json"))
+
+
+def pack_cli(*args, umask=None):
+    return subprocess.run([sys.executable, "-m", "hpcaccel.data", "pack", *map(str, args)],
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
+
+
+def test_pack_refuses_an_existing_output_without_overwrite(tmp_path):
+    np.savez(tmp_path / "a.npz", x=np.zeros((12, 2), np.float32), y=np.arange(12) % 2)
+    np.savez(tmp_path / "b.npz", x=np.ones((12, 2), np.float32), y=np.arange(12) % 2)
+    out = tmp_path / "d.h5"
+    assert pack_cli("--source", tmp_path / "a.npz", "--out", out).returncode == 0
+    r = pack_cli("--source", tmp_path / "b.npz", "--out", out)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert f"--out {out}: already exists" in r.stderr and "--overwrite" in r.stderr
+    assert open_dataset(str(out)).samples == 12 and h5py.File(out)["x"][0, 0] == 0  # untouched
+    assert pack_cli("--source", tmp_path / "b.npz", "--out", out, "--overwrite").returncode == 0
+    assert h5py.File(out)["x"][0, 0] == 1
+    # shards: a directory holding a packed dataset is refused; --overwrite replaces it,
+    # dropping the shards a smaller pack no longer has
+    shards = tmp_path / "s"
+    assert pack_cli("--source", tmp_path / "a.npz", "--out", shards, "--shards", 3).returncode == 0
+    r = pack_cli("--source", tmp_path / "a.npz", "--out", shards, "--shards", 2)
+    assert r.returncode == 2 and "already holds a packed dataset" in r.stderr
+    assert pack_cli("--source", tmp_path / "a.npz", "--out", shards, "--shards", 2,
+                    "--overwrite").returncode == 0
+    assert sorted(p.name for p in shards.iterdir()) == ["index.json", "part-00000.h5", "part-00001.h5"]
+    assert open_dataset(str(shards / "index.json")).samples == 12
+
+
+def test_pack_warns_about_integer_samples_and_labels_from_one(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 1, 3, 3)).astype(np.uint8)
+    np.savez(tmp_path / "img.npz", x=pixels, y=np.arange(20) % 4 + 1)  # labels 1..4
+    r = pack_cli("--source", tmp_path / "img.npz", "--out", tmp_path / "raw.h5")
+    assert r.returncode == 0
+    warnings = r.stderr.splitlines()
+    assert len(warnings) == 2 and all(w.startswith("hpcaccel.data: warning: ") for w in warnings)
+    assert "x is uint8 (values 0 to 255)" in warnings[0] and "--normalize" in warnings[0]
+    assert "labels run from 1 to 4, packed as 5 classes with class 0 empty" in warnings[1]
+    assert open_dataset(str(tmp_path / "raw.h5")).classes == 5
+    # --normalize scales 8-bit values into [0, 1]; --classes given: the labels are deliberate
+    r = pack_cli("--source", tmp_path / "img.npz", "--out", tmp_path / "n.h5", "--normalize",
+                 "--classes", 5)
+    assert r.returncode == 0 and r.stderr == ""
+    np.testing.assert_allclose(h5py.File(tmp_path / "n.h5")["x"][...], pixels / 255, rtol=1e-6)
+    np.savez(tmp_path / "f.npz", x=np.zeros((4, 2), np.float32), y=np.arange(4) % 2)
+    r = pack_cli("--source", tmp_path / "f.npz", "--out", tmp_path / "f.h5", "--normalize")
+    assert r.returncode == 2 and "--normalize: x of --source" in r.stderr and "float32" in r.stderr
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_packed_files_follow_the_umask(tmp_path, umask):
+    np.savez(tmp_path / "a.npz", x=np.zeros((12, 2), np.float32), y=np.arange(12) % 2)
+    assert pack_cli("--source", tmp_path / "a.npz", "--out", tmp_path / "one.h5", umask=umask).returncode == 0
+    assert pack_cli("--source", tmp_path / "a.npz", "--out", tmp_path / "s", "--shards", 2,
+                    umask=umask).returncode == 0
+    for path in [tmp_path / "one.h5", *(tmp_path / "s").iterdir()]:
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_no_abbreviated_flags(tmp_path):
+    r = pack_cli("--sourc", "digits", "--out", tmp_path / "d.h5")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--sourc" in r.stderr
+    assert not (tmp_path / "d.h5").exists()
+    r = subprocess.run([sys.executable, "-m", "hpcaccel.bench", "predict", "--grad-mb", "1",
+                        "--compute", "3"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("hpcaccel.bench: error: ") and r.stderr.count("\n") == 1
+
+
+def test_write_blocks_takes_a_stream_of_blocks(tmp_path):
+    from hpcaccel.data import write_blocks
+    blocks = ((np.full((5, 2), i, np.float32), np.full(5, i)) for i in range(4))  # a generator
+    write_blocks(str(tmp_path / "g.h5"), blocks, 20, (2,), 4, "t")
+    with h5py.File(tmp_path / "g.h5") as f:
+        assert f["y"][...].tolist() == [i for i in range(4) for _ in range(5)]
+    with pytest.raises(ValueError, match="expected 21 samples, got 20"):
+        write_blocks(str(tmp_path / "h.h5"), iter([(np.zeros((20, 2)), np.zeros(20))]), 21, (2,), 4, "t")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.h5"]  # no temp file left behind
