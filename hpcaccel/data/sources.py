@@ -7,7 +7,10 @@ synthetic: any number of samples of any shape; labels come from a fixed random l
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -57,10 +60,30 @@ def builtin_paths(name: str, samples: int, shape, classes: int, seed: int) -> tu
 
 def pack_builtin(name: str, samples: int, shape, classes: int, seed: int) -> tuple[str, str]:
     """Pack a built-in source into its cache directory if not there yet; return the paths.
-    Safe to call concurrently: files appear atomically, complete or not at all."""
+
+    Safe to call concurrently, also from several nodes on a shared filesystem: each packer
+    writes both files into a private directory and publishes it with one rename. The first
+    packer's directory wins; later ones find it complete and discard their own, identical
+    copy. So a published file is never replaced (a reader on another node cannot see it
+    change under it) and nobody ever sees train.h5 without test.h5 or a file half written.
+    """
     train, test = builtin_paths(name, samples, shape, classes, seed)
     if os.path.exists(train) and os.path.exists(test):
         return train, test
+    final = os.path.dirname(train)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
+    try:
+        _write_builtin(name, samples, shape, classes, seed, staging)
+        _publish(staging, final, complete=lambda: os.path.exists(train) and os.path.exists(test))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # ours lost the race, or failed
+    return train, test
+
+
+def _write_builtin(name, samples, shape, classes, seed, directory) -> None:
+    train, test = os.path.join(directory, "train.h5"), os.path.join(directory, "test.h5")
     if name == "digits":
         (xt, yt), (xv, yv) = digits_split()
         write_file(train, [xt], [yt], len(xt), (1, 8, 8), 10, "sklearn digits (train split)")
@@ -70,4 +93,25 @@ def pack_builtin(name: str, samples: int, shape, classes: int, seed: int) -> tup
         for path, n, stream in ((train, samples, 0), (test, n_test, 1)):
             write_blocks(path, synthetic_blocks(n, shape, classes, seed, stream), n, shape,
                          classes, f"synthetic (seed {seed}, {'test' if stream else 'train'})")
-    return train, test
+
+
+def _publish(staging: str, final: str, complete) -> None:
+    """Rename `staging` to `final` unless another packer already published a complete one.
+    An incomplete `final` (left by a packer of an older version that wrote files one by
+    one and was killed) is moved aside first."""
+    for _ in range(3):
+        try:
+            os.rename(staging, final)  # atomic; fails if `final` exists and is not empty
+            return
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        if complete():
+            return  # another packer won; its files equal ours
+        aside = tempfile.mktemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
+        try:
+            os.rename(final, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        except FileNotFoundError:
+            pass  # another packer moved it aside first
+    raise OSError(f"{final}: could not publish packed data (keeps reappearing incomplete)")
