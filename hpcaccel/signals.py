@@ -49,7 +49,3 @@ class StopRequest:
         ranks) would turn exit code 3 or 0 into death by signal."""
         for sig in self._previous:
             signal.signal(sig, signal.SIG_IGN)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

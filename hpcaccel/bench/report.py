@@ -74,7 +74,9 @@ def throughput_table(throughput: dict, scaling: str) -> str:
             eff = ""
             if b1:
                 one = b1["samples_per_second"]["mean"]
-                eff = f"{s['mean'] / (one * p) if scaling == 'weak' else s['mean'] / (one * p):.0%}"
+                # throughput over p x one rank's: weak scaling (fixed work per rank) and
+                # strong scaling (speed-up / p, fixed global work) come to the same ratio
+                eff = f"{s['mean'] / (one * p):.0%}"
             br = e.get("breakdown_seconds_per_step")
             brs = f"{br['compute'] * 1e3:.1f} / {br['comm_wait'] * 1e3:.1f} / {br['data_wait'] * 1e3:.2f}" if br else "-"
             lines.append(f"| {p} | {n} | {s['mean']:.0f}{ci} | {s['mean'] / p:.0f} | {eff} | {brs} |")
