@@ -46,7 +46,7 @@ def summary(values):
 @pytest.fixture(scope="module")
 def datasets(comm, smoke, tmp_path_factory):
     """One synthetic HDF5 file per model, packed once by rank 0 (same data for every backend)."""
-    from hpcaccel.data import open_dataset, write_file
+    from hpcaccel.data import open_dataset, write_blocks
     from hpcaccel.data.sources import synthetic_blocks
 
     out = {}
@@ -58,8 +58,7 @@ def datasets(comm, smoke, tmp_path_factory):
         path = None
         if comm.Get_rank() == 0:
             path = str(base / f"{name}.h5")
-            parts = list(zip(*synthetic_blocks(n, spec["shape"], 10, 0, 0)))
-            write_file(path, parts[0], parts[1], n, spec["shape"], 10, "bench")
+            write_blocks(path, synthetic_blocks(n, spec["shape"], 10, 0, 0), n, spec["shape"], 10, "bench")
         out[name] = open_dataset(comm.bcast(path))
     return out
 

@@ -21,10 +21,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-# choices of the flags, in one place (optim.py and augment.py implement them)
+# choices of the flags, in one place (optim.py, augment.py and comm/ implement them)
 OPTIMIZERS = ("sgd", "adamw", "lars")
 SCHEDULES = ("constant", "cosine", "step")
 AUGMENTATIONS = ("none", "shift", "flip", "shift+flip")
+BACKENDS = ("auto", "horovod", "mpi")
+COMPRESSIONS = ("none", "fp16", "bf16")
 
 
 def _opt(default, help, choices=None, **kw):
@@ -88,7 +90,7 @@ class TrainConfig:
     backend: str = _opt("auto", "gradient allreduce backend: horovod (Horovod's ring-allreduce), "
                         "mpi (hpcaccel's mpi4py reducer); auto: horovod where it is installed "
                         "with MPI support, else mpi (see docs/backends.md)",
-                        choices=("auto", "horovod", "mpi"))
+                        choices=BACKENDS)
     bucket_mb: float = _opt(25.0, "mpi backend: gradient bucket size in MB; each bucket's "
                             "allreduce starts as soon as its gradients are ready during backward")
     fusion_mb: Optional[float] = _opt(None, "horovod backend: tensor fusion threshold in MB "
@@ -99,7 +101,7 @@ class TrainConfig:
                                           "Horovod's (1) or the environment's")
     compression: str = _opt("none", "gradients on the wire: none (fp32), fp16 or bf16 (half the "
                             "bytes, rounded; bf16 only with the mpi backend)",
-                            choices=("none", "fp16", "bf16"))
+                            choices=COMPRESSIONS)
     accum_steps: int = _opt(1, "gradient accumulation: split each rank's batch into this many "
                             "micro-batches, communicate only after the last; same result as one "
                             "pass over the batch (BatchNorm statistics aside), less memory")

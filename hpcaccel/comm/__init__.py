@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import sys
 
+from ..config import BACKENDS, COMPRESSIONS
 from .base import Reducer
-
-BACKENDS = ("auto", "horovod", "mpi")
-COMPRESSIONS = ("none", "fp16", "bf16")
 
 
 def horovod_unavailable() -> str | None:
