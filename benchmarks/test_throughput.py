@@ -66,12 +66,10 @@ def datasets(comm, smoke, tmp_path_factory):
 def run_hpcaccel(comm, backend, model_name, ds, batch, steps, warmup):
     from hpcaccel.comm import make_reducer
     from hpcaccel.config import TrainConfig
+    from hpcaccel.control import ControlPlane
     from hpcaccel.data import RankReader
-    from hpcaccel.env import World
-    from hpcaccel.metrics import NullRunLog
-    from hpcaccel.signals import StopRequest
-    from hpcaccel.trainer import Trainer, make_optimizer
-    from hpcaccel.watchdog import Watchdog
+    from hpcaccel.optim import make_optimizer
+    from hpcaccel.trainer import Trainer
 
     rank, size = comm.Get_rank(), comm.Get_size()
     cfg = TrainConfig(batch_size=batch, lr=0.01, backend=backend, progress=False)
@@ -82,9 +80,7 @@ def run_hpcaccel(comm, backend, model_name, ds, batch, steps, warmup):
     reducer.broadcast_parameters(model)
     reducer.attach(model, opt)
     reader = RankReader(ds, rank, size, batch, shuffle=True, seed=0)
-    world = World(rank, size, rank, size, 1, "bench", torch.get_num_threads(), "")
-    trainer = Trainer(cfg, world, reducer, model, opt, reader, None, NullRunLog(), None,
-                      StopRequest(signals=()), Watchdog(0, rank, abort=None))
+    trainer = Trainer(cfg, ControlPlane(comm), reducer, model, opt, reader)
     model.train()
     batches = iter(reader.epoch(0))
     for _ in range(warmup):

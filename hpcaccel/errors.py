@@ -11,6 +11,12 @@ class UsageError(Exception):
     exit_code = 2
 
 
+class SetupFailed(Exception):
+    """A non-usage failure during set-up, already agreed on by all ranks (exit code 1)."""
+
+    exit_code = 1
+
+
 class Diverged(Exception):
     """The loss became NaN/inf on some rank; raised on every rank together (exit code 1)."""
 

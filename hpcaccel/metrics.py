@@ -1,6 +1,8 @@
-"""Run outputs: metrics.jsonl, summary.json, model.pt, written by rank 0 only.
+"""Run outputs: metrics.jsonl, summary.json, model.pt, written by rank 0 only; the progress
+bar, shown by rank 0 only.
 
-Other ranks get a NullRunLog, so the training loop never asks which rank it is on.
+Other ranks get a NullRunLog and NullProgress, so the training loop never asks which rank
+it is on.
 """
 from __future__ import annotations
 
@@ -54,3 +56,27 @@ class NullRunLog:
 
     def close(self):
         pass
+
+
+class NullProgress:
+    """A progress bar that shows nothing (other ranks, --progress false, tests)."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress_bar(enabled: bool):
+    """progress(total=, initial=, desc=) -> a bar: tqdm's where enabled, else NullProgress."""
+    if not enabled:
+        return NullProgress
+    from tqdm import tqdm
+    return lambda **kw: tqdm(leave=False, mininterval=0.5, dynamic_ncols=True, **kw)

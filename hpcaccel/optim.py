@@ -62,8 +62,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def make_optimizer(name: str, model: torch.nn.Module, lr: float, momentum: float,
-                   weight_decay: float, nesterov: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer a TrainConfig asks for, over `model`'s trainable parameters."""
+    return build_optimizer(cfg.optimizer, model, cfg.lr, cfg.momentum, cfg.weight_decay,
+                           nesterov=cfg.nesterov)
+
+
+def build_optimizer(name: str, model: torch.nn.Module, lr: float, momentum: float,
+                    weight_decay: float, nesterov: bool = False) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
@@ -100,3 +106,21 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+class LRSchedule:
+    """Peak lr (linear scaling rule), warm-up, then constant/cosine/step decay; set on the
+    optimizer before every step from the global step, so a resumed run follows the same
+    curve. Identical on every rank (same step, same global batch)."""
+
+    def __init__(self, cfg, world_size: int, steps_per_epoch: int):
+        self.peak = scaled_lr(cfg.lr, cfg.batch_size * world_size, cfg.lr_ref_batch)
+        self.total = cfg.epochs * steps_per_epoch
+        self.warmup = round(cfg.warmup_epochs * steps_per_epoch)
+        self.schedule = cfg.lr_schedule
+        self.step_every = cfg.lr_step_epochs * steps_per_epoch
+        self.gamma = cfg.lr_step_gamma
+
+    def lr(self, step: int) -> float:
+        return self.peak * lr_factor(step, self.total, self.warmup, self.schedule,
+                                     self.step_every, self.gamma)

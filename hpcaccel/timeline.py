@@ -9,7 +9,11 @@ them to FILE: one process row per rank, one thread row per activity. The file is
 array; it is closed at the end, and a run killed before that still leaves a trace
 Perfetto reads (the array format allows a missing `]`).
 
-Cross-rank invariant: flush() is collective; every rank calls it at the same points.
+One Timeline object is handed at construction to everything that records spans (the
+reader, the reducer, the trainer); without --timeline they get a NullTimeline.
+
+Cross-rank invariant: start(), flush() and close() are collective; every rank calls them at
+the same points. add() and span() are local and thread-safe.
 """
 from __future__ import annotations
 
@@ -24,26 +28,34 @@ ROW_NAMES = {0: "training loop", 1: "communication thread"}
 
 
 class Timeline:
-    def __init__(self, path: str, comm):
-        self.path, self.comm = path, comm
-        self.rank = comm.Get_rank()
+    def __init__(self, path: str, control):
+        """path: the trace file (written by rank 0 from start() on); control: the job's
+        ControlPlane. Local: nothing is written until start()."""
+        self.path, self.control = path, control
+        self.rank = control.rank
         self._spans: list[tuple] = []
         self._lock = threading.Lock()  # the communication thread records too
-        comm.Barrier()
+        self._t0 = time.perf_counter()
+
+    def start(self) -> "Timeline":
+        """Collective: zero every rank's clock right after a barrier; rank 0 creates the file
+        (UsageError if it cannot: agree on it with ControlPlane.collectively)."""
+        self.control.barrier()
         self._t0 = time.perf_counter()
         if self.rank == 0:
             try:
-                fh = open(path, "w")
+                fh = open(self.path, "w")
             except OSError as e:
                 from .errors import UsageError
-                raise UsageError(f"--timeline {path}: cannot write ({e.strerror})") from None
+                raise UsageError(f"--timeline {self.path}: cannot write ({e.strerror})") from None
             with fh:
                 fh.write("[\n")
                 meta = [{"name": "process_name", "ph": "M", "pid": r, "args": {"name": f"rank {r}"}}
-                        for r in range(comm.Get_size())]
+                        for r in range(self.control.size)]
                 meta += [{"name": "thread_name", "ph": "M", "pid": r, "tid": t, "args": {"name": n}}
-                         for r in range(comm.Get_size()) for t, n in ROW_NAMES.items()]
+                         for r in range(self.control.size) for t, n in ROW_NAMES.items()]
                 fh.write(",\n".join(json.dumps(m) for m in meta))
+        return self
 
     def add(self, name: str, start: float, end: float, **args) -> None:
         """A span between two time.perf_counter() readings of this process."""
@@ -60,7 +72,7 @@ class Timeline:
         events = [{"name": n, "cat": n, "ph": "X", "pid": self.rank, "tid": ROWS.get(n, 0),
                    "ts": round((s - self._t0) * 1e6, 1), "dur": round((e - s) * 1e6, 1),
                    **({"args": a} if a else {})} for n, s, e, a in mine]
-        gathered = self.comm.gather(events, root=0)
+        gathered = self.control.gather(events, root=0)
         if self.rank == 0:
             lines = [json.dumps(ev) for per_rank in gathered for ev in per_rank]
             if lines:
@@ -90,6 +102,9 @@ class _Span:
 
 class NullTimeline:
     """Records nothing: the loop calls the same methods with or without --timeline."""
+
+    def start(self):
+        return self
 
     def add(self, *a, **k):
         pass

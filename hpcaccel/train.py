@@ -15,47 +15,25 @@ import sys
 import time
 import traceback
 
-from .errors import REQUEUE_EXIT_CODE, Diverged, UsageError
+from .errors import REQUEUE_EXIT_CODE, Diverged, SetupFailed, UsageError
 
 
-class SetupFailed(Exception):
-    """A non-usage failure during set-up, already agreed on by all ranks."""
-
-
-def agree(comm, error: BaseException | None) -> None:
-    """Collective: raise on every rank if any rank failed; the lowest failing rank's
-    error is the one reported."""
-    report = None if error is None else (isinstance(error, UsageError), f"{type(error).__name__}: {error}", str(error))
-    failed = [(r, m) for r, m in enumerate(comm.allgather(report)) if m is not None]
-    if failed:
-        rank, (usage, described, text) = failed[0]
-        raise UsageError(text) if usage else SetupFailed(f"rank {rank}: {described}")
-
-
-def collectively(_comm, fn, *args, **kwargs):
-    """Run a set-up phase on every rank; if it fails anywhere, it fails everywhere."""
-    result, error = None, None
-    try:
-        result = fn(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001 - reported collectively
-        error = e
-    agree(_comm, error)
-    return result
-
-
-def setup(cfg, comm):
+def setup(cfg, control, timeline):
+    """Every set-up phase, agreed collectively: a failure on any rank fails all of them."""
     from . import data, env
     from .comm import make_reducer, reducer_options
     from .models import build_model
-    from .trainer import make_optimizer
+    from .optim import make_optimizer
 
-    world = collectively(comm, env.detect, threads=cfg.threads, comm=comm)
-    reducer = collectively(comm, make_reducer, cfg.backend, comm=comm, **reducer_options(cfg))
+    collectively = control.collectively
+    world = collectively(env.detect, threads=cfg.threads, comm=control.comm)
+    reducer = collectively(make_reducer, cfg.backend, comm=control.comm, timeline=timeline,
+                           **reducer_options(cfg))
     shape = tuple(int(s) for s in cfg.synthetic_shape.split(","))
     train_ds, test_ds = collectively(
-        comm, data.resolve, cfg.data, cfg.test_data, samples=cfg.synthetic_samples, shape=shape,
+        data.resolve, cfg.data, cfg.test_data, samples=cfg.synthetic_samples, shape=shape,
         classes=cfg.synthetic_classes, seed=cfg.seed, pack=world.local_rank == 0,
-        wait=lambda err: agree(comm, err))
+        wait=control.agree)
 
     def check_data():
         if cfg.check_data:  # each rank scans its own share; agreed collectively below
@@ -66,56 +44,50 @@ def setup(cfg, comm):
         if train_ds.samples < need:
             raise UsageError(f"--data {train_ds.files[0]}: {train_ds.samples} samples, fewer than "
                              f"ranks x --batch-size = {world.size} x {cfg.batch_size} = {need}")
-    collectively(comm, check_data)
+    collectively(check_data)
 
     import torch
     from . import device as devices
     from . import finetune
 
-    dev = collectively(comm, devices.resolve, cfg.device, world.local_rank, world.local_size)
-    collectively(comm, devices.check_precision, cfg.precision, dev)
+    dev = collectively(devices.resolve, cfg.device, world.local_rank, world.local_size)
+    collectively(devices.check_precision, cfg.precision, dev)
     torch.manual_seed(cfg.seed)
-    model = collectively(comm, build_model, cfg.model, train_ds.sample_shape, train_ds.classes,
+    model = collectively(build_model, cfg.model, train_ds.sample_shape, train_ds.classes,
                          dropout=cfg.dropout)
     if cfg.init_from:
-        loaded, fresh = collectively(comm, finetune.load_matching, model, cfg.init_from)
+        loaded, fresh = collectively(finetune.load_matching, model, cfg.init_from)
         if world.is_main:
             print(f"hpcaccel: --init-from {cfg.init_from}: loaded {len(loaded)} tensors"
                   + (f", kept fresh: {', '.join(fresh[:6])}" if fresh else ""), flush=True)
     if cfg.freeze:
-        frozen = collectively(comm, finetune.freeze, model, finetune.parse_prefixes(cfg.freeze))
+        frozen = collectively(finetune.freeze, model, finetune.parse_prefixes(cfg.freeze))
         if world.is_main:
             print(f"hpcaccel: --freeze: {len(frozen)} parameter tensors frozen", flush=True)
     model.to(dev)
     optimizer = make_optimizer(cfg, model)
     reducer.broadcast_parameters(model)  # all ranks start from rank 0's initialisation
     reducer.attach(model, optimizer)
-    reader = data.RankReader(train_ds, world.rank, world.size, cfg.batch_size, cfg.shuffle, cfg.seed)
+    reader = data.RankReader(train_ds, world.rank, world.size, cfg.batch_size, cfg.shuffle,
+                             cfg.seed, timeline=timeline)
     return world, reducer, model, optimizer, reader, train_ds, test_ds
 
 
-def _progress_factory(enabled: bool):
-    if enabled:
-        from tqdm import tqdm
-        return lambda **kw: tqdm(leave=False, mininterval=0.5, dynamic_ncols=True, **kw)
-    from tqdm import tqdm
-    return lambda **kw: tqdm(disable=True, **kw)
-
-
-def restore(cfg, comm, world, model, optimizer) -> dict | None:
+def restore(cfg, control, world, model, optimizer) -> dict | None:
     """--resume: load the checkpoint on every rank (rank 0 picks the file) and restore the
     model, optimizer and this rank's RNG; None for a fresh start."""
     import torch
     from . import checkpoint
 
     # rank 0 decides which file, so all ranks resume from the same one
-    path = collectively(comm, lambda: checkpoint.resolve(cfg.resume, cfg.out) if comm.Get_rank() == 0 else None)
-    path = comm.bcast(path, root=0)
+    path = control.collectively(
+        lambda: checkpoint.resolve(cfg.resume, cfg.out) if control.is_main else None)
+    path = control.broadcast(path)
     if path is None:
         # Per-rank RNG streams (dropout, augmentation); initialisation came from rank 0.
         torch.manual_seed(cfg.seed * 1_000_003 + 1 + world.rank)
         return None
-    state = collectively(comm, checkpoint.load, path, model)
+    state = control.collectively(checkpoint.load, path, model)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if len(state["rng"]) == world.size:
@@ -126,50 +98,51 @@ def restore(cfg, comm, world, model, optimizer) -> dict | None:
     return state
 
 
-def run(argv, comm) -> dict:
+def run(argv, control) -> dict:
     from . import config
-    from .metrics import NullRunLog, RunLog
+    from .env import describe_hosts
+    from .metrics import NullRunLog, RunLog, progress_bar
     from .signals import StopRequest
-    from .trainer import Trainer
+    from .timeline import NullTimeline, Timeline
+    from .trainer import LoopHooks, Trainer
     from .watchdog import Watchdog
 
     t_start = time.perf_counter()
     stop = StopRequest()  # from the start: a signal during set-up is honoured at step 1
-    cfg = collectively(comm, config.parse_args, argv, quiet=comm.Get_rank() != 0)
-    world, reducer, model, optimizer, reader, train_ds, test_ds = setup(cfg, comm)
-    resumed = restore(cfg, comm, world, model, optimizer)
+    cfg = control.collectively(config.parse_args, argv, quiet=not control.is_main)
+    # one timeline for the reader, the reducer and the loop; its file is created in start()
+    timeline = Timeline(cfg.timeline, control) if cfg.timeline else NullTimeline()
+    world, reducer, model, optimizer, reader, train_ds, test_ds = setup(cfg, control, timeline)
+    resumed = restore(cfg, control, world, model, optimizer)
     log = RunLog(cfg.out, append=resumed is not None) if world.is_main else NullRunLog()
     if resumed is not None:
         log.info(f"hpcaccel: resuming from {resumed['path']} (epoch {resumed['epoch'] + 1}, "
                  f"step {resumed['global_step']})")
     device = next(model.parameters()).device
-    log.info(f"hpcaccel: {world.size} ranks on {world.nodes} node(s), {world.threads} thread(s) "
+    log.info(f"hpcaccel: {world.size} ranks on {world.nodes} node(s) ({describe_hosts(world.hosts)}), "
+             f"{world.threads} thread(s) "
              f"per rank, device {device}, precision {cfg.precision}, "
              f"backend {reducer.name}, {world.mpi_library}; data {train_ds.samples} "
              f"samples in {len(train_ds.files)} file(s), {reader.steps} steps/epoch")
-    watchdog = Watchdog(cfg.stall_timeout, world.rank, abort=lambda: comm.Abort(1)).start()
-    timeline = None
-    if cfg.timeline:
-        from .timeline import Timeline
-        timeline = collectively(comm, Timeline, cfg.timeline, comm)
-        reader.trace = reducer.trace = timeline
-    trainer = Trainer(cfg, world, reducer, model, optimizer, reader, test_ds, log,
-                      _progress_factory(cfg.progress and world.is_main), stop, watchdog, timeline)
+    watchdog = Watchdog(cfg.stall_timeout, world.rank, abort=control.abort).start()
+    control.collectively(timeline.start)
+    hooks = LoopHooks(log=log, progress=progress_bar(cfg.progress and world.is_main),
+                      stop=stop, watchdog=watchdog, timeline=timeline)
+    trainer = Trainer(cfg, control, reducer, model, optimizer, reader, test_ds, hooks)
     try:
         result = trainer.fit(resumed)
     finally:
         watchdog.stop()
         stop.ignore_further()
-    if timeline is not None:
-        timeline.close()  # collective: every rank leaves fit() at the same step
+    timeline.close()  # collective: every rank leaves fit() at the same step
     if "stopped_by" in result:
         log.info(f"hpcaccel: stopped by {result['stopped_by']} after step {result['steps']}; "
                  f"checkpoint {result['checkpoint']}; continue with --resume auto")
         log.close()
         reducer.close()
         return result
-    summary = {"world_size": world.size, "resumed_from": resumed and resumed["path"], "nodes": world.nodes, "threads_per_rank": world.threads,
-               "device": str(device),
+    summary = {"world_size": world.size, "resumed_from": resumed and resumed["path"],
+               "nodes": world.nodes, "threads_per_rank": world.threads, "device": str(device),
                "backend": reducer.name, "mpi_library": world.mpi_library, "epochs": cfg.epochs,
                **result, "wall_seconds": time.perf_counter() - t_start, "config": cfg.to_dict()}
     log.model(model.state_dict())
@@ -181,15 +154,22 @@ def run(argv, comm) -> dict:
     return summary
 
 
+def format_failure(rank: int, e: BaseException) -> str:
+    """A failing rank's report: one line naming the rank and error, then the traceback.
+    (The three-argument format_exception: the one-argument form needs Python 3.10.)"""
+    return (f"hpcaccel: rank {rank} failed: {type(e).__name__}: {e}\n"
+            + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+
+
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    from mpi4py import MPI
+    from .control import ControlPlane
 
-    comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
+    control = ControlPlane()  # MPI.COMM_WORLD: the whole job
+    rank = control.rank
     try:
-        result = run(argv, comm)
+        result = run(argv, control)
         return REQUEUE_EXIT_CODE if "stopped_by" in result else 0
     except SystemExit as e:  # --help: printed by rank 0 only (see config)
         return int(e.code or 0)
@@ -206,10 +186,9 @@ def main(argv=None) -> int:
             print(f"hpcaccel: error: {e}", file=sys.stderr, flush=True)
         return Diverged.exit_code
     except BaseException as e:  # noqa: BLE001 - one rank failing must end every rank
-        sys.stderr.write(f"hpcaccel: rank {rank} failed: {type(e).__name__}: {e}\n"
-                         + "".join(traceback.format_exception(e)))
+        sys.stderr.write(format_failure(rank, e))
         sys.stderr.flush()
-        comm.Abort(1)
+        control.abort(1)
         return 1
 
 

@@ -1,15 +1,17 @@
 """The training loop: read a batch, forward, backward (gradients averaged as they are
 produced), step; per epoch, average metrics across ranks and evaluate.
 
-It knows the Reducer interface only, never the backend. Cross-rank invariant: every rank
-runs the same number of steps per epoch (the reader guarantees it), so collectives in the
-loop always match.
+It knows the Reducer interface only, never the backend; everything else ranks exchange
+(votes, metric means, checkpoint gathers) goes through the control plane. Cross-rank
+invariant: every rank runs the same number of steps per epoch (the reader guarantees it),
+so collectives in the loop always match.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,64 +21,64 @@ from . import optim
 from .augment import augment, generator
 from .data import eval_batches
 from .errors import Diverged
+from .metrics import NullProgress, NullRunLog
+from .signals import StopRequest
 from .timeline import NullTimeline
+from .watchdog import Watchdog
 
 
-def make_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    return optim.make_optimizer(cfg.optimizer, model, cfg.lr, cfg.momentum, cfg.weight_decay,
-                                nesterov=cfg.nesterov)
+@dataclass
+class LoopHooks:
+    """What the loop reports to and listens to. Each defaults to one that does nothing, so a
+    test or benchmark that only wants steps passes none of them."""
 
-
-class LRSchedule:
-    """Peak lr (linear scaling rule), warm-up, then constant/cosine/step decay; set on the
-    optimizer before every step from the global step, so a resumed run follows the same
-    curve. Identical on every rank (same step, same global batch)."""
-
-    def __init__(self, cfg, world_size: int, steps_per_epoch: int):
-        self.peak = optim.scaled_lr(cfg.lr, cfg.batch_size * world_size, cfg.lr_ref_batch)
-        self.total = cfg.epochs * steps_per_epoch
-        self.warmup = round(cfg.warmup_epochs * steps_per_epoch)
-        self.schedule = cfg.lr_schedule
-        self.step_every = cfg.lr_step_epochs * steps_per_epoch
-        self.gamma = cfg.lr_step_gamma
-
-    def lr(self, step: int) -> float:
-        return self.peak * optim.lr_factor(step, self.total, self.warmup, self.schedule,
-                                           self.step_every, self.gamma)
+    log: object = field(default_factory=NullRunLog)
+    """metrics.jsonl, info lines (RunLog on rank 0, NullRunLog elsewhere)."""
+    progress: object = NullProgress
+    """progress(total=, initial=, desc=) -> a bar with set_postfix/update/close."""
+    stop: StopRequest = field(default_factory=lambda: StopRequest(signals=()))
+    """SIGUSR1/SIGTERM requests, voted on by all ranks each step."""
+    watchdog: Watchdog = field(default_factory=lambda: Watchdog(0, 0, abort=None))
+    """fed after every step; timeout 0 watches nothing."""
+    timeline: object = field(default_factory=NullTimeline)
+    """--timeline spans; the same object the reader and the reducer record in."""
 
 
 @torch.no_grad()
-def evaluate(model, ds, reducer, world, batch: int, device=None,
+def evaluate(model, ds, control, batch: int, device=None,
              precision: str = "fp32") -> tuple[float, float]:
     """(loss, accuracy) over the whole evaluation set; each rank scores its own part."""
     model.eval()
     device = device or torch.device("cpu")
     loss_sum = correct = 0.0
     count = 0
-    for x, y in eval_batches(ds, world.rank, world.size, batch):
+    for x, y in eval_batches(ds, control.rank, control.size, batch):
         x, y = x.to(device), y.to(device)
         with devices.autocast(precision, device):
             out = model(x).float()
         loss_sum += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
         count += len(y)
-    loss_sum, correct, count = reducer.allreduce_array([loss_sum, correct, count])
+    loss_sum, correct, count = control.allreduce([loss_sum, correct, count])
     return float(loss_sum / count), float(correct / count)
 
 
 class Trainer:
-    def __init__(self, cfg, world, reducer, model, optimizer, reader, test_ds, log, progress,
-                 stop, watchdog, timeline=None):
-        self.cfg, self.world, self.reducer = cfg, world, reducer
+    def __init__(self, cfg, control, reducer, model, optimizer, reader, test_ds=None,
+                 hooks: LoopHooks | None = None):
+        """control: the job's ControlPlane; reducer: already attached to model/optimizer;
+        reader: this rank's RankReader; test_ds: evaluated after each epoch (None: not)."""
+        self.cfg, self.control, self.reducer = cfg, control, reducer
         self.model, self.optimizer, self.reader = model, optimizer, reader
-        self.test_ds, self.log, self.progress = test_ds, log, progress
-        self.stop, self.watchdog = stop, watchdog
-        self.timeline = timeline or NullTimeline()
+        self.test_ds = test_ds
+        hooks = hooks or LoopHooks()
+        self.log, self.progress, self.stop = hooks.log, hooks.progress, hooks.stop
+        self.watchdog, self.timeline = hooks.watchdog, hooks.timeline
         self.step = 0
         self.skipped_steps = 0
         self.device = next(model.parameters()).device
         self.scaler = devices.grad_scaler(cfg.precision, self.device)
-        self.schedule = LRSchedule(cfg, world.size, reader.steps)
+        self.schedule = optim.LRSchedule(cfg, control.size, reader.steps)
         self.trainable = [p for g in optimizer.param_groups for p in g["params"]]
         self.timers = {"compute": 0.0, "comm_wait": 0.0}
 
@@ -86,7 +88,7 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.cfg.augment != "none":  # this rank's own stream, fixed by (seed, epoch, rank, step)
             x = augment(x, self.cfg.augment,
-                        generator(self.cfg.seed, epoch, self.world.rank, self.step))
+                        generator(self.cfg.seed, epoch, self.control.rank, self.step))
         self.reducer.zero_grad()
         loss, correct = self.forward_backward(x, y)  # allreduces start in the last backward
         t1 = time.perf_counter()
@@ -95,7 +97,7 @@ class Trainer:
         loss_value = loss.item()
         # One tiny collective per step carries every cross-rank decision: did any rank get a
         # stop signal, did any rank see a non-finite loss? All ranks act on the same answer.
-        signal_flag, nonfinite = self.reducer.allreduce_array(
+        signal_flag, nonfinite = self.control.allreduce(
             [self.stop.local_flag(), 0.0 if math.isfinite(loss_value) else 1.0], "max")
         self.step += 1
         self.stop.agreed(signal_flag)
@@ -126,7 +128,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            self.reducer.step()
+            self.optimizer.step()
 
     def forward_backward(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient of the batch's mean loss in --accum-steps micro-batches: all but the last
@@ -151,71 +153,91 @@ class Trainer:
     def fit(self, resumed: dict | None = None) -> dict:
         """Train from the start, or from a checkpoint's position. Returns the run's results;
         results["stopped_by"] names the signal if the run stopped early (after checkpointing)."""
-        cfg, world, steps = self.cfg, self.world, self.reader.steps
         start_epoch, start_step, last = 0, 0, {}
         partial = (0.0, 0.0)
         if resumed is not None:
             start_epoch, start_step = resumed["epoch"], resumed["step_in_epoch"]
             self.step, last = resumed["global_step"], resumed.get("last_record", {})
-            partial = tuple(resumed["partial"][world.rank]) if len(resumed["partial"]) == world.size else partial
+            if len(resumed["partial"]) == self.control.size:
+                partial = tuple(resumed["partial"][self.control.rank])
         train_seconds = 0.0
-        for epoch in range(start_epoch, cfg.epochs):
-            self.model.train()
+        for epoch in range(start_epoch, self.cfg.epochs):
             first = start_step if epoch == start_epoch else 0
-            loss_sum, correct = partial if epoch == start_epoch else (0.0, 0.0)
+            sums = partial if epoch == start_epoch else (0.0, 0.0)
             skipped_before = self.skipped_steps
             t0 = time.perf_counter()
-            bar = self.progress(total=steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-            for done, (x, y) in enumerate(self.reader.epoch(epoch, first), start=first + 1):
-                result = self.train_step(x, y, epoch)
-                self.watchdog.beat(self.step)
-                if result is not None:
-                    loss_sum += result[0]
-                    correct += result[1]
-                    bar.set_postfix(loss=f"{result[0]:.4f}", refresh=False)
-                bar.update(1)
-                if self.stop.stopping is not None:  # agreed by all ranks inside train_step
-                    bar.close()
-                    self.watchdog.beat(self.step, "checkpoint")
-                    path = self.checkpoint(epoch, done, (loss_sum, correct), last)
-                    self.reducer.barrier()  # nobody exits before rank 0's file is complete
-                    return {"stopped_by": self.stop.name, "checkpoint": path, "steps": self.step}
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and done < steps:
-                    self.checkpoint(epoch, done, (loss_sum, correct), last)
-            bar.close()
+            outcome = self.train_epoch(epoch, first, sums, last)
+            if isinstance(outcome, dict):  # stopped by an agreed signal, position saved
+                return outcome
             seconds = time.perf_counter() - t0
             train_seconds += seconds
-            ran = steps - first
-            # every rank ran `steps` steps of equal batches, so the plain mean is exact
-            taken = max(1, steps - (self.skipped_steps - skipped_before))  # same on every rank
-            train_loss, train_acc = self.reducer.mean(loss_sum / taken, correct / (taken * cfg.batch_size))
-            last = {"epoch": epoch + 1, "step": self.step, "train_loss": train_loss,
-                    "train_accuracy": train_acc, "epoch_seconds": seconds,
-                    "samples_per_second": ran * cfg.batch_size * world.size / seconds}
-            if self.test_ds is not None:
-                self.watchdog.beat(self.step, "evaluation")
-                with self.timeline.span("evaluate", epoch=epoch + 1):
-                    last["test_loss"], last["test_accuracy"] = evaluate(
-                        self.model, self.test_ds, self.reducer, world,
-                        max(cfg.batch_size, 256), self.device, cfg.precision)
-            self.log.metrics(last)
-            self.log.info(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  "
-                          f"train acc {train_acc:.4f}" + (f"  test acc {last['test_accuracy']:.4f}"
-                          if "test_accuracy" in last else "") +
-                          f"  {last['samples_per_second']:.0f} samples/s")
-            self.watchdog.beat(self.step, "checkpoint")
-            with self.timeline.span("checkpoint"):
-                self.checkpoint(epoch + 1, 0, (0.0, 0.0), last)
-            self.timeline.flush()  # collective, once per epoch on every rank
-            self.watchdog.beat(self.step)
+            last = self.end_epoch(epoch, first, outcome, self.skipped_steps - skipped_before,
+                                  seconds)
         return self._results(last, train_seconds, self.step - (resumed or {}).get("global_step", 0))
+
+    def train_epoch(self, epoch: int, first: int, sums, last: dict):
+        """Steps [first, steps) of `epoch`. Returns this rank's (loss sum, correct) over the
+        steps taken, or, if the ranks agreed to stop, the stopped run's results (a dict)
+        after checkpointing the position."""
+        self.model.train()
+        loss_sum, correct = sums
+        bar = self.progress(total=self.reader.steps, initial=first,
+                            desc=f"epoch {epoch + 1}/{self.cfg.epochs}")
+        for done, (x, y) in enumerate(self.reader.epoch(epoch, first), start=first + 1):
+            result = self.train_step(x, y, epoch)
+            self.watchdog.beat(self.step)
+            if result is not None:
+                loss_sum += result[0]
+                correct += result[1]
+                bar.set_postfix(loss=f"{result[0]:.4f}", refresh=False)
+            bar.update(1)
+            if self.stop.stopping is not None:  # agreed by all ranks inside train_step
+                bar.close()
+                self.watchdog.beat(self.step, "checkpoint")
+                path = self.checkpoint(epoch, done, (loss_sum, correct), last)
+                self.control.barrier()  # nobody exits before rank 0's file is complete
+                return {"stopped_by": self.stop.name, "checkpoint": path, "steps": self.step}
+            every = self.cfg.checkpoint_every
+            if every and self.step % every == 0 and done < self.reader.steps:
+                self.checkpoint(epoch, done, (loss_sum, correct), last)
+        bar.close()
+        return loss_sum, correct
+
+    def end_epoch(self, epoch: int, first: int, sums, skipped: int, seconds: float) -> dict:
+        """Collective: average the epoch's metrics over ranks, evaluate, log, checkpoint.
+        Returns the epoch's metrics record."""
+        cfg, steps = self.cfg, self.reader.steps
+        loss_sum, correct = sums
+        # every rank ran `steps` steps of equal batches, so the plain mean is exact
+        taken = max(1, steps - skipped)  # skipped steps were agreed: same on every rank
+        train_loss, train_acc = self.control.mean(loss_sum / taken, correct / (taken * cfg.batch_size))
+        last = {"epoch": epoch + 1, "step": self.step, "train_loss": train_loss,
+                "train_accuracy": train_acc, "epoch_seconds": seconds,
+                "samples_per_second": (steps - first) * cfg.batch_size * self.control.size / seconds}
+        if self.test_ds is not None:
+            self.watchdog.beat(self.step, "evaluation")
+            with self.timeline.span("evaluate", epoch=epoch + 1):
+                last["test_loss"], last["test_accuracy"] = evaluate(
+                    self.model, self.test_ds, self.control, max(cfg.batch_size, 256),
+                    self.device, cfg.precision)
+        self.log.metrics(last)
+        self.log.info(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  "
+                      f"train acc {train_acc:.4f}" + (f"  test acc {last['test_accuracy']:.4f}"
+                      if "test_accuracy" in last else "") +
+                      f"  {last['samples_per_second']:.0f} samples/s")
+        self.watchdog.beat(self.step, "checkpoint")
+        with self.timeline.span("checkpoint"):
+            self.checkpoint(epoch + 1, 0, (0.0, 0.0), last)
+        self.timeline.flush()  # collective, once per epoch on every rank
+        self.watchdog.beat(self.step)
+        return last
 
     def checkpoint(self, epoch: int, step_in_epoch: int, partial, last: dict) -> str | None:
         """Collective: gather every rank's RNG state and partial epoch sums; rank 0 writes."""
         from . import checkpoint
 
-        per_rank = self.reducer.gather_object((checkpoint.rng_state(), list(partial)))
-        if not self.world.is_main:
+        per_rank = self.control.gather((checkpoint.rng_state(), list(partial)))
+        if not self.control.is_main:
             return None
         state = checkpoint.build(self.model, self.optimizer, epoch, step_in_epoch, self.step,
                                  [r for r, _ in per_rank],
@@ -223,8 +245,8 @@ class Trainer:
         return checkpoint.save(self.cfg.out, state, self.cfg.keep_checkpoints)
 
     def _results(self, last: dict, train_seconds: float, steps_run: int) -> dict:
-        samples = steps_run * self.cfg.batch_size * self.world.size
-        compute, comm, wait = (self.reducer.allreduce_array(
+        samples = steps_run * self.cfg.batch_size * self.control.size
+        compute, comm, wait = (self.control.allreduce(
             [self.timers["compute"], self.timers["comm_wait"], self.reader.wait_seconds], "max"))
         compute, comm, wait = float(compute), float(comm), float(wait)
         return {

@@ -26,12 +26,12 @@ def horovod_unavailable() -> str | None:
     return None
 
 
-def _choose(name: str, comm) -> str:
+def _choose(name: str, control) -> str:
     """Collective. The backend every rank will use. Ranks must agree, or their collectives
     would never match: Horovod is taken only if it is usable on every rank."""
     if name == "mpi":
         return "mpi"
-    reasons = comm.allgather(horovod_unavailable())
+    reasons = control.allgather(horovod_unavailable())
     missing = [r for r, why in enumerate(reasons) if why is not None]
     if not missing:
         return "horovod"
@@ -40,17 +40,19 @@ def _choose(name: str, comm) -> str:
         from ..errors import UsageError
         raise UsageError(f"--backend horovod: not usable{where}: {reasons[missing[0]]}; build it "
                          f"with `bash scripts/horovod.sh .venv/bin/python` or use --backend mpi")
-    if comm.Get_rank() == 0:
+    if control.is_main:
         print(f"hpcaccel: warning: Horovod is not usable{where} ({reasons[missing[0]]}); "
               f"using the mpi4py reducer (--backend mpi)", file=sys.stderr, flush=True)
     return "mpi"
 
 
 def make_reducer(name: str, comm=None, bucket_bytes: int = 25 * 2**20, compression: str = "none",
-                 fusion_bytes: int | None = None, cycle_time_ms: float | None = None) -> Reducer:
+                 fusion_bytes: int | None = None, cycle_time_ms: float | None = None,
+                 timeline=None) -> Reducer:
     """Build the reducer named `name` (auto: the best available). Collective.
 
-    bucket_bytes: the mpi reducer's bucket size. compression: gradients on the wire as
+    comm: the job's mpi4py communicator (default COMM_WORLD). timeline: a Timeline
+    (--timeline) the reducer records its communication in (None: nothing recorded). bucket_bytes: the mpi reducer's bucket size. compression: gradients on the wire as
     none, fp16 or bf16 (horovod: none or fp16). fusion_bytes, cycle_time_ms: Horovod's
     tensor-fusion threshold and cycle time (None: Horovod's default or its environment).
     """
@@ -60,15 +62,17 @@ def make_reducer(name: str, comm=None, bucket_bytes: int = 25 * 2**20, compressi
         raise UsageError(f"--backend: unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     if compression not in COMPRESSIONS:
         raise UsageError(f"--compression: unknown {compression!r} (choose from {', '.join(COMPRESSIONS)})")
-    if comm is None:
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD
-    if _choose(name, comm) == "horovod":
+    from ..control import ControlPlane
+
+    control = ControlPlane(comm)
+    if _choose(name, control) == "horovod":
         from .horovod import HorovodReducer
-        return HorovodReducer(comm=comm, compression=compression, fusion_bytes=fusion_bytes,
-                              cycle_time_ms=cycle_time_ms)
+        return HorovodReducer(comm=control.comm, compression=compression,
+                              fusion_bytes=fusion_bytes, cycle_time_ms=cycle_time_ms,
+                              timeline=timeline)
     from .mpi import MPIReducer
-    return MPIReducer(comm=comm, bucket_bytes=bucket_bytes, compression=compression)
+    return MPIReducer(comm=control.comm, bucket_bytes=bucket_bytes, compression=compression,
+                      timeline=timeline)
 
 
 def reducer_options(cfg) -> dict:

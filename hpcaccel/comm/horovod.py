@@ -7,7 +7,7 @@ How a step flows (the contract of base.Reducer, as the mpi reducer keeps it):
                 once per cycle.
   synchronize() starts the allreduces the hooks did not (a parameter without a gradient on
                 this rank contributes zeros), waits; each .grad is then the mean over ranks.
-  step()        the caller's optimizer steps; nothing is communicated.
+  then          the caller's optimizer steps; nothing is communicated.
 
 Cross-rank invariants:
   * Horovod matches collectives by name, not by call order: each gradient is named after its
@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 
-import numpy as np
 import torch
 
 from .base import Reducer
@@ -80,7 +79,7 @@ class HorovodReducer(Reducer):
     name = "horovod"
 
     def __init__(self, comm=None, compression: str = "none", fusion_bytes: int | None = None,
-                 cycle_time_ms: float | None = None):
+                 cycle_time_ms: float | None = None, timeline=None):
         """fusion_bytes, cycle_time_ms: HOROVOD_FUSION_THRESHOLD and HOROVOD_CYCLE_TIME
         (None: Horovod's defaults, 128 MiB and 1 ms, or the environment's values). They
         take effect in the first reducer of a process; see _start_horovod."""
@@ -88,15 +87,13 @@ class HorovodReducer(Reducer):
         from mpi4py import MPI
 
         self.hvd = hvd
-        self.comm = comm or MPI.COMM_WORLD
-        super().__init__(self.comm)
+        super().__init__(comm or MPI.COMM_WORLD, timeline)
         self.compression = _compressor(hvd, compression)
         _start_horovod(hvd, self.comm, fusion_bytes, cycle_time_ms)
         if (hvd.rank(), hvd.size()) != (self.rank, self.size):
             raise RuntimeError(f"Horovod runs as rank {hvd.rank()} of {hvd.size()}, the "
                                f"communicator says {self.rank} of {self.size}")
         self._ops = {"sum": hvd.Sum, "max": hvd.Max, "min": hvd.Min}
-        self.optimizer = None
         self._distributed = None  # Horovod's DistributedOptimizer: hooks and synchronize only
         self._params: list[torch.nn.Parameter] = []
         self._no_sync_depth = 0
@@ -105,15 +102,6 @@ class HorovodReducer(Reducer):
     def broadcast_parameters(self, module, root=0):
         # state_dict: parameters and buffers (BatchNorm statistics), as views updated in place
         self.hvd.broadcast_parameters(module.state_dict(), root_rank=root)
-
-    def broadcast_optimizer_state(self, root=0):
-        # Horovod fills an empty optimizer state by stepping with zero gradients, which moves
-        # parameters under weight decay. Use it only where every rank has state already.
-        empty_somewhere = self.allreduce_array([0.0 if self.optimizer.state else 1.0], "max")[0]
-        if empty_somewhere:
-            super().broadcast_optimizer_state(root)
-        else:
-            self.hvd.broadcast_optimizer_state(self.optimizer, root_rank=root)
 
     def attach(self, model, optimizer):
         self.optimizer = optimizer
@@ -145,8 +133,8 @@ class HorovodReducer(Reducer):
             if count == 0:
                 p.grad = None  # no rank produced one: Horovod averaged zeros; skip it everywhere
 
-    # step(): the base class's, the caller's optimizer.step(). Horovod's wrapper would only
-    # add a second synchronize, which its own skip_synchronize() exists to turn off.
+    # The caller steps its own optimizer after synchronize(). Horovod's wrapper's step() would
+    # only add a second synchronize, which its own skip_synchronize() exists to turn off.
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -166,12 +154,7 @@ class HorovodReducer(Reducer):
             if self._no_sync_depth == 0:
                 self._distributed.set_backward_passes_per_step(1)
 
-    # -- values ---------------------------------------------------------------------------
-    def allreduce_array(self, values, op="sum"):
-        tensor = torch.tensor(np.asarray(values, dtype=np.float64))
-        name = f"hpcaccel.values.{op}.{tensor.numel()}"  # Horovod matches ranks' ops by name
-        return self.hvd.allreduce(tensor, op=self._ops[op], name=name).numpy()
-
+    # -- tensors --------------------------------------------------------------------------
     def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce `tensor` over ranks in place (op: sum, max, min) and return it."""
         name = f"hpcaccel.tensor.{op}.{tensor.dtype}.{tuple(tensor.shape)}"

@@ -9,7 +9,8 @@ How a step flows:
                 (accumulation) add into the views in place.
   synchronize() starts any bucket not yet started, waits for all, divides by world size.
 
-How a bucket's allreduce runs (`overlap`):
+How a bucket's allreduce runs (`overlap`; the sum itself is the `algorithm`'s, see
+algorithms.py, by default MPI_Allreduce in slices):
   thread       (default) a communication thread runs blocking MPI_Allreduce on each bucket
                as it is queued, while backward continues. Blocking Allreduce uses the MPI
                library's tuned algorithms; with Open MPI 4.1 nonblocking MPI_Iallreduce
@@ -44,16 +45,12 @@ import queue
 import threading
 import time
 
-import numpy as np
 import torch
 
+from .algorithms import CHUNK_BYTES, SlicedAllreduce
 from .base import Reducer
 
 _FIRST_BUCKET_BYTES = 1 << 20  # small first bucket: communication starts early in backward
-# Largest single MPI_Allreduce; bigger buffers go as consecutive calls on slices. Measured
-# with Open MPI 4.1 shared memory, 2 ranks: 7.1 GB/s busbw at 4-16 MiB but 2.2 GB/s at 64 MiB
-# (messages beyond the caches), so a 96 MiB gradient takes a third of the time in slices.
-CHUNK_BYTES = 8 << 20
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 WIRE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _wire_sums = {}  # torch dtype -> MPI.Op, created once per process
@@ -143,8 +140,11 @@ class MPIReducer(Reducer):
     OVERLAP = ("thread", "nonblocking", "none")
 
     def __init__(self, comm=None, bucket_bytes: int = 25 * 2**20, overlap: str = "thread",
-                 compression: str = "none", chunk_bytes: int = CHUNK_BYTES):
-        """compression: none, or fp16/bf16 on the wire (gradients rounded to 16 bits)."""
+                 compression: str = "none", chunk_bytes: int = CHUNK_BYTES, algorithm=None,
+                 timeline=None):
+        """compression: none, or fp16/bf16 on the wire (gradients rounded to 16 bits).
+        algorithm: sums one flat buffer in place over `comm` (algorithms.py); default
+        SlicedAllreduce(comm, chunk_bytes). timeline: records each bucket's allreduce."""
         from mpi4py import MPI
 
         if overlap not in self.OVERLAP:
@@ -155,17 +155,15 @@ class MPIReducer(Reducer):
         self._wire_op = None if self.wire_dtype is None else wire_sum_op(self.wire_dtype)
         self._MPI = MPI
         self.overlap = overlap
-        self.comm = comm or MPI.COMM_WORLD
-        super().__init__(self.comm)
+        super().__init__(comm or MPI.COMM_WORLD, timeline)
         self.bucket_bytes = int(bucket_bytes)
-        self.chunk_bytes = int(chunk_bytes)
+        self.algorithm = algorithm or SlicedAllreduce(self.comm, chunk_bytes)
         self.buckets: list[_Bucket] = []
         self._params: list[torch.nn.Parameter] = []  # attached, in bucket order
         self._where = {}          # parameter -> (bucket, index in bucket)
         self._next_launch = 0     # buckets [0, _next_launch) have been started this step
         self._sync = True
         self._handles = []
-        self.optimizer = None
         self._queue = None  # overlap=thread: buckets waiting for the communication thread
         self._worker = None
         self._worker_error = None
@@ -289,21 +287,10 @@ class MPIReducer(Reducer):
         """Blocking sum, then the mean, in this bucket's memory (the flags stay sums)."""
         t0 = time.perf_counter()
         buf, op = self._on_wire(b)
-        self._allreduce_in_place(buf, op)
+        self.algorithm.allreduce_(buf, op)
         self._average(b)
-        if self.trace is not None:
-            self.trace.add("bucket_allreduce", t0, time.perf_counter(), bucket=b.index,
-                           bytes=b.flat.numel() * b.flat.element_size())
-
-    def _allreduce_in_place(self, buf, op):
-        """MPI_Allreduce(IN_PLACE) on a 1-d array (or [array, MPI type]), in slices of at most
-        chunk_bytes. Every rank slices identically (same length, same chunk size), so the
-        calls match one to one."""
-        array, rest = (buf[0], buf[1:]) if isinstance(buf, list) else (buf, None)
-        step = max(1, self.chunk_bytes // array.itemsize)
-        for start in range(0, len(array), step):
-            part = array[start:start + step]
-            self.comm.Allreduce(self._MPI.IN_PLACE, [part, *rest] if rest else part, op=op)
+        self.timeline.add("bucket_allreduce", t0, time.perf_counter(), bucket=b.index,
+                          bytes=b.flat.numel() * b.flat.element_size())
 
     def _start_worker(self):
         self._queue = queue.SimpleQueue()
@@ -371,21 +358,16 @@ class MPIReducer(Reducer):
         finally:
             self._sync = True
 
-    # -- values ---------------------------------------------------------------------------
-    def allreduce_array(self, values, op="sum"):
-        out = np.array(values, dtype=np.float64, copy=True)
-        self.comm.Allreduce(self._MPI.IN_PLACE, out, op=getattr(self._MPI, _OPS[op]))
-        return out
-
+    # -- tensors --------------------------------------------------------------------------
     def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce `tensor` over ranks in place (op: sum, max, min) and return it. A contiguous
         CPU tensor is handed to MPI as is (zero copy); others go through a host copy."""
         mpi_op = getattr(self._MPI, _OPS[op])
         if tensor.is_contiguous() and tensor.device.type == "cpu":
-            self._allreduce_in_place(tensor.detach().numpy().reshape(-1), mpi_op)
+            self.algorithm.allreduce_(tensor.detach().numpy().reshape(-1), mpi_op)
             return tensor
         host = tensor.detach().cpu().contiguous()
-        self._allreduce_in_place(host.numpy().reshape(-1), mpi_op)
+        self.algorithm.allreduce_(host.numpy().reshape(-1), mpi_op)
         with torch.no_grad():
             tensor.copy_(host)
         return tensor

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import torch
 
+from ..timeline import NullTimeline
 from .hdf5 import H5Dataset
 from .sharding import Segment, epoch_segments, eval_ranges, locate, steps_per_epoch
 
@@ -44,12 +45,13 @@ class RankReader:
     """Training batches of one rank: `steps` batches of `batch` samples per epoch."""
 
     def __init__(self, ds: H5Dataset, rank: int, world: int, batch: int, shuffle: bool,
-                 seed: int, prefetch: int = 4):
+                 seed: int, prefetch: int = 4, timeline=None):
         self.ds, self.rank, self.world, self.batch = ds, rank, world, batch
         self.shuffle, self.seed, self.prefetch = shuffle, seed, prefetch
         self.steps = steps_per_epoch(ds.samples, batch, world)
         self.wait_seconds = 0.0
-        self.trace = None  # a Timeline (--timeline) records each wait as a span
+        # a Timeline (--timeline) records each wait as a span
+        self.timeline = timeline if timeline is not None else NullTimeline()
 
     def segments(self, epoch: int) -> list[Segment]:
         return epoch_segments(list(self.ds.lengths), self.ds.chunk, self.rank, self.world,
@@ -68,8 +70,7 @@ class RankReader:
                 item = q.get()
                 t1 = time.perf_counter()
                 self.wait_seconds += t1 - t0
-                if self.trace is not None:
-                    self.trace.add("data_wait", t0, t1)
+                self.timeline.add("data_wait", t0, t1)
                 if item is _DONE:
                     return
                 if isinstance(item, BaseException):

@@ -4,25 +4,22 @@ import json
 
 import pytest
 
-from hpcaccel.comm import horovod_unavailable
-from launch import mpirun_python as mpirun
-
-WHY_NO_HOROVOD = horovod_unavailable()
-needs_horovod = pytest.mark.skipif(WHY_NO_HOROVOD is not None,
-                                   reason=f"Horovod not usable: {WHY_NO_HOROVOD}")
+from support import BACKEND_PARAMS, mpirun_python as mpirun, train_cli
+from support import requires_horovod as needs_horovod
 
 
 # Back-to-back small allreduces each wait for Horovod's next cycle: with a 100 ms cycle,
 # 4 of them take at least ~300 ms, a lower bound only the knob can cause (noise only adds).
 CYCLE_PROBE = """
 import os, time
+import torch
 from hpcaccel.comm import make_reducer
 red = make_reducer("horovod", cycle_time_ms={cycle}, fusion_bytes=1 << 20)
 assert "HOROVOD_CYCLE_TIME" not in os.environ  # applied to Horovod, not left behind
-red.allreduce_array([1.0])
+red.allreduce_(torch.ones(1))
 t0 = time.perf_counter()
 for _ in range(4):
-    red.allreduce_array([1.0])
+    red.allreduce_(torch.ones(1))
 seconds = time.perf_counter() - t0
 # one line, from rank 0: mpirun may merge lines that ranks print at the same moment
 fastest = red.comm.allreduce(seconds, op=__import__("mpi4py").MPI.MIN)
@@ -41,14 +38,11 @@ def test_horovod_cycle_time_takes_effect():
 
 
 def train(np_, out, *args):
-    return mpirun(np_, "-m", "hpcaccel.train", "--progress", "false", "--out", str(out),
-                  "--data", "synthetic", "--synthetic-samples", "512", "--synthetic-shape", "1,8,8",
-                  "--model", "mlp", "--epochs", "2", *args)
+    return train_cli(np_, "--out", str(out), "--data", "synthetic", "--synthetic-samples", "512",
+                     "--synthetic-shape", "1,8,8", "--model", "mlp", "--epochs", "2", *args)
 
 
-# ids: pytest-mpi takes a bare "mpi" keyword (a parameter id) for its own marker and skips
-@pytest.mark.parametrize("backend", ["mpi", pytest.param("horovod", marks=needs_horovod)],
-                         ids=["mpi-backend", "horovod-backend"])
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_train_with_accumulation(tmp_path, backend):
     r = train(2, tmp_path / "run", "--backend", backend, "--accum-steps", "4")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -9,15 +9,14 @@ import pytest
 import torch
 
 from hpcaccel import checkpoint
-from launch import ROOT
+from support import mpirun_command
 
 ARGS = ["--data", "synthetic", "--synthetic-samples", "16384", "--synthetic-shape", "64",
         "--model", "mlp", "--epochs", "6", "--batch-size", "16", "--progress", "false"]
 
 
 def command(np_, *args):
-    return ["bash", os.path.join(ROOT, "scripts", "mpirun.sh"), str(np_), sys.executable,
-            "-m", "hpcaccel.train", *ARGS, *args]
+    return mpirun_command(np_, "-m", "hpcaccel.train", *ARGS, *args)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from launch import train_cli
+from support import train_cli
 
 
 # A user model that misbehaves on one rank at one step, chosen by environment variables.

@@ -5,16 +5,10 @@ import os
 import pytest
 import torch
 
-from hpcaccel.comm import horovod_unavailable
-from launch import train_cli as mpirun
-
-WHY_NO_HOROVOD = horovod_unavailable()
+from support import BACKEND_PARAMS, train_cli as mpirun
 
 
-# ids: pytest-mpi takes a bare "mpi" keyword (a parameter id) for its own marker and skips
-@pytest.mark.parametrize("backend", ["mpi", pytest.param("horovod", marks=pytest.mark.skipif(
-    WHY_NO_HOROVOD is not None, reason=f"Horovod not usable: {WHY_NO_HOROVOD}"))],
-    ids=["mpi-backend", "horovod-backend"])
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_digits_at_4_ranks_reaches_95_percent(tmp_path, backend):
     out = tmp_path / "run"
     r = mpirun(4, "--out", str(out), "--epochs", "10", "--backend", backend)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from launch import train_cli
+from support import train_cli
 
 
 def mpirun(np_, *args, **kw):

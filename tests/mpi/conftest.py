@@ -1,26 +1,21 @@
 """Shared pieces of the MPI tests. Every test here runs on every rank (pytest-mpi);
-assertions are written in terms of the world size so they hold at any rank count."""
+assertions are written in terms of the communicator's size so they hold at any rank count,
+and the reducer's contract is checked on the world, a duplicate of it and a one-rank
+communicator (COMM_SELF), as mpi4py's own suite does."""
 import pytest
 
-# Backends the reducer and equivalence tests are parametrized over.
-def _horovod_param():
-    from hpcaccel.comm import horovod_unavailable
-    why = horovod_unavailable()
-    return pytest.param("horovod", marks=pytest.mark.skipif(
-        why is not None, reason=f"Horovod not usable: {why}"))
+from support import BACKEND_PARAMS
 
 
-BACKENDS = ["mpi", _horovod_param()]
-
-
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=BACKEND_PARAMS)
 def backend(request):
     return request.param
 
 
 @pytest.fixture
 def make(backend, comm):
-    """make(**options) -> a reducer of the parametrized backend on COMM_WORLD."""
+    """make(**options) -> a reducer of the parametrized backend (on COMM_WORLD unless
+    comm= is given)."""
     from hpcaccel.comm import make_reducer
 
     def factory(**kw):
@@ -33,3 +28,21 @@ def make(backend, comm):
 def comm():
     from mpi4py import MPI
     return MPI.COMM_WORLD
+
+
+@pytest.fixture(params=["world", "world-dup", "self"], ids=["comm-world", "comm-dup", "comm-self"])
+def contract_comm(request, backend):
+    """Each communicator the reducer contract must hold on. Horovod runs on one communicator
+    per process (the job's, started once), so it is checked on the world only."""
+    from mpi4py import MPI
+
+    if backend == "horovod" and request.param != "world":
+        pytest.skip("Horovod runs on the job's communicator only")
+    if request.param == "self":
+        yield MPI.COMM_SELF
+    elif request.param == "world":
+        yield MPI.COMM_WORLD
+    else:
+        dup = MPI.COMM_WORLD.Dup()
+        yield dup
+        dup.Free()

@@ -69,7 +69,7 @@ def test_n_ranks_equal_one_rank(make, comm, dataset, model_name):
         red.zero_grad()
         torch.nn.functional.cross_entropy(dist(x), y).backward()
         red.synchronize()
-        red.step()
+        opt.step()
     red.close()
 
     for (name, a), b in zip(ref.state_dict().items(), dist.state_dict().values()):

@@ -7,7 +7,7 @@ from hpcaccel import device, finetune
 from hpcaccel.config import parse_args
 from hpcaccel.errors import UsageError
 from hpcaccel.models import build_model
-from hpcaccel.trainer import LRSchedule
+from hpcaccel.optim import LRSchedule
 
 
 @pytest.mark.parametrize("choice,local_rank,local_size,gpus,expected", [

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hpcaccel.augment import augment, generator, random_flip, random_shift
-from hpcaccel.optim import LARS, lr_factor, make_optimizer, param_groups, scaled_lr
+from hpcaccel.optim import LARS, build_optimizer, lr_factor, param_groups, scaled_lr
 
 
 def test_linear_scaling_and_warmup_then_cosine():
@@ -42,7 +42,7 @@ def test_lars_trust_ratio_bounds_the_update():
 def test_every_optimizer_reduces_a_quadratic(name):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
-    opt = (make_optimizer(name, model, lr=0.05, momentum=0.9, weight_decay=0.0) if name != "lars"
+    opt = (build_optimizer(name, model, lr=0.05, momentum=0.9, weight_decay=0.0) if name != "lars"
            else LARS(model.parameters(), lr=0.5, momentum=0.9, eta=0.05))
     x = torch.randn(64, 4)
     y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])

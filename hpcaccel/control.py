@@ -1,0 +1,89 @@
+"""The job's control plane: small decisions and values shared by all ranks, over the job's
+mpi4py communicator. The Reducer averages gradients; everything else that ranks exchange
+(votes, metric means, gathers to rank 0, barriers, "fail everywhere if any rank failed")
+goes through here, whichever backend averages the gradients.
+
+Why mpi4py and not the backend: Horovod's object collectives each wait for a background
+cycle and Horovod has no gather to one rank; every backend runs on this communicator anyway.
+
+Cross-rank invariants:
+  * Every method is collective unless marked local: all ranks call the same methods in the
+    same order, with values of the same length.
+  * The training thread calls these only between steps (after Reducer.synchronize()), never
+    while a step's gradient allreduces are in flight on a communication thread.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import SetupFailed, UsageError
+
+_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+class ControlPlane:
+    def __init__(self, comm=None):
+        """comm: the job's mpi4py communicator (default COMM_WORLD)."""
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.is_main = self.rank == 0
+
+    # -- values -----------------------------------------------------------------------------
+    def allreduce(self, values, op: str = "sum") -> np.ndarray:
+        """Reduce a few numbers over ranks (op: sum, max, min) as float64; a new array."""
+        out = np.array(values, dtype=np.float64, copy=True).reshape(-1)
+        self.comm.Allreduce(self._MPI.IN_PLACE, out, op=getattr(self._MPI, _OPS[op]))
+        return out
+
+    def mean(self, *values: float) -> list[float]:
+        """Average scalars over ranks (metrics)."""
+        return [float(v) for v in self.allreduce(values) / self.size]
+
+    def any(self, flag: bool) -> bool:
+        """Did any rank vote True? The same answer on every rank."""
+        return bool(self.allreduce([1.0 if flag else 0.0], "max")[0])
+
+    # -- objects (small, pickled) --------------------------------------------------------
+    def broadcast(self, obj, root: int = 0):
+        """`root`'s object on every rank."""
+        return self.comm.bcast(obj, root=root)
+
+    def gather(self, obj, root: int = 0) -> list | None:
+        """Every rank's object, as a list by rank on `root`; None elsewhere."""
+        return self.comm.gather(obj, root=root)
+
+    def allgather(self, obj) -> list:
+        """Every rank's object, as a list by rank, on every rank."""
+        return self.comm.allgather(obj)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    # -- failing together -----------------------------------------------------------------
+    def agree(self, error: BaseException | None) -> None:
+        """Raise on every rank if any rank failed; the lowest failing rank's error is the one
+        reported: a UsageError as itself (exit 2), anything else as SetupFailed."""
+        report = None if error is None else (
+            isinstance(error, UsageError), f"{type(error).__name__}: {error}", str(error))
+        failed = [(r, m) for r, m in enumerate(self.comm.allgather(report)) if m is not None]
+        if failed:
+            rank, (usage, described, text) = failed[0]
+            raise UsageError(text) if usage else SetupFailed(f"rank {rank}: {described}")
+
+    def collectively(self, fn, *args, **kwargs):
+        """Run `fn` on every rank; if it fails on any rank, it fails on all (agree)."""
+        result, error = None, None
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - reported collectively
+            error = e
+        self.agree(error)
+        return result
+
+    def abort(self, code: int = 1) -> None:
+        """Local call, global effect: end every rank of the job (MPI_Abort)."""
+        self.comm.Abort(code)
