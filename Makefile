@@ -67,3 +67,9 @@ test-user-setup:
 # Build Horovod again after a failed build (set-up remembers a failure and does not retry).
 horovod-retry:
 	HPCACCEL_RETRY_HOROVOD=1 bash scripts/setup.sh train
+
+# The unit tests under the oldest Python pyproject admits (requires-python), in a venv of
+# its own under build/ made once (torch 2.8.0, the newest for Python 3.9); skipped with a
+# message where no such Python is installed.
+test-python-min:
+	@bash scripts/test_python_min.sh

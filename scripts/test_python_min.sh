@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The unit tests under the oldest Python that pyproject.toml admits (requires-python), in a
+# venv of its own under build/ (made once, then reused: later runs take seconds plus the
+# tests). Finds that Python under pyenv or on PATH; says so and exits 0 where there is none.
+#
+# torch for it: HPCACCEL_TORCH_MIN (default torch==2.8.0, the newest release with wheels for
+# Python 3.9). PyPI's Linux wheel brings CUDA libraries (~3 GB download, once).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+min=$(sed -n 's/^requires-python = ">=\([0-9.]*\)".*/\1/p' pyproject.toml)
+[ -n "$min" ] || { echo "test-python-min: no requires-python in pyproject.toml" >&2; exit 2; }
+TORCH_SPEC=${HPCACCEL_TORCH_MIN:-torch==2.8.0}
+
+py=""
+for cand in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$min".*/bin/python "$(command -v "python$min" || true)"; do
+  if [ -x "$cand" ] && "$cand" -c "import sys; sys.exit(sys.version_info[:2] != tuple(map(int, '$min'.split('.'))))"; then
+    py=$cand
+  fi
+done
+if [ -z "$py" ]; then
+  echo "test-python-min: skipped, no Python $min found (pyenv install $min, or put python$min on PATH)"
+  exit 0
+fi
+
+venv="$ROOT/build/py${min//./}"
+stamp="$venv/.hpcaccel-min-stamp"
+want="$TORCH_SPEC $(sha256sum pyproject.toml | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "test-python-min: preparing $venv with $("$py" --version) and $TORCH_SPEC (once)"
+  "$py" -m venv "$venv"
+  "$venv/bin/pip" install -q "$TORCH_SPEC" "setuptools>=64"  # the build backend pyproject asks for
+  "$venv/bin/pip" install -q -e "$ROOT[test]"
+  echo "$want" > "$stamp"
+fi
+echo "test-python-min: unit tests under $("$venv/bin/python" --version), $("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)')"
+exec timeout --signal=TERM --kill-after=30 900 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/unit "$@"
