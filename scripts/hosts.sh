@@ -29,10 +29,17 @@ set -euo pipefail
 
 SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BASE=${HPCACCEL_HOSTS_BASE:-/tmp/hpcaccel-hosts}
-NET=198.18.0
-BRIDGE=hpca-br0
-NS_PREFIX=hpca-h        # namespace of host I: hpca-hI
+# HPCACCEL_HOSTS_INSTANCE=K (1..99; default 0) is a second, independent set of hosts beside
+# the default one (benchmarks beside tests): namespaces hpcaK-hI, bridge hpcaK-br0 on
+# 198.18.K.0/24, state in /tmp/hpcaccel-hosts-K; instance 0 keeps the names below.
+INSTANCE=${HPCACCEL_HOSTS_INSTANCE:-0}
+[[ $INSTANCE =~ ^[0-9]{1,2}$ ]] || { echo "hosts: error: HPCACCEL_HOSTS_INSTANCE must be 0..99" >&2; exit 2; }
+TAG=$( [ "$INSTANCE" = 0 ] || echo "$INSTANCE" )
+BASE=${HPCACCEL_HOSTS_BASE:-/tmp/hpcaccel-hosts${TAG:+-$TAG}}
+NET=198.18.$INSTANCE
+BRIDGE=hpca${TAG}-br0
+NS_PREFIX=hpca${TAG}-h        # namespace of host I: hpca-hI
+VETH_PREFIX=hpca${TAG}-v      # root-side end of host I's link: hpca-vI
 HOST_PREFIX=hpca-node   # hostname of host I: hpca-nodeI
 MAX_HOSTS=16
 
@@ -89,7 +96,7 @@ cmd_down() {
     ip netns del "$n" 2>/dev/null || true
   done
   # root-side veth ends vanish with their namespaces; remove any stray one, then the bridge
-  for n in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E '^hpca-v[0-9]+$' || true); do
+  for n in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E "^${VETH_PREFIX}[0-9]+$" || true); do
     ip link del "$n" 2>/dev/null || true
   done
   ip link del "$BRIDGE" 2>/dev/null || true
@@ -153,9 +160,9 @@ cmd_up() {
   local i
   for ((i = 1; i <= n; i++)); do
     ip netns add "$(ns "$i")" 2>/dev/null || { cmd_down >/dev/null; die "cannot create network namespace $(ns "$i") (kernel without netns?)" 3; }
-    ip link add "hpca-v$i" type veth peer name eth0 netns "$(ns "$i")" \
+    ip link add "$VETH_PREFIX$i" type veth peer name eth0 netns "$(ns "$i")" \
       || { cmd_down >/dev/null; die "cannot create a veth pair (kernel without veth?)" 3; }
-    ip link set "hpca-v$i" master "$BRIDGE" up
+    ip link set "$VETH_PREFIX$i" master "$BRIDGE" up
     ip -n "$(ns "$i")" addr add "$NET.$i/24" dev eth0
     ip -n "$(ns "$i")" link set eth0 up
     ip -n "$(ns "$i")" link set lo up
