@@ -57,12 +57,13 @@ bench: setup-test
 clean:
 	rm -rf runs build
 
-# The set-up as a new user meets it: an unprivileged account, the system MPI hidden, no
-# pip configuration; set-up, a short Horovod training run, the MPI tests. Root only (says
-# "skipped" otherwise). First run on a machine: long (torch, Horovod build); later: minutes.
+# Set-up itself: a failed Horovod build remembered and shown by its first errors; and the
+# set-up as a new user meets it (an unprivileged account, the system MPI hidden, no pip
+# configuration: set-up, a short Horovod training run, the MPI tests; root only, skipped
+# otherwise). First run on a machine: long (torch download, Horovod build); later: minutes.
 .PHONY: test-user-setup horovod-retry
-test-user-setup:
-	$(TIMEOUT) 3600 bash scripts/check_user_setup.sh
+test-user-setup: setup-test
+	$(TIMEOUT) 3600 $(PY) -m pytest -q -p no:cacheprovider tests/setup
 
 # Build Horovod again after a failed build (set-up remembers a failure and does not retry).
 horovod-retry:

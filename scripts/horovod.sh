@@ -34,7 +34,11 @@ fi
 # meets this. We ask for GPU operations only where they can work: the user asked
 # (HOROVOD_GPU_OPERATIONS), or the torch is a CUDA build, a toolkit's nvcc runs and a GPU
 # is there. Everything else builds CPU operations, whatever the torch.
-torch_cuda=$("$PY" -c 'import torch; print(torch.version.cuda or "")' 2>/dev/null)
+# One interpreter start for all we need to know (importing torch takes seconds):
+# torch's version as a key part, its CUDA version or "-" for a CPU build, Python's tag.
+read -r torch_v torch_cuda py_v < <("$PY" -c 'import sys, torch
+print(torch.__version__.replace("+", "_"), torch.version.cuda or "-", "cp%d%d" % sys.version_info[:2])')
+[ "${torch_cuda:--}" = - ] && torch_cuda=""
 has_gpu() { nvidia-smi -L >/dev/null 2>&1 || [ -e /dev/nvidia0 ]; }
 has_toolkit() {
   local nvcc=${CUDA_HOME:+$CUDA_HOME/bin/nvcc}
@@ -48,7 +52,11 @@ elif [ -n "$torch_cuda" ] && has_toolkit && has_gpu; then
 else
   ops=cpu
 fi
-case $ops in cpu) ops_label="CPU operations only" ;; *) ops_label="GPU operations (${ops})" ;; esac
+case $ops in
+  cpu) ops_label="CPU operations only" ;;
+  gpu) ops_label="GPU operations (CUDA)" ;;
+  *) ops_label="GPU operations (HOROVOD_GPU_OPERATIONS=$HOROVOD_GPU_OPERATIONS)" ;;
+esac
 
 # Fast path: the right Horovod is already in this venv.
 if "$PY" - "$HVD_VERSION" "$ops" <<'PYEOF' 2>/dev/null; then
@@ -63,8 +71,6 @@ PYEOF
   exit 0
 fi
 
-torch_v=$("$PY" -c 'import torch; print(torch.__version__.replace("+", "_"))')
-py_v=$("$PY" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
 mpi_v=$(mpirun --version 2>/dev/null | head -n1 | sed 's/^mpirun *//' | tr -cs 'A-Za-z0-9.' '_' | sed 's/^_//; s/_$//')
 key="horovod-${HVD_VERSION}_torch-${torch_v}_${py_v}_${mpi_v:-unknown-mpi}"
 # A CPU torch can only give CPU operations: its key stays as it always was (existing

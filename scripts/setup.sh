@@ -74,7 +74,7 @@ if [ "$have_torch" != "$want_torch" ]; then
   echo "setup: installing $TORCH_SPEC"
   pip_install "${torch_index[@]}" "$TORCH_SPEC"
   "$VPY" -c 'import torch' 2>/dev/null || { echo "setup: error: installing $TORCH_SPEC failed (HPCACCEL_TORCH, HPCACCEL_TORCH_INDEX)" >&2; exit 1; }
-  echo "setup: installed $("$VPY" -c 'import torch; print("torch", torch.__version__, "(CUDA %s build)" % torch.version.cuda if torch.version.cuda else "(CPU build)")') into $VENV ($(du -sh "$VENV" | cut -f1))"
+  echo "setup: installed $("$VPY" -c 'import torch; print("torch", torch.__version__, "(CUDA %s build)" % torch.version.cuda if torch.version.cuda else "(CPU build)")' 2>/dev/null) into $VENV ($(du -sh "$VENV/" | cut -f1))"
 fi
 
 # --- the package (editable), re-installed only when its requirements change
