@@ -26,7 +26,7 @@ OPTIMIZERS = ("sgd", "adamw", "lars")
 SCHEDULES = ("constant", "cosine", "step")
 AUGMENTATIONS = ("none", "shift", "flip", "shift+flip")
 BACKENDS = ("auto", "horovod", "mpi")
-COMPRESSIONS = ("none", "fp16", "bf16")
+COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 
 
 def _opt(default, help, choices=None, **kw):
@@ -100,8 +100,13 @@ class TrainConfig:
                                           "communication cycles (HOROVOD_CYCLE_TIME); unset: "
                                           "Horovod's (1) or the environment's")
     compression: str = _opt("none", "gradients on the wire: none (fp32), fp16 or bf16 (half the "
-                            "bytes, rounded; bf16 only with the mpi backend)",
+                            "bytes, rounded; bf16 only with the mpi backend), or powersgd "
+                            "(matrices as low-rank factors with error feedback; mpi backend only)",
                             choices=COMPRESSIONS)
+    powersgd_rank: int = _opt(4, "--compression powersgd: rank of the factors; each n x m "
+                              "matrix sends (n + m) x this numbers instead of n x m")
+    powersgd_start_step: int = _opt(0, "--compression powersgd: exact allreduce for the first "
+                                    "this many steps, then compressed")
     accum_steps: int = _opt(1, "gradient accumulation: split each rank's batch into this many "
                             "micro-batches, communicate only after the last; same result as one "
                             "pass over the batch (BatchNorm statistics aside), less memory")
@@ -129,12 +134,14 @@ class TrainConfig:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size,
                     "synthetic_samples": self.synthetic_samples,
                     "synthetic_classes": self.synthetic_classes, "bucket_mb": self.bucket_mb,
-                    "accum_steps": self.accum_steps}
+                    "accum_steps": self.accum_steps, "powersgd_rank": self.powersgd_rank}
         for name, value in positive.items():
             if value <= 0:
                 raise UsageError(f"--{_flag(name)} must be positive, got {value}")
         if self.keep_checkpoints < 1:
             raise UsageError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
+        if self.powersgd_start_step < 0:
+            raise UsageError(f"--powersgd-start-step must not be negative, got {self.powersgd_start_step}")
         if self.checkpoint_every < 0:
             raise UsageError(f"--checkpoint-every must not be negative, got {self.checkpoint_every}")
         for name in ("lr", "momentum", "weight_decay", "stall_timeout", "clip_grad_norm",

@@ -73,9 +73,9 @@ def setup(cfg, control, timeline):
     return world, reducer, model, optimizer, reader, train_ds, test_ds
 
 
-def restore(cfg, control, world, model, optimizer) -> dict | None:
+def restore(cfg, control, world, model, optimizer, reducer) -> dict | None:
     """--resume: load the checkpoint on every rank (rank 0 picks the file) and restore the
-    model, optimizer and this rank's RNG; None for a fresh start."""
+    model, optimizer, reducer state (PowerSGD) and this rank's RNG; None for a fresh start."""
     import torch
     from . import checkpoint
 
@@ -90,6 +90,9 @@ def restore(cfg, control, world, model, optimizer) -> dict | None:
     state = control.collectively(checkpoint.load, path, model)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if "reducer" in state:  # per rank; from another world size only what all ranks share
+        same = len(state["reducer"]) == world.size
+        reducer.load_state_dict(state["reducer"][world.rank if same else 0], exact=same)
     if len(state["rng"]) == world.size:
         torch.set_rng_state(state["rng"][world.rank])
     else:  # different world size: still deterministic, no longer bit-identical
@@ -113,7 +116,7 @@ def run(argv, control) -> dict:
     # one timeline for the reader, the reducer and the loop; its file is created in start()
     timeline = Timeline(cfg.timeline, control) if cfg.timeline else NullTimeline()
     world, reducer, model, optimizer, reader, train_ds, test_ds = setup(cfg, control, timeline)
-    resumed = restore(cfg, control, world, model, optimizer)
+    resumed = restore(cfg, control, world, model, optimizer, reducer)
     log = RunLog(cfg.out, append=resumed is not None) if world.is_main else NullRunLog()
     if resumed is not None:
         log.info(f"hpcaccel: resuming from {resumed['path']} (epoch {resumed['epoch'] + 1}, "

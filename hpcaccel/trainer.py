@@ -233,15 +233,19 @@ class Trainer:
         return last
 
     def checkpoint(self, epoch: int, step_in_epoch: int, partial, last: dict) -> str | None:
-        """Collective: gather every rank's RNG state and partial epoch sums; rank 0 writes."""
+        """Collective: gather every rank's RNG state, partial epoch sums and reducer state
+        (PowerSGD's residuals differ per rank); rank 0 writes."""
         from . import checkpoint
 
-        per_rank = self.control.gather((checkpoint.rng_state(), list(partial)))
+        per_rank = self.control.gather((checkpoint.rng_state(), list(partial),
+                                        self.reducer.state_dict()))
         if not self.control.is_main:
             return None
+        extra = {"partial": [p for _, p, _ in per_rank], "last_record": last}
+        if any(s for _, _, s in per_rank):
+            extra["reducer"] = [s for _, _, s in per_rank]
         state = checkpoint.build(self.model, self.optimizer, epoch, step_in_epoch, self.step,
-                                 [r for r, _ in per_rank],
-                                 {"partial": [p for _, p in per_rank], "last_record": last})
+                                 [r for r, _, _ in per_rank], extra)
         return checkpoint.save(self.cfg.out, state, self.cfg.keep_checkpoints)
 
     def _results(self, last: dict, train_seconds: float, steps_run: int) -> dict:

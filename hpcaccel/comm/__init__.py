@@ -48,12 +48,13 @@ def _choose(name: str, control) -> str:
 
 def make_reducer(name: str, comm=None, bucket_bytes: int = 25 * 2**20, compression: str = "none",
                  fusion_bytes: int | None = None, cycle_time_ms: float | None = None,
-                 timeline=None) -> Reducer:
+                 timeline=None, powersgd_rank: int = 4, powersgd_start_step: int = 0) -> Reducer:
     """Build the reducer named `name` (auto: the best available). Collective.
 
     comm: the job's mpi4py communicator (default COMM_WORLD). timeline: a Timeline
     (--timeline) the reducer records its communication in (None: nothing recorded). bucket_bytes: the mpi reducer's bucket size. compression: gradients on the wire as
-    none, fp16 or bf16 (horovod: none or fp16). fusion_bytes, cycle_time_ms: Horovod's
+    none, fp16 or bf16 (horovod: none or fp16), or powersgd (mpi only; auto picks mpi) with
+    powersgd_rank and powersgd_start_step. fusion_bytes, cycle_time_ms: Horovod's
     tensor-fusion threshold and cycle time (None: Horovod's default or its environment).
     """
     from ..errors import UsageError
@@ -62,6 +63,11 @@ def make_reducer(name: str, comm=None, bucket_bytes: int = 25 * 2**20, compressi
         raise UsageError(f"--backend: unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     if compression not in COMPRESSIONS:
         raise UsageError(f"--compression: unknown {compression!r} (choose from {', '.join(COMPRESSIONS)})")
+    if compression == "powersgd":
+        if name == "horovod":
+            raise UsageError("--compression powersgd: only the mpi backend has it (Horovod has "
+                             "no PowerSGD); use --backend mpi")
+        name = "mpi"
     from ..control import ControlPlane
 
     control = ControlPlane(comm)
@@ -72,7 +78,8 @@ def make_reducer(name: str, comm=None, bucket_bytes: int = 25 * 2**20, compressi
                               timeline=timeline)
     from .mpi import MPIReducer
     return MPIReducer(comm=control.comm, bucket_bytes=bucket_bytes, compression=compression,
-                      timeline=timeline)
+                      timeline=timeline, powersgd_rank=powersgd_rank,
+                      powersgd_start_step=powersgd_start_step)
 
 
 def reducer_options(cfg) -> dict:
@@ -80,7 +87,8 @@ def reducer_options(cfg) -> dict:
     def to_bytes(mb):
         return None if mb is None else int(mb * 2**20)
     return {"bucket_bytes": to_bytes(cfg.bucket_mb), "compression": cfg.compression,
-            "fusion_bytes": to_bytes(cfg.fusion_mb), "cycle_time_ms": cfg.cycle_time_ms}
+            "fusion_bytes": to_bytes(cfg.fusion_mb), "cycle_time_ms": cfg.cycle_time_ms,
+            "powersgd_rank": cfg.powersgd_rank, "powersgd_start_step": cfg.powersgd_start_step}
 
 
 __all__ = ["Reducer", "make_reducer", "reducer_options", "horovod_unavailable", "BACKENDS",

@@ -62,5 +62,15 @@ class Reducer(ABC):
     def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce a tensor over ranks in place (op: sum, max, min) and return it."""
 
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Local. This rank's communication state a resumed run needs (PowerSGD's error
+        feedback and Q); it may differ per rank, so checkpoints keep every rank's."""
+        return {}
+
+    def load_state_dict(self, state: dict, exact: bool = True) -> None:
+        """Local. Restore state_dict(); exact=False: from a run of another world size (keep
+        what is the same on every rank, drop per-rank residuals)."""
+
     def close(self) -> None:
         """Local. Release resources; idempotent."""

@@ -29,6 +29,11 @@ communication thread with overlap=thread) a bucket is rounded into a 16-bit wire
 which is allreduced with a user-defined MPI sum (MPI has no 16-bit float sum) and widened
 back before the division: half the bytes travel. Costs measured in docs/backends.md.
 
+Compression powersgd: matrix-shaped parameters worth it (powersgd.compressible) get buckets
+of their own, laid out and started in the same index order as the others; such a bucket
+travels as PowerSGD factors (powersgd.py: P with the used flags, then Q, each through the
+allreduce algorithm) once the first --powersgd-start-step steps, which go exact, are done.
+
 Cross-rank invariants:
   * Buckets are laid out identically on every rank (same parameters, same order) and are
     started in index order on every rank, so nonblocking collectives always match even
@@ -47,6 +52,7 @@ import time
 
 import torch
 
+from . import powersgd
 from .algorithms import CHUNK_BYTES, SlicedAllreduce
 from .base import Reducer
 
@@ -102,6 +108,7 @@ class _Bucket:
         self.pending = len(params)
         self.ready = [False] * len(params)
         self.touched = [False] * len(params)  # got a gradient on this rank this step
+        self.psgd = None          # compression powersgd: the PowerSGD group of this bucket
         self.request = None       # overlap=nonblocking: the MPI request
         self.done = threading.Event()  # overlap=thread: set by the communication thread
 
@@ -141,16 +148,20 @@ class MPIReducer(Reducer):
 
     def __init__(self, comm=None, bucket_bytes: int = 25 * 2**20, overlap: str = "thread",
                  compression: str = "none", chunk_bytes: int = CHUNK_BYTES, algorithm=None,
-                 timeline=None):
-        """compression: none, or fp16/bf16 on the wire (gradients rounded to 16 bits).
+                 timeline=None, powersgd_rank: int = 4, powersgd_start_step: int = 0):
+        """compression: none, fp16/bf16 on the wire (gradients rounded to 16 bits), or
+        powersgd (rank-`powersgd_rank` factors after `powersgd_start_step` exact steps).
         algorithm: sums one flat buffer in place over `comm` (algorithms.py); default
         SlicedAllreduce(comm, chunk_bytes). timeline: records each bucket's allreduce."""
         from mpi4py import MPI
 
         if overlap not in self.OVERLAP:
             raise ValueError(f"overlap must be one of {self.OVERLAP}, got {overlap!r}")
-        if compression != "none" and compression not in WIRE_DTYPES:
-            raise ValueError(f"compression must be none, fp16 or bf16, got {compression!r}")
+        if compression not in ("none", "powersgd") and compression not in WIRE_DTYPES:
+            raise ValueError(f"compression must be none, fp16, bf16 or powersgd, got {compression!r}")
+        if compression == "powersgd" and overlap == "nonblocking":
+            raise ValueError("powersgd needs two allreduces with compute between: "
+                             "overlap thread or none")
         self.wire_dtype = WIRE_DTYPES.get(compression)
         self._wire_op = None if self.wire_dtype is None else wire_sum_op(self.wire_dtype)
         self._MPI = MPI
@@ -158,6 +169,8 @@ class MPIReducer(Reducer):
         super().__init__(comm or MPI.COMM_WORLD, timeline)
         self.bucket_bytes = int(bucket_bytes)
         self.algorithm = algorithm or SlicedAllreduce(self.comm, chunk_bytes)
+        self.powersgd = (powersgd.PowerSGD(self.size, powersgd_rank, powersgd_start_step)
+                         if compression == "powersgd" else None)
         self.buckets: list[_Bucket] = []
         self._params: list[torch.nn.Parameter] = []  # attached, in bucket order
         self._where = {}          # parameter -> (bucket, index in bucket)
@@ -193,15 +206,28 @@ class MPIReducer(Reducer):
             # own tensors and a parameter without one keeps .grad None, as the contract says.
             self.zero_grad()
             return
-        # one dtype and device per bucket
-        by_dtype = {}
+        # one dtype, device and kind (PowerSGD-compressed or not) per bucket
+        rank = self.powersgd.rank if self.powersgd is not None else 0
+        by_kind = {}
         for p in params:
-            by_dtype.setdefault((p.device, p.dtype), []).append(p)
-        for group in by_dtype.values():
+            compress = rank > 0 and powersgd.compressible(p.shape, rank)
+            by_kind.setdefault((p.device, p.dtype, compress), []).append(p)
+        planned = []
+        for (_, _, compress), group in by_kind.items():
             sizes = [p.numel() * p.element_size() for p in group]
-            for idx in plan_buckets(sizes, self.bucket_bytes):
-                self.buckets.append(_Bucket(len(self.buckets), [group[i] for i in idx],
-                                            self.wire_dtype))
+            planned += [([group[i] for i in idx], compress) for idx in plan_buckets(sizes, self.bucket_bytes)]
+        # index order = the order their last gradients are expected: buckets of different
+        # kinds interleave, so a small bucket of biases does not hold back the matrices
+        position = {p: k for k, p in enumerate(params)}
+        planned.sort(key=lambda plan: position[plan[0][-1]])
+        for members, compress in planned:
+            b = _Bucket(len(self.buckets), members, None if compress else self.wire_dtype)
+            if compress:
+                b.psgd = self.powersgd.add_group([position[p] for p in members],
+                                                 [p.shape for p in members], extra=len(members),
+                                                 device=members[0].device,
+                                                 dtype=members[0].dtype)
+            self.buckets.append(b)
         for b in self.buckets:
             for i, p in enumerate(b.params):
                 self._where[p] = (b, i)
@@ -286,11 +312,24 @@ class MPIReducer(Reducer):
     def _allreduce_mean(self, b: _Bucket):
         """Blocking sum, then the mean, in this bucket's memory (the flags stay sums)."""
         t0 = time.perf_counter()
-        buf, op = self._on_wire(b)
-        self.algorithm.allreduce_(buf, op)
-        self._average(b)
+        if b.psgd is not None and self.powersgd.active:
+            self._powersgd_mean(b)
+            nbytes = self.powersgd.wire_numel(b.psgd) * b.flat.element_size()
+        else:
+            buf, op = self._on_wire(b)
+            self.algorithm.allreduce_(buf, op)
+            self._average(b)
+            nbytes = b.flat.numel() * b.flat.element_size()
         self.timeline.add("bucket_allreduce", t0, time.perf_counter(), bucket=b.index,
-                          bytes=b.flat.numel() * b.flat.element_size())
+                          bytes=nbytes)
+
+    def _powersgd_mean(self, b: _Bucket):
+        """The bucket's gradients replaced by the PowerSGD approximation of their mean; the
+        used flags ride with P, so a parameter no rank touched keeps its error feedback."""
+        views = [b.view(i) for i in range(len(b.params))]
+        used = self.powersgd.average_(b.psgd, views, lambda t: self.allreduce_(t), extra=b.flags,
+                                      skip=lambda used: (used == 0).tolist())
+        b.flags.copy_(used)
 
     def _start_worker(self):
         self._queue = queue.SimpleQueue()
@@ -349,6 +388,15 @@ class MPIReducer(Reducer):
                 else:
                     p.grad = None  # no rank produced a gradient: skip it everywhere
             b.pending = 0
+        if self.powersgd is not None:
+            self.powersgd.end_step()
+
+    def state_dict(self) -> dict:
+        return {} if self.powersgd is None else {"powersgd": self.powersgd.state_dict()}
+
+    def load_state_dict(self, state: dict, exact: bool = True) -> None:
+        if self.powersgd is not None and "powersgd" in state:
+            self.powersgd.load_state_dict(state["powersgd"], errors=exact)
 
     @contextlib.contextmanager
     def no_sync(self):

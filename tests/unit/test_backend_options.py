@@ -18,7 +18,8 @@ def test_knobs_from_flags_reach_the_reducer_options():
                       "--fusion-mb", "64", "--cycle-time-ms", "2.5", "--bucket-mb", "8"])
     assert (cfg.backend, cfg.accum_steps) == ("horovod", 4)
     assert reducer_options(cfg) == {"bucket_bytes": 8 * 2**20, "compression": "fp16",
-                                    "fusion_bytes": 64 * 2**20, "cycle_time_ms": 2.5}
+                                    "fusion_bytes": 64 * 2**20, "cycle_time_ms": 2.5,
+                                    "powersgd_rank": 4, "powersgd_start_step": 0}
 
 
 def test_horovod_knobs_default_to_horovods_own():

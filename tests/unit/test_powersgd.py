@@ -162,3 +162,30 @@ def test_bad_arguments():
     p.add_group([0], [(40, 40)])
     with pytest.raises(ValueError, match="twice"):
         p.add_group([0], [(40, 40)])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--powersgd-rank", "0"], "--powersgd-rank must be positive"),
+    (["--powersgd-start-step", "-1"], "--powersgd-start-step must not be negative"),
+])
+def test_bad_flags_name_the_flag(argv, needle):
+    from hpcaccel.config import parse_args
+    from hpcaccel.errors import UsageError
+    with pytest.raises(UsageError, match=needle):
+        parse_args(["--compression", "powersgd", *argv])
+
+
+def test_flags_reach_the_reducer_options():
+    from hpcaccel.comm import reducer_options
+    from hpcaccel.config import parse_args
+    options = reducer_options(parse_args(["--compression", "powersgd", "--powersgd-rank", "2",
+                                          "--powersgd-start-step", "50"]))
+    assert (options["compression"], options["powersgd_rank"],
+            options["powersgd_start_step"]) == ("powersgd", 2, 50)
+
+
+def test_horovod_backend_refuses_powersgd_before_any_communication():
+    from hpcaccel.comm import make_reducer
+    from hpcaccel.errors import UsageError
+    with pytest.raises(UsageError, match="--compression powersgd: only the mpi backend"):
+        make_reducer("horovod", compression="powersgd")
