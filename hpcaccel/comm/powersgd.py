@@ -78,18 +78,21 @@ class _Group:
         po = qo = 0
         for (n, m), r, ps, qs, key in zip(self.dims, self.ranks, p_sizes, q_sizes, self.keys):
             self.p.append(self.p_flat[po:po + ps].view(n, r))
-            self.q.append(self.q_flat[qo:qo + qs].view(m, r))
+            # Q kept transposed (r x m, contiguous): P = M Q and Q^T = P^T M then run as
+            # fast row-major products (an m x r target made Q = M^T P 10x slower, measured)
+            self.q.append(self.q_flat[qo:qo + qs].view(r, m))
             po, qo = po + ps, qo + qs
             self.error.append(torch.zeros(n * m, dtype=dtype, device=device).view(n, m))
         for key, q in zip(self.keys, self.q):
             init_q_(q, seed, key)
 
 
-def init_q_(q: torch.Tensor, seed: int, key: int) -> None:
-    """Deterministic start of a warm-started Q: normal from (seed, key), orthonormalised."""
+def init_q_(qt: torch.Tensor, seed: int, key: int) -> None:
+    """Deterministic start of a warm-started Q (given as Q^T, r x m): normal from
+    (seed, key), columns of Q orthonormalised."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + key)
-    q.copy_(torch.randn(q.shape, generator=g, dtype=torch.float64).to(q.dtype))
-    orthogonalize_(q)
+    q = torch.randn(qt.t().shape, generator=g, dtype=torch.float64)
+    qt.copy_(orthogonalize_(q).t().to(qt.dtype))
 
 
 class PowerSGD:
@@ -148,37 +151,36 @@ class PowerSGD:
         gradient for). Returns the summed extra."""
         g = self.groups[index]
         ms = [grad.view(n, m) for grad, (n, m) in zip(grads, g.dims)]
-        for mat, err, p, q in zip(ms, g.error, g.p, g.q):
+        for mat, err, p, qt in zip(ms, g.error, g.p, g.q):
             mat.add_(err)
-            torch.mm(mat, q, out=p)
+            torch.mm(mat, qt.t(), out=p)
         if extra is not None:
             g.extra.copy_(extra)
         allreduce(g.p_flat)
         skipped = skip(g.extra) if skip is not None else [False] * len(ms)
-        for mat, p, q, s in zip(ms, g.p, g.q, skipped):
+        for mat, p, qt, s in zip(ms, g.p, g.q, skipped):
             if s:
-                continue  # q stays as it was: summed as zeros below would lose the warm start
+                continue  # Q stays as it was: summed as zeros below would lose the warm start
             orthogonalize_(p)
-            torch.mm(mat.t(), p, out=q)
+            torch.mm(p.t(), mat, out=qt)
         saved = [q.clone() for q, s in zip(g.q, skipped) if s]
         for q, s in zip(g.q, skipped):
             if s:
                 q.zero_()
         allreduce(g.q_flat)
         it = iter(saved)
-        for mat, err, p, q, s in zip(ms, g.error, g.p, g.q, skipped):
+        for mat, err, p, qt, s in zip(ms, g.error, g.p, g.q, skipped):
             if s:
-                q.copy_(next(it))  # error feedback untouched; the caller drops this gradient
+                qt.copy_(next(it))  # error feedback untouched; the caller drops this gradient
                 continue
-            err.copy_(mat)
-            torch.mm(p, q.t(), out=mat)
-            mat.div_(self.world_size)
-            err.sub_(mat)
+            mean_qt = qt / self.world_size  # r x m: dividing the small factor, not the product
+            torch.addmm(mat, p, mean_qt, alpha=-1, out=err)  # error = M - P Q^T / world
+            torch.mm(p, mean_qt, out=mat)  # from identical P and Q: the same on every rank
         return None if extra is None else g.extra.clone()
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """This rank's state: the step count and, per key, the error feedback and Q."""
+        """This rank's state: the step count and, per key, the error feedback and Q^T."""
         params = {}
         for g in self.groups:
             for key, err, q in zip(g.keys, g.error, g.q):
