@@ -68,9 +68,11 @@ check_index() {  # check_index I: a host that is up
 }
 
 # in_host I CMD...: run CMD on host I: its network namespace, its hostname, its /etc/hosts.
+# nsenter rather than `ip netns exec`, which remounts /sys and so hides /sys/fs/cgroup
+# (slurmd refuses to start without it).
 in_host() {
   local i=$1; shift
-  exec ip netns exec "$(ns "$i")" unshare --uts --mount --propagation private sh -c \
+  exec nsenter --net="/run/netns/$(ns "$i")" unshare --uts --mount --propagation private sh -c \
     'hostname "$0" && mount --bind "$1" /etc/hosts && shift && exec "$@"' \
     "$HOST_PREFIX$i" "$BASE/etc-hosts" "$@"
 }
