@@ -34,39 +34,50 @@ fi
 # meets this. We ask for GPU operations only where they can work: the user asked
 # (HOROVOD_GPU_OPERATIONS), or the torch is a CUDA build, a toolkit's nvcc runs and a GPU
 # is there. Everything else builds CPU operations, whatever the torch.
-# One interpreter start for all we need to know (importing torch takes seconds):
-# torch's version as a key part, its CUDA version or "-" for a CPU build, Python's tag.
-read -r torch_v torch_cuda py_v < <("$PY" -c 'import sys, torch
-print(torch.__version__.replace("+", "_"), torch.version.cuda or "-", "cp%d%d" % sys.version_info[:2])')
-[ "${torch_cuda:--}" = - ] && torch_cuda=""
 has_gpu() { nvidia-smi -L >/dev/null 2>&1 || [ -e /dev/nvidia0 ]; }
 has_toolkit() {
   local nvcc=${CUDA_HOME:+$CUDA_HOME/bin/nvcc}
   nvcc=${nvcc:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
   "$nvcc" --version >/dev/null 2>&1 && [ -e "$(dirname "$nvcc")/../include/cuda_runtime.h" ]
 }
-if [ -n "${HOROVOD_GPU_OPERATIONS:-}" ]; then
-  ops="gpu-$HOROVOD_GPU_OPERATIONS"
-elif [ -n "$torch_cuda" ] && has_toolkit && has_gpu; then
-  ops=gpu
-else
-  ops=cpu
+gpu_possible=0; has_toolkit && has_gpu && gpu_possible=1
+
+# One interpreter start tells all (importing torch takes seconds, and an installed Horovod
+# is checked in the same process): torch's version as a key part, its CUDA version ("-"
+# for a CPU build), Python's tag, the operations to build, and whether the Horovod in
+# this venv already is the right one. Importing a Horovod built for another torch can
+# crash the interpreter: then ask again without it.
+probe() {
+  "$PY" - "$HVD_VERSION" "${HOROVOD_GPU_OPERATIONS:-}" "$gpu_possible" "$1" <<'PYEOF' 2>/dev/null
+import sys, torch
+version, user_ops, gpu_possible, check = sys.argv[1:]
+cuda = torch.version.cuda
+ops = "gpu-" + user_ops if user_ops else ("gpu" if cuda and gpu_possible == "1" else "cpu")
+ready = 0
+if check == "check":
+    try:
+        import horovod, horovod.torch as hvd
+        ready = int(hvd.mpi_built() and horovod.__version__ == version
+                    and (ops == "cpu" or hvd.cuda_built() or hvd.rocm_built()))
+    except Exception:
+        pass
+print(torch.__version__.replace("+", "_"), cuda or "-", "cp%d%d" % sys.version_info[:2], ops, ready)
+PYEOF
+}
+info=$(probe check) || info=$(probe no-check)
+read -r torch_v torch_cuda py_v ops ready <<< "$info"
+if [ -z "${ops:-}" ]; then
+  echo "setup: WARNING: $PY cannot import torch; Horovod not built" >&2
+  exit 0
 fi
+[ "$torch_cuda" = - ] && torch_cuda=""
 case $ops in
   cpu) ops_label="CPU operations only" ;;
   gpu) ops_label="GPU operations (CUDA)" ;;
   *) ops_label="GPU operations (HOROVOD_GPU_OPERATIONS=$HOROVOD_GPU_OPERATIONS)" ;;
 esac
 
-# Fast path: the right Horovod is already in this venv.
-if "$PY" - "$HVD_VERSION" "$ops" <<'PYEOF' 2>/dev/null; then
-import sys, horovod, horovod.torch as hvd
-version, ops = sys.argv[1:]
-ok = hvd.mpi_built() and horovod.__version__ == version
-if ops.startswith("gpu"):
-    ok = ok and (hvd.cuda_built() or hvd.rocm_built())
-sys.exit(0 if ok else 1)
-PYEOF
+if [ "$ready" = 1 ]; then
   echo "setup: Horovod $HVD_VERSION already installed (MPI built, $ops_label)"
   exit 0
 fi
