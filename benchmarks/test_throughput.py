@@ -63,7 +63,7 @@ def datasets(comm, smoke, tmp_path_factory):
     return out
 
 
-def run_hpcaccel(comm, backend, model_name, ds, batch, steps, warmup):
+def run_hpcaccel(comm, backend, model_name, ds, batch, steps, warmup, **reducer_options):
     from hpcaccel.comm import make_reducer
     from hpcaccel.config import TrainConfig
     from hpcaccel.control import ControlPlane
@@ -76,7 +76,7 @@ def run_hpcaccel(comm, backend, model_name, ds, batch, steps, warmup):
     torch.manual_seed(0)
     model = MODELS[model_name]["factory"](ds.sample_shape, ds.classes)
     opt = make_optimizer(cfg, model)
-    reducer = make_reducer(backend, comm=comm)
+    reducer = make_reducer(backend, comm=comm, **reducer_options)
     reducer.broadcast_parameters(model)
     reducer.attach(model, opt)
     reader = RankReader(ds, rank, size, batch, shuffle=True, seed=0)

@@ -27,6 +27,7 @@ SCHEDULES = ("constant", "cosine", "step")
 AUGMENTATIONS = ("none", "shift", "flip", "shift+flip")
 BACKENDS = ("auto", "horovod", "mpi")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
+ALLREDUCES = ("auto", "sliced", "ring", "hierarchical")
 
 
 def _opt(default, help, choices=None, **kw):
@@ -93,6 +94,12 @@ class TrainConfig:
                         choices=BACKENDS)
     bucket_mb: float = _opt(25.0, "mpi backend: gradient bucket size in MB; each bucket's "
                             "allreduce starts as soon as its gradients are ready during backward")
+    allreduce: str = _opt("auto", "mpi backend: how each bucket is summed: sliced (the MPI "
+                          "library's allreduce in 8 MiB slices), ring (pipelined ring over "
+                          "point-to-point), hierarchical (within each host, then across hosts, "
+                          "then within); auto: sliced on one host, across hosts hierarchical "
+                          "with several ranks per host, else ring (see docs/backends.md)",
+                          choices=ALLREDUCES)
     fusion_mb: Optional[float] = _opt(None, "horovod backend: tensor fusion threshold in MB "
                                       "(HOROVOD_FUSION_THRESHOLD; 0 disables fusion); unset: "
                                       "Horovod's (128) or the environment's")

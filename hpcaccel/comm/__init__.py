@@ -48,13 +48,15 @@ def _choose(name: str, control) -> str:
 
 def make_reducer(name: str, comm=None, bucket_bytes: int = 25 * 2**20, compression: str = "none",
                  fusion_bytes: int | None = None, cycle_time_ms: float | None = None,
-                 timeline=None, powersgd_rank: int = 4, powersgd_start_step: int = 0) -> Reducer:
+                 timeline=None, powersgd_rank: int = 4, powersgd_start_step: int = 0,
+                 allreduce: str = "auto") -> Reducer:
     """Build the reducer named `name` (auto: the best available). Collective.
 
     comm: the job's mpi4py communicator (default COMM_WORLD). timeline: a Timeline
     (--timeline) the reducer records its communication in (None: nothing recorded). bucket_bytes: the mpi reducer's bucket size. compression: gradients on the wire as
     none, fp16 or bf16 (horovod: none or fp16), or powersgd (mpi only; auto picks mpi) with
-    powersgd_rank and powersgd_start_step. fusion_bytes, cycle_time_ms: Horovod's
+    powersgd_rank and powersgd_start_step. allreduce: the mpi reducer's algorithm
+    (comm/selection.py: auto, sliced, ring, hierarchical). fusion_bytes, cycle_time_ms: Horovod's
     tensor-fusion threshold and cycle time (None: Horovod's default or its environment).
     """
     from ..errors import UsageError
@@ -79,7 +81,7 @@ def make_reducer(name: str, comm=None, bucket_bytes: int = 25 * 2**20, compressi
     from .mpi import MPIReducer
     return MPIReducer(comm=control.comm, bucket_bytes=bucket_bytes, compression=compression,
                       timeline=timeline, powersgd_rank=powersgd_rank,
-                      powersgd_start_step=powersgd_start_step)
+                      powersgd_start_step=powersgd_start_step, algorithm=allreduce)
 
 
 def reducer_options(cfg) -> dict:
@@ -88,7 +90,8 @@ def reducer_options(cfg) -> dict:
         return None if mb is None else int(mb * 2**20)
     return {"bucket_bytes": to_bytes(cfg.bucket_mb), "compression": cfg.compression,
             "fusion_bytes": to_bytes(cfg.fusion_mb), "cycle_time_ms": cfg.cycle_time_ms,
-            "powersgd_rank": cfg.powersgd_rank, "powersgd_start_step": cfg.powersgd_start_step}
+            "powersgd_rank": cfg.powersgd_rank, "powersgd_start_step": cfg.powersgd_start_step,
+            "allreduce": cfg.allreduce}
 
 
 __all__ = ["Reducer", "make_reducer", "reducer_options", "horovod_unavailable", "BACKENDS",

@@ -19,6 +19,10 @@ from ..timeline import NullTimeline
 class Reducer(ABC):
     name: str = "?"
 
+    def describe(self) -> str:
+        """Local. The backend, and how it sums, for the start-up line."""
+        return self.name
+
     def __init__(self, comm, timeline=None):
         """comm: the job's mpi4py communicator; every backend runs on it. timeline: a
         Timeline (--timeline) the backend records its communication spans in; backends that

@@ -53,7 +53,8 @@ import time
 import torch
 
 from . import powersgd
-from .algorithms import CHUNK_BYTES, SlicedAllreduce
+from .algorithms import CHUNK_BYTES
+from .selection import describe as describe_algorithm, make_algorithm
 from .base import Reducer
 
 _FIRST_BUCKET_BYTES = 1 << 20  # small first bucket: communication starts early in backward
@@ -151,8 +152,10 @@ class MPIReducer(Reducer):
                  timeline=None, powersgd_rank: int = 4, powersgd_start_step: int = 0):
         """compression: none, fp16/bf16 on the wire (gradients rounded to 16 bits), or
         powersgd (rank-`powersgd_rank` factors after `powersgd_start_step` exact steps).
-        algorithm: sums one flat buffer in place over `comm` (algorithms.py); default
-        SlicedAllreduce(comm, chunk_bytes). timeline: records each bucket's allreduce."""
+        algorithm: sums one flat buffer in place over `comm`: an object (algorithms.py) or
+        a --allreduce name (selection.py; None = auto: the library's allreduce in slices of
+        chunk_bytes on one host, ring or hierarchical across hosts; collective).
+        timeline: records each bucket's allreduce."""
         from mpi4py import MPI
 
         if overlap not in self.OVERLAP:
@@ -168,7 +171,9 @@ class MPIReducer(Reducer):
         self.overlap = overlap
         super().__init__(comm or MPI.COMM_WORLD, timeline)
         self.bucket_bytes = int(bucket_bytes)
-        self.algorithm = algorithm or SlicedAllreduce(self.comm, chunk_bytes)
+        if algorithm is None or isinstance(algorithm, str):
+            algorithm = make_algorithm(self.comm, algorithm or "auto", chunk_bytes)
+        self.algorithm = algorithm
         self.powersgd = (powersgd.PowerSGD(self.size, powersgd_rank, powersgd_start_step)
                          if compression == "powersgd" else None)
         self.buckets: list[_Bucket] = []
@@ -420,6 +425,9 @@ class MPIReducer(Reducer):
             tensor.copy_(host)
         return tensor
 
+    def describe(self) -> str:
+        return f"{self.name} (allreduce: {describe_algorithm(self.algorithm)})"
+
     def close(self):
         for h in self._handles:
             h.remove()
@@ -428,3 +436,4 @@ class MPIReducer(Reducer):
             self._queue.put(None)
             self._worker.join()
             self._worker = None
+        getattr(self.algorithm, "close", lambda: None)()
