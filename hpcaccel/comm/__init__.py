@@ -4,11 +4,10 @@ Backends:
   horovod  Horovod's DistributedOptimizer (ring-allreduce, tensor fusion), when
            `horovod.torch` imports and was built with MPI (scripts/horovod.sh builds it).
   mpi      hpcaccel's own bucketed reducer over mpi4py; needs nothing beyond mpi4py.
-  auto     horovod where it is usable on every rank, else mpi (rank 0 says why, once).
+  auto     the faster one for the device (comm/choice.py): mpi on CPU; on CUDA horovod
+           where it was built with GPU operations on every rank, else mpi.
 """
 from __future__ import annotations
-
-import sys
 
 from ..config import BACKENDS, COMPRESSIONS
 from .base import Reducer
@@ -26,30 +25,28 @@ def horovod_unavailable() -> str | None:
     return None
 
 
-def _choose(name: str, control) -> str:
-    """Collective. The backend every rank will use. Ranks must agree, or their collectives
-    would never match: Horovod is taken only if it is usable on every rank."""
+def _choose(name: str, control, device="auto") -> tuple[str, str | None]:
+    """Collective. The backend every rank will use, and why (auto only). Ranks must agree,
+    or their collectives would never match: the rule sees every rank's facts."""
     if name == "mpi":
-        return "mpi"
+        return "mpi", None
+    if name == "auto":
+        from .choice import gather_auto
+        return gather_auto(control, device)
     reasons = control.allgather(horovod_unavailable())
     missing = [r for r, why in enumerate(reasons) if why is not None]
     if not missing:
-        return "horovod"
+        return "horovod", None
     where = "" if len(missing) == len(reasons) else f" on rank(s) {missing[:8]}"
-    if name == "horovod":
-        from ..errors import UsageError
-        raise UsageError(f"--backend horovod: not usable{where}: {reasons[missing[0]]}; build it "
-                         f"with `bash scripts/horovod.sh .venv/bin/python` or use --backend mpi")
-    if control.is_main:
-        print(f"hpcaccel: warning: Horovod is not usable{where} ({reasons[missing[0]]}); "
-              f"using the mpi4py reducer (--backend mpi)", file=sys.stderr, flush=True)
-    return "mpi"
+    from ..errors import UsageError
+    raise UsageError(f"--backend horovod: not usable{where}: {reasons[missing[0]]}; build it "
+                     f"with `bash scripts/horovod.sh .venv/bin/python` or use --backend mpi")
 
 
 def make_reducer(name: str, comm=None, bucket_bytes: int = 25 * 2**20, compression: str = "none",
                  fusion_bytes: int | None = None, cycle_time_ms: float | None = None,
                  timeline=None, powersgd_rank: int = 4, powersgd_start_step: int = 0,
-                 allreduce: str = "auto") -> Reducer:
+                 allreduce: str = "auto", device="auto") -> Reducer:
     """Build the reducer named `name` (auto: the best available). Collective.
 
     comm: the job's mpi4py communicator (default COMM_WORLD). timeline: a Timeline
@@ -58,6 +55,8 @@ def make_reducer(name: str, comm=None, bucket_bytes: int = 25 * 2**20, compressi
     powersgd_rank and powersgd_start_step. allreduce: the mpi reducer's algorithm
     (comm/selection.py: auto, sliced, ring, hierarchical). fusion_bytes, cycle_time_ms: Horovod's
     tensor-fusion threshold and cycle time (None: Horovod's default or its environment).
+    device: --device (auto, cpu, cuda), which --backend auto's choice depends on; the
+    reducer's `chosen_because` then says why (comm/choice.py).
     """
     from ..errors import UsageError
 
@@ -73,15 +72,19 @@ def make_reducer(name: str, comm=None, bucket_bytes: int = 25 * 2**20, compressi
     from ..control import ControlPlane
 
     control = ControlPlane(comm)
-    if _choose(name, control) == "horovod":
+    chosen, why = _choose(name, control, device)
+    if chosen == "horovod":
         from .horovod import HorovodReducer
-        return HorovodReducer(comm=control.comm, compression=compression,
-                              fusion_bytes=fusion_bytes, cycle_time_ms=cycle_time_ms,
-                              timeline=timeline)
-    from .mpi import MPIReducer
-    return MPIReducer(comm=control.comm, bucket_bytes=bucket_bytes, compression=compression,
-                      timeline=timeline, powersgd_rank=powersgd_rank,
-                      powersgd_start_step=powersgd_start_step, algorithm=allreduce)
+        reducer = HorovodReducer(comm=control.comm, compression=compression,
+                                 fusion_bytes=fusion_bytes, cycle_time_ms=cycle_time_ms,
+                                 timeline=timeline)
+    else:
+        from .mpi import MPIReducer
+        reducer = MPIReducer(comm=control.comm, bucket_bytes=bucket_bytes, compression=compression,
+                             timeline=timeline, powersgd_rank=powersgd_rank,
+                             powersgd_start_step=powersgd_start_step, algorithm=allreduce)
+    reducer.chosen_because = why
+    return reducer
 
 
 def reducer_options(cfg) -> dict:
@@ -91,7 +94,7 @@ def reducer_options(cfg) -> dict:
     return {"bucket_bytes": to_bytes(cfg.bucket_mb), "compression": cfg.compression,
             "fusion_bytes": to_bytes(cfg.fusion_mb), "cycle_time_ms": cfg.cycle_time_ms,
             "powersgd_rank": cfg.powersgd_rank, "powersgd_start_step": cfg.powersgd_start_step,
-            "allreduce": cfg.allreduce}
+            "allreduce": cfg.allreduce, "device": cfg.device}
 
 
 __all__ = ["Reducer", "make_reducer", "reducer_options", "horovod_unavailable", "BACKENDS",

@@ -55,6 +55,14 @@ def horovod_reasons(comm) -> list[str | None]:
     return comm.allgather(horovod_unavailable())
 
 
+def auto_backend(comm) -> tuple[str, str]:
+    """Collective. What `--backend auto` picks on these ranks (with --device auto), and why:
+    the rule training uses (hpcaccel.comm.choice)."""
+    from ..comm.choice import gather_auto
+
+    return gather_auto(comm, "auto")
+
+
 def open_data(comm, path: str) -> list[tuple[str | None, int | None]]:
     """Collective. (error, samples) per rank as each rank opens --data itself."""
     from ..data import open_dataset

@@ -20,6 +20,7 @@ def run(args, comm, write=print) -> int:
     rows = comm.gather(facts.rank_row(world), root=0)
     level, serialized_ok = facts.thread_level()
     reasons = facts.horovod_reasons(comm)
+    auto, why = facts.auto_backend(comm)
     data = facts.open_data(comm, args.data) if args.data else None
     out = facts.shared_out(comm, args.out, world.node_name) if args.out else None
     links = probe.run(comm, world.local_rank, world.nodes)
@@ -31,10 +32,10 @@ def run(args, comm, write=print) -> int:
              f"transports: {facts.transports(os.environ)}", "", table(rows), ""]
     verdicts = world_verdicts(world.size, env.expected_size(os.environ), level, serialized_ok)
     verdicts += layout_verdicts(rows, args.threads)
-    backend, horovod = horovod_verdicts(reasons)
+    horovod = horovod_verdicts(reasons)
     verdicts += horovod
-    lines.append(f"horovod: {'usable on every rank' if backend == 'horovod' else 'not usable'}; "
-                 f"--backend auto picks {backend}")
+    usable = "usable on every rank" if all(r is None for r in reasons) else "not usable"
+    lines.append(f"horovod: {usable}; --backend auto picks {auto} ({why})")
     if data is not None:
         found = data_verdicts(args.data, data)
         verdicts += found

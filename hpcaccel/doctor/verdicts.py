@@ -132,19 +132,18 @@ def world_verdicts(mpi_size: int, expected: tuple[int, str] | None, thread_level
     return out
 
 
-def horovod_verdicts(reasons: list[str | None]) -> tuple[str, list[Verdict]]:
-    """`reasons[r]`: why Horovod is unusable on rank r (None: usable). Returns the backend
-    --backend auto picks (the rule of hpcaccel.comm: Horovod only where every rank has it)
-    and the verdicts."""
+def horovod_verdicts(reasons: list[str | None]) -> list[Verdict]:
+    """`reasons[r]`: why Horovod is unusable on rank r (None: usable). Whether --backend
+    horovod can run; what --backend auto picks is hpcaccel.comm.choice.auto_backend's."""
     missing = [r for r, why in enumerate(reasons) if why is not None]
     if not missing:
-        return "horovod", []
+        return []
     if len(missing) == len(reasons):
-        return "mpi", [note(f"Horovod not usable: {reasons[0]}; --backend auto uses the mpi "
-                            f"reducer", "to use Horovod: bash scripts/horovod.sh .venv/bin/python")]
-    return "mpi", [problem(f"Horovod usable on some ranks only (not on rank(s) "
-                           f"{','.join(map(str, missing[:8]))}: {reasons[missing[0]]})",
-                           "install the same environment on every host")]
+        return [note(f"Horovod not usable: {reasons[0]}; --backend horovod would fail",
+                     "to use Horovod: bash scripts/horovod.sh .venv/bin/python")]
+    return [problem(f"Horovod usable on some ranks only (not on rank(s) "
+                    f"{','.join(map(str, missing[:8]))}: {reasons[missing[0]]})",
+                    "install the same environment on every host")]
 
 
 def data_verdicts(path: str, results: list[tuple[str | None, int | None]]) -> list[Verdict]:

@@ -73,12 +73,12 @@ def test_launcher_world_size_mismatch():
     assert "SERIALIZED" in p.text
 
 
-def test_horovod_rule_matches_auto():
-    assert horovod_verdicts([None, None]) == ("horovod", [])
-    backend, (v,) = horovod_verdicts(["no module", "no module"])
-    assert backend == "mpi" and v.severity == "note"
-    backend, (v,) = horovod_verdicts([None, "no module", None])
-    assert backend == "mpi" and v.severity == "problem" and "rank(s) 1" in v.text
+def test_horovod_verdicts():
+    assert horovod_verdicts([None, None]) == []
+    (v,) = horovod_verdicts(["no module", "no module"])
+    assert v.severity == "note" and "--backend horovod would fail" in v.text
+    (v,) = horovod_verdicts([None, "no module", None])
+    assert v.severity == "problem" and "rank(s) 1" in v.text
 
 
 def test_data_verdicts():
