@@ -82,3 +82,26 @@ test-hosts:
 	$(TIMEOUT) 1500 $(PY) -m pytest -q -p no:cacheprovider tests/hosts; rc=$$?; \
 	  [ "$$(id -u)" != 0 ] || { bash scripts/slurm_cluster.sh stop 2 >/dev/null; \
 	                           bash scripts/hosts.sh down >/dev/null; }; exit $$rc
+
+# Benchmarks across 2 emulated hosts (scripts/hosts.sh, root only), links shaped to
+# BENCH_HOSTS_RATE: allreduce sizes and training throughput at 2 x 1 and 2 x 2 ranks, side by
+# side with torch DDP (gloo) and Horovod (flat and hierarchical). A hosts instance of its
+# own (HPCACCEL_HOSTS_INSTANCE=1), always taken down. Records numbers, asserts nothing;
+# results in benchmarks/results/hosts-*.json, see docs/benchmarks.md "Across hosts".
+BENCH_HOSTS_RATE ?= 1gbit
+BENCH_HOSTS_GBIT ?= 1
+.PHONY: bench-hosts
+bench-hosts: setup-test
+	@export HPCACCEL_HOSTS_INSTANCE=1 HPCACCEL_BENCH_LINK_GBIT=$(BENCH_HOSTS_GBIT); \
+	trap 'bash scripts/hosts.sh down >/dev/null' EXIT; \
+	bash scripts/hosts.sh up 2 --rate $(BENCH_HOSTS_RATE) || exit 1; \
+	for k in 1 2; do \
+	  echo "== allreduce at 2 hosts x $$k"; \
+	  bash scripts/hosts.sh run $$k --timeout 1200 bash scripts/pytest_rank.sh benchmarks/hosts/test_allreduce_hosts.py -s || exit 1; \
+	  for hier in 0 1; do \
+	    HPCACCEL_BENCH_ONLY_HOROVOD=1 HOROVOD_HIERARCHICAL_ALLREDUCE=$$hier \
+	      bash scripts/hosts.sh run $$k --timeout 600 bash scripts/pytest_rank.sh benchmarks/hosts/test_allreduce_hosts.py -s || exit 1; \
+	  done; \
+	done; \
+	echo "== training at 2 hosts x 1"; \
+	bash scripts/hosts.sh run 1 --timeout 2400 bash scripts/pytest_rank.sh benchmarks/hosts/test_train_hosts.py -s
