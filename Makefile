@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make train   set up, then train on the embedded digits dataset with 8 MPI ranks
+#                (a new run each time: the previous one moves to runs/digits/previous/)
 #   make test    set up (with test tools), then run every test: 1 process, 2 and 4 ranks
 PY      := .venv/bin/python
 NP      ?= 8
@@ -15,7 +16,7 @@ setup-test:
 	@bash scripts/setup.sh test
 
 train: setup
-	bash scripts/mpirun.sh $(NP) $(PY) -m hpcaccel.train --out runs/digits $(ARGS)
+	bash scripts/mpirun.sh $(NP) $(PY) -m hpcaccel.train --out runs/digits --overwrite true $(ARGS)
 
 test: setup-test
 	@$(MAKE) --no-print-directory test-unit test-mpi test-bench-smoke test-slurm

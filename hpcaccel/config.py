@@ -127,8 +127,13 @@ class TrainConfig:
     # output and checkpoints
     out: str = _opt("runs/latest", "output directory: metrics.jsonl, summary.json, model.pt, "
                     "checkpoints/")
-    resume: str = _opt("none", "continue from a checkpoint: auto (the newest in OUT/checkpoints, "
-                       "or start fresh if none), a checkpoint path, or none")
+    resume: str = _opt("none", "continue from a checkpoint: auto (this run's newest in "
+                       "OUT/checkpoints, or start fresh if OUT holds no run; a finished run "
+                       "says 'already complete', a larger --epochs extends it), a checkpoint "
+                       "path, or none (a new run: OUT must not hold another run's outputs)")
+    overwrite: bool = _opt(False, "when OUT holds another run's outputs that this run does not "
+                           "continue: move them to OUT/previous/RUN_ID/ (nothing is deleted) "
+                           "and start a new run, instead of stopping with an error")
     checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: only at the end of each "
                                  "epoch and when stopped by SIGUSR1/SIGTERM)")
     keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep")

@@ -20,7 +20,7 @@ from .errors import REQUEUE_EXIT_CODE, Diverged, SetupFailed, UsageError
 
 def setup(cfg, control, timeline):
     """Every set-up phase, agreed collectively: a failure on any rank fails all of them."""
-    from . import data, env
+    from . import advice, data, env
     from .comm import make_reducer, reducer_options
     from .models import build_model
     from .optim import make_optimizer
@@ -35,9 +35,11 @@ def setup(cfg, control, timeline):
         classes=cfg.synthetic_classes, seed=cfg.seed, pack=world.local_rank == 0,
         wait=control.agree)
 
+    scanned = {}
+
     def check_data():
         if cfg.check_data:  # each rank scans its own share; agreed collectively below
-            data.scan(train_ds, world.rank, world.size, "--data")
+            scanned.update(data.scan(train_ds, world.rank, world.size, "--data"))
             if test_ds is not None:
                 data.scan(test_ds, world.rank, world.size, "--test-data")
         need = cfg.batch_size * world.size
@@ -45,6 +47,11 @@ def setup(cfg, control, timeline):
             raise UsageError(f"--data {train_ds.files[0]}: {train_ds.samples} samples, fewer than "
                              f"ranks x --batch-size = {world.size} x {cfg.batch_size} = {need}")
     collectively(check_data)
+    if cfg.check_data:  # warnings where training would go on with silently bad results
+        per_rank = control.gather(scanned)
+        for line in advice.data_warnings(advice.merge_stats(per_rank), train_ds.classes, "--data",
+                                         train_ds.files[0]) if world.is_main else []:
+            print(f"hpcaccel: warning: {line}", file=sys.stderr, flush=True)
 
     import torch
     from . import device as devices
@@ -73,16 +80,12 @@ def setup(cfg, control, timeline):
     return world, reducer, model, optimizer, reader, train_ds, test_ds
 
 
-def restore(cfg, control, world, model, optimizer, reducer) -> dict | None:
-    """--resume: load the checkpoint on every rank (rank 0 picks the file) and restore the
+def restore(cfg, control, world, model, optimizer, reducer, path) -> dict | None:
+    """Load checkpoint `path` (rank 0 chose it: rundir.claim) on every rank and restore the
     model, optimizer, reducer state (PowerSGD) and this rank's RNG; None for a fresh start."""
     import torch
     from . import checkpoint
 
-    # rank 0 decides which file, so all ranks resume from the same one
-    path = control.collectively(
-        lambda: checkpoint.resolve(cfg.resume, cfg.out) if control.is_main else None)
-    path = control.broadcast(path)
     if path is None:
         # Per-rank RNG streams (dropout, augmentation); initialisation came from rank 0.
         torch.manual_seed(cfg.seed * 1_000_003 + 1 + world.rank)
@@ -102,7 +105,7 @@ def restore(cfg, control, world, model, optimizer, reducer) -> dict | None:
 
 
 def run(argv, control) -> dict:
-    from . import config
+    from . import advice, config, rundir
     from .env import describe_hosts
     from .metrics import NullRunLog, RunLog, progress_bar
     from .signals import StopRequest
@@ -116,7 +119,18 @@ def run(argv, control) -> dict:
     # one timeline for the reader, the reducer and the loop; its file is created in start()
     timeline = Timeline(cfg.timeline, control) if cfg.timeline else NullTimeline()
     world, reducer, model, optimizer, reader, train_ds, test_ds = setup(cfg, control, timeline)
-    resumed = restore(cfg, control, world, model, optimizer, reducer)
+    if world.is_main:
+        for line in advice.flag_warnings(config.given_values(argv, quiet=True)[0], reducer.name):
+            print(f"hpcaccel: warning: {line}", file=sys.stderr, flush=True)
+    claim = rundir.claim_collectively(cfg, control, model, train_ds, world.size,
+                                      info=print if world.is_main else lambda line: None)
+    if claim.complete:  # outputs stay untouched
+        if world.is_main:
+            print(f"hpcaccel: run {claim.run_id} in {cfg.out} is already complete ({cfg.epochs} "
+                  f"epochs or more); nothing to do (a larger --epochs continues it)", flush=True)
+        reducer.close()
+        return {"already_complete": True}
+    resumed = restore(cfg, control, world, model, optimizer, reducer, claim.checkpoint)
     log = RunLog(cfg.out, append=resumed is not None) if world.is_main else NullRunLog()
     if resumed is not None:
         log.info(f"hpcaccel: resuming from {resumed['path']} (epoch {resumed['epoch'] + 1}, "

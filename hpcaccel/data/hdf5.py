@@ -164,11 +164,13 @@ def _inspect(path: str, flag: str) -> dict:
 
 
 def scan(ds: H5Dataset, rank: int = 0, world: int = 1, flag: str = "--data",
-         block_bytes: int = 16 << 20) -> None:
+         block_bytes: int = 16 << 20) -> dict:
     """Check this rank's share of the samples: labels in [0, classes), x finite.
 
     Ranks scan disjoint parts in parallel, so the whole dataset is checked once, in
-    bounded memory, before training starts.
+    bounded memory, before training starts. Returns what start-up warnings need about the
+    share: min_label (None for an empty share), and from its first block x_integer (an
+    integer dtype), x_whole (float values all whole numbers), x_min, x_max.
     """
     from .sharding import eval_ranges, locate
 
@@ -176,6 +178,7 @@ def scan(ds: H5Dataset, rank: int = 0, world: int = 1, flag: str = "--data",
     sample_bytes = 4 * int(np.prod(ds.sample_shape))
     rows = max(1, block_bytes // sample_bytes)
     handles = {}
+    stats = {"min_label": None}
     try:
         for f, lo, hi in locate([(a, b)], list(ds.lengths)):
             path = ds.files[f]
@@ -191,6 +194,14 @@ def scan(ds: H5Dataset, rank: int = 0, world: int = 1, flag: str = "--data",
                 if x.dtype.kind == "f" and not np.isfinite(x).all():
                     i = int(np.argmax(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)))
                     raise UsageError(f"{flag} {path}: sample {s + i} contains NaN or inf")
+                low = int(y.min()) if len(y) else None
+                if low is not None and (stats["min_label"] is None or low < stats["min_label"]):
+                    stats["min_label"] = low
+                if "x_min" not in stats and x.size:
+                    stats.update(x_integer=x.dtype.kind in _INT_KINDS,
+                                 x_whole=bool(np.all(x == np.round(x))),
+                                 x_min=float(x.min()), x_max=float(x.max()))
     finally:
         for h in handles.values():
             h.close()
+    return stats
