@@ -82,7 +82,9 @@ extras=""; [ "$MODE" = test ] && extras="[test]"
 stamp="$VENV/.hpcaccel-installed-$MODE"
 # (and where it lives: an editable install points at this checkout)
 digest=$( (cat "$ROOT/pyproject.toml"; echo "$ROOT") | sha256sum | cut -c1-16)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
+# (the test install includes everything the train install has)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ] &&
+   [ "$(cat "$VENV/.hpcaccel-installed-test" 2>/dev/null)" != "$digest" ]; then
   echo "setup: installing hpcaccel$extras"
   pip_install -e "$ROOT$extras"
   echo "$digest" > "$stamp"
