@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .collectives import TRACKER
 from .errors import SetupFailed, UsageError
 
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
@@ -36,7 +37,8 @@ class ControlPlane:
     def allreduce(self, values, op: str = "sum") -> np.ndarray:
         """Reduce a few numbers over ranks (op: sum, max, min) as float64; a new array."""
         out = np.array(values, dtype=np.float64, copy=True).reshape(-1)
-        self.comm.Allreduce(self._MPI.IN_PLACE, out, op=getattr(self._MPI, _OPS[op]))
+        with TRACKER.track(f"allreduce-{op}", out.nbytes):
+            self.comm.Allreduce(self._MPI.IN_PLACE, out, op=getattr(self._MPI, _OPS[op]))
         return out
 
     def mean(self, *values: float) -> list[float]:
@@ -50,18 +52,22 @@ class ControlPlane:
     # -- objects (small, pickled) --------------------------------------------------------
     def broadcast(self, obj, root: int = 0):
         """`root`'s object on every rank."""
-        return self.comm.bcast(obj, root=root)
+        with TRACKER.track("broadcast"):
+            return self.comm.bcast(obj, root=root)
 
     def gather(self, obj, root: int = 0) -> list | None:
         """Every rank's object, as a list by rank on `root`; None elsewhere."""
-        return self.comm.gather(obj, root=root)
+        with TRACKER.track("gather"):
+            return self.comm.gather(obj, root=root)
 
     def allgather(self, obj) -> list:
         """Every rank's object, as a list by rank, on every rank."""
-        return self.comm.allgather(obj)
+        with TRACKER.track("allgather"):
+            return self.comm.allgather(obj)
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        with TRACKER.track("barrier"):
+            self.comm.Barrier()
 
     # -- failing together -----------------------------------------------------------------
     def agree(self, error: BaseException | None) -> None:
@@ -69,7 +75,9 @@ class ControlPlane:
         reported: a UsageError as itself (exit 2), anything else as SetupFailed."""
         report = None if error is None else (
             isinstance(error, UsageError), f"{type(error).__name__}: {error}", str(error))
-        failed = [(r, m) for r, m in enumerate(self.comm.allgather(report)) if m is not None]
+        with TRACKER.track("agree"):
+            reports = self.comm.allgather(report)
+        failed = [(r, m) for r, m in enumerate(reports) if m is not None]
         if failed:
             rank, (usage, described, text) = failed[0]
             raise UsageError(text) if usage else SetupFailed(f"rank {rank}: {described}")

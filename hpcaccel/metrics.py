@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import torch
 
@@ -72,6 +73,18 @@ class NullProgress:
 
     def close(self):
         pass
+
+
+def bar_wanted(choice: str, stream=None) -> bool:
+    """Local. Whether --progress `choice` (auto, true, false) shows the bar on `stream`
+    (default stderr): auto only on a terminal, so Slurm logs and pipes get no '\\r' fragments."""
+    if choice in ("auto", None):
+        stream = sys.stderr if stream is None else stream
+        try:
+            return bool(stream.isatty())
+        except (AttributeError, ValueError):  # closed or not a file
+            return False
+    return choice in (True, "true")
 
 
 def progress_bar(enabled: bool):

@@ -12,10 +12,15 @@ import sys
 import threading
 import time
 
+from .collectives import TRACKER
+
 
 class Watchdog:
-    def __init__(self, timeout: float, rank: int, abort, poll: float | None = None):
-        self.timeout, self.rank, self._abort = timeout, rank, abort
+    def __init__(self, timeout: float, rank: int, abort, poll: float | None = None,
+                 report=None):
+        """report: called as report(phase, step) when the watchdog fires, before the abort
+        (hang_report.HangReport: which collective this rank is in, and who is to blame)."""
+        self.timeout, self.rank, self._abort, self._report = timeout, rank, abort, report
         self._poll = poll or min(1.0, timeout / 10)
         self._last = time.monotonic()
         self._what = "set-up"
@@ -32,6 +37,7 @@ class Watchdog:
     def beat(self, step: int, what: str = "training") -> None:
         """Called by the loop: `step` steps are complete; `what` is the phase now starting."""
         self._last, self._step, self._what = time.monotonic(), step, what
+        TRACKER.step = step
 
     def stop(self) -> None:
         self._stopped.set()
@@ -45,6 +51,13 @@ class Watchdog:
                     f"after step {self._step} (--stall-timeout {self.timeout:g}); a peer rank "
                     f"has probably died or hung. Aborting the job.\n")
                 sys.stderr.flush()
+                if self._report is not None:
+                    try:
+                        where = self._report(self._what, self._step)
+                        sys.stderr.write(f"hpcaccel: rank {self.rank}: {where}\n")
+                        sys.stderr.flush()
+                    except Exception as e:  # noqa: BLE001 - the abort must happen regardless
+                        sys.stderr.write(f"hpcaccel: rank {self.rank}: hang report failed: {e}\n")
                 threading.Timer(10.0, os._exit, args=(1,)).start()  # if abort itself hangs
                 self._abort()
                 os._exit(1)

@@ -52,6 +52,7 @@ import time
 
 import torch
 
+from ..collectives import TRACKER
 from . import powersgd
 from .algorithms import CHUNK_BYTES
 from .selection import describe as describe_algorithm, make_algorithm
@@ -298,6 +299,7 @@ class MPIReducer(Reducer):
     def _launch(self, b: _Bucket):
         """Start bucket b's allreduce. Training thread, in bucket order."""
         self._next_launch = b.index + 1
+        TRACKER.enter("bucket allreduce", b.flat.numel() * b.flat.element_size(), "gradients")
         # Parameters without a gradient on this rank contribute zeros and an unset flag.
         for i, touched in enumerate(b.touched):
             if not touched:
@@ -393,6 +395,7 @@ class MPIReducer(Reducer):
                 else:
                     p.grad = None  # no rank produced a gradient: skip it everywhere
             b.pending = 0
+        TRACKER.leave("gradients")
         if self.powersgd is not None:
             self.powersgd.end_step()
 

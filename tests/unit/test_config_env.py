@@ -88,3 +88,21 @@ def test_given_values_are_the_parsed_flags_and_the_config_file(tmp_path):
     f.write_text('resume = "none"\nepochs = 3\n')
     values, path = given_values(["--out=o", "--config", str(f), "--epochs", "5"])
     assert values == {"out": "o", "resume": "none", "epochs": 5} and path == str(f)
+
+
+def test_progress_auto_shows_the_bar_only_on_a_terminal(tmp_path):
+    import io
+
+    from hpcaccel.config import parse_args
+    from hpcaccel.metrics import bar_wanted
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert parse_args([]).progress == "auto"
+    assert bar_wanted("auto", Terminal()) and not bar_wanted("auto", io.StringIO())
+    assert bar_wanted("true", io.StringIO()) and not bar_wanted("false", Terminal())
+    toml = tmp_path / "run.toml"
+    toml.write_text("progress = false\n")
+    assert parse_args(["--config", str(toml)]).progress == "false"

@@ -1,0 +1,138 @@
+"""The hang report: when the stall watchdog fires, which rank holds the job up.
+
+Each rank whose watchdog fires writes OUT/hang-report/rank-N.txt (its phase, last step and
+the collective it is in, from collectives.TRACKER) and waits `grace` seconds for the others.
+The lowest rank that reported then reads every rank's file and writes the summary to
+stderr and OUT/hang-report.txt, naming the rank(s) that did not report, are outside any
+collective, or are in a different collective than the rest; then the job is aborted.
+Through the file system, not MPI: the communicator is what hangs. A --out that is not
+shared across hosts gives a summary of the reporting host's ranks only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from .collectives import TRACKER
+
+
+def describe(open_: dict | None) -> str:
+    if open_ is None:
+        return "in no collective"
+    return (f"in {open_['kind']} #{open_['seq']} (step {open_['step']}, {open_['bytes']} bytes, "
+            f"waiting {open_['waiting_s']:g} s)")
+
+
+def rank_state(rank: int, phase: str, step: int) -> dict:
+    """Local. What this rank reports."""
+    snap = TRACKER.snapshot()
+    return {"rank": rank, "phase": phase, "step": step, "seq": snap["seq"], "open": snap["open"]}
+
+
+def summarize(states: dict[int, dict], size: int) -> tuple[list[int], list[str]]:
+    """Pure. (blamed ranks, lines) from the reports of ranks `states` of `size`."""
+    lines, blamed = [], []
+    missing = [r for r in range(size) if r not in states]
+    if missing:
+        blamed += missing
+        lines.append(f"rank(s) {missing[:16]} did not report (dead, or hung without Python "
+                     f"running): look at them first")
+    outside = [r for r, s in sorted(states.items()) if all(o is None for o in s["open"].values())]
+    inside = [r for r in sorted(states) if r not in outside]
+    if outside and inside:
+        blamed += outside
+        lines.append(f"rank(s) {outside[:16]} outside any collective (the others wait in one): "
+                     f"they are behind, in {states[outside[0]]['phase']} after step "
+                     f"{states[outside[0]]['step']}")
+    # Every rank issues the same collectives in order: one whose count on a channel is below
+    # the others' while it waits in another collective either skipped one there or waits
+    # for one that ran ahead; the one at the later step is the one that skipped.
+    behind = {}
+    for channel in ("control", "gradients"):
+        top = max(states[r]["seq"][channel] for r in inside) if inside else 0
+        for r in inside:
+            if states[r]["seq"][channel] < top and states[r]["open"][channel] is None:
+                behind.setdefault(r, (channel, states[r]["seq"][channel], top))
+    if behind:
+        last = max(states[r]["step"] for r in behind)
+        odd = sorted(r for r in behind if states[r]["step"] == last)
+        blamed += [r for r in odd if r not in blamed]
+        channel, seq, top = behind[odd[0]]
+        lines.append(f"rank(s) {odd[:16]} issued fewer {channel} collectives ({seq} against "
+                     f"{top}), went on to step {last} and wait in another one: they skipped a "
+                     f"collective")
+    if not blamed:
+        lines.append("every rank reported and waits in the same collective: a peer outside the "
+                     "job, or the network, holds them up")
+    return sorted(set(blamed)), lines
+
+
+class HangReport:
+    """The watchdog's `report` callable for one rank: report(phase, step) before abort."""
+
+    def __init__(self, out: str, rank: int, size: int, grace: float = 5.0):
+        self.out, self.rank, self.size, self.grace = out, rank, size, grace
+        self.dir = os.path.join(out, "hang-report")
+        self._mine = os.path.join(self.dir, f"rank-{rank}.txt")
+        try:  # a file from an earlier job must not count as this job's report
+            os.remove(self._mine)
+        except OSError:
+            pass
+
+    def __call__(self, phase: str, step: int) -> str:
+        """Write this rank's report, wait for the others; the lowest reporting rank writes
+        the summary. Returns this rank's one-line state."""
+        state = rank_state(self.rank, phase, step)
+        opened = [f"{c}: {describe(o)}" for c, o in state["open"].items() if o is not None]
+        line = "; ".join(opened) if opened else "in no collective"
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            tmp = self._mine + ".tmp"
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(state) + "\n")
+            os.replace(tmp, self._mine)
+        except OSError as e:
+            sys.stderr.write(f"hpcaccel: rank {self.rank}: cannot write the hang report: {e}\n")
+            return line
+        time.sleep(self.grace)
+        states = self._read()
+        if states and min(states) == self.rank:
+            self._summary(states)
+        else:
+            time.sleep(min(self.grace, 3.0))  # let the summarizing rank finish before aborting
+        return line
+
+    def _read(self) -> dict[int, dict]:
+        states = {}
+        for r in range(self.size):
+            try:
+                with open(os.path.join(self.dir, f"rank-{r}.txt")) as fh:
+                    states[r] = json.loads(fh.read())
+            except (OSError, ValueError):
+                pass
+        return states
+
+    def _summary(self, states: dict[int, dict]) -> None:
+        blamed, verdicts = summarize(states, self.size)
+        lines = [f"hpcaccel: hang report ({len(states)} of {self.size} ranks reported): "
+                 f"{'rank(s) ' + ','.join(map(str, blamed[:16])) if blamed else 'no rank'} "
+                 f"to blame"]
+        lines += [f"  {v}" for v in verdicts]
+        for r in range(self.size):
+            s = states.get(r)
+            if s is None:
+                lines.append(f"  rank {r}: no report")
+                continue
+            where = "; ".join(f"{c} {describe(o)}" for c, o in s["open"].items() if o is not None)
+            lines.append(f"  rank {r}: {s['phase']} after step {s['step']}, "
+                         f"{where or 'in no collective'} (sequence {s['seq']})")
+        text = "\n".join(lines) + "\n"
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        try:
+            with open(os.path.join(self.out, "hang-report.txt"), "w") as fh:
+                fh.write(text)
+        except OSError:
+            pass
