@@ -22,11 +22,12 @@ def predict(args) -> str:
     grad = args.grad_mb * 2**20
     compute = args.compute_ms / 1e3
     models = []
-    fitted = None
-    try:
-        fitted = report.fitted_model(report.load(args.results).get("allreduce", {}))
-    except FileNotFoundError:
-        pass
+    results = args.results or "benchmarks/results"
+    fitted = report.fitted_model(report.load(results).get("allreduce", {}))
+    if fitted is None and args.results:  # asked for, not there: say so, never ignore it
+        raise UsageError(f"--results {args.results}: no allreduce microbenchmark results there "
+                         f"(run `make bench` first, or leave --results out for the network "
+                         f"presets only)")
     gamma = fitted["gamma"] if fitted else 1 / 10e9
     if fitted:
         models.append(("this machine (fitted: alpha %.2f us, beta %.3f ns/B, gamma %.3f ns/B)"
@@ -37,6 +38,9 @@ def predict(args) -> str:
         models.append((net.name, net.alpha, net.beta))
     lines = [f"gradient {args.grad_mb:g} MiB, compute {args.compute_ms:g} ms per step, "
              f"overlap {args.overlap:g}, gamma {gamma * 1e9:.3f} ns/B"]
+    if fitted is None:
+        lines.append(f"no microbenchmark results in {results} (`make bench` makes them): "
+                     f"network presets only, gamma assumed")
     for name, alpha, beta in models:
         lines += ["", f"## {name}", "| ranks | allreduce (ms) | step (ms) | efficiency |", "| --- | --- | --- | --- |"]
         for row in costmodel.predict_table(compute, grad, alpha, beta, gamma, overlap=args.overlap):
@@ -65,7 +69,8 @@ def run(argv=None) -> int:
     pr.add_argument("--compute-ms", type=float, required=True, help="compute time per step on one rank (ms)")
     pr.add_argument("--network", choices=sorted(costmodel.PRESETS), help="one preset (default: all)")
     pr.add_argument("--overlap", type=float, default=0.0, help="fraction of compute that can hide communication (0..1)")
-    pr.add_argument("--results", default="benchmarks/results", help="microbenchmark results to fit")
+    pr.add_argument("--results", default=None, help="microbenchmark results to fit (default: "
+                    "benchmarks/results where present; a folder given here must hold them)")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
     rp = sub.add_parser("report", help="markdown tables and PNG plots from results")
     rp.add_argument("--results", default="benchmarks/results")
