@@ -309,10 +309,15 @@ def _decide(out, resume, overwrite, mine, fingerprint, info) -> Claim:
             why = why and f"--resume auto: run {record['run_id']} there cannot be continued: {why}"
         if why is None:
             found = checkpoint.list_checkpoints(out)
-            if not found:
-                why = f"--resume auto: run {record['run_id']} there has no checkpoint to continue from"
-            else:
+            if found:
                 return _continue(out, found[-1], record, mine, fingerprint)
+            if "summary.json" not in present:  # ended before its first checkpoint
+                info(f"hpcaccel: run {record['run_id']} in {out} has no checkpoint yet: "
+                     f"starting it again")
+                write_record(out, dict(record, epochs=mine["epochs"]))
+                return Claim(record["run_id"])
+            why = (f"--resume auto: run {record['run_id']} there finished but its checkpoints "
+                   f"are gone")
         if not overwrite:
             raise _refuse(out, why, record)
         return _new_run(out, mine, present, record, info)
