@@ -23,7 +23,7 @@ def ring_comm(request):
 
 def make_ring(comm, segment_bytes):
     from hpcaccel.comm.ring import RingAllreduce
-    return RingAllreduce(comm, segment_bytes=segment_bytes)
+    return RingAllreduce(comm, segment_bytes=segment_bytes, small_bytes=0)  # always the ring
 
 
 def values(n, rank, dtype):
@@ -90,6 +90,23 @@ def test_16bit_wire_with_user_op_is_identical_on_every_rank(ring_comm):
         # one bf16 rounding per addition: within a few bf16 ulps of the exact sum
         assert torch.allclose(wire.float(), exact, rtol=2 ** -6 * ring_comm.size, atol=1e-2)
         assert_same_on_every_rank(ring_comm, wire.view(torch.int16).numpy())
+    finally:
+        ring.close()
+
+
+def test_small_buffers_take_the_library_allreduce(ring_comm):
+    from mpi4py import MPI
+
+    from hpcaccel.comm.ring import RingAllreduce
+
+    ring = RingAllreduce(ring_comm, segment_bytes=64, small_bytes=4000)
+    try:
+        for n in (999, 1000, 1001):  # float32: below, at and above 4000 bytes
+            got = values(n, ring_comm.rank, np.float32)
+            want = got.copy()
+            ring_comm.Allreduce(MPI.IN_PLACE, want)
+            ring.allreduce_(got, MPI.SUM)
+            np.testing.assert_array_equal(got, want)
     finally:
         ring.close()
 
