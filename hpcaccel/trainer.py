@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import device as devices
 from . import optim
 from .augment import augment, generator
-from .data import eval_batches
+from .data import COUNTERS, eval_batches
 from .errors import Diverged
 from .metrics import NullProgress, NullRunLog
 from .signals import StopRequest
@@ -253,6 +253,9 @@ class Trainer:
         compute, comm, wait = (self.control.allreduce(
             [self.timers["compute"], self.timers["comm_wait"], self.reader.wait_seconds], "max"))
         compute, comm, wait = float(compute), float(comm), float(wait)
+        io = COUNTERS.snapshot()  # this rank's whole run: start-up, scan, epochs, evaluation
+        io_max = self.control.allreduce([io["files_opened"], io["bytes_read"]], "max")
+        io_min = self.control.allreduce([io["files_opened"], io["bytes_read"]], "min")
         return {
             "steps": self.step,
             "skipped_steps": self.skipped_steps,
@@ -264,4 +267,6 @@ class Trainer:
             "train_seconds": train_seconds,
             "breakdown_seconds_max_over_ranks": {"compute": compute, "comm_wait": comm,
                                                  "data_wait": wait},
+            "data_io_per_rank": {"files_opened_max": int(io_max[0]), "files_opened_min": int(io_min[0]),
+                                 "bytes_read_max": int(io_max[1]), "bytes_read_min": int(io_min[1])},
         }

@@ -1,18 +1,23 @@
 """Datasets: HDF5 files (or shard sets) read per rank; built-in sources packed on first use."""
 from __future__ import annotations
 
+from .files import COUNTERS
 from .hdf5 import H5Dataset, open_dataset, scan, write_blocks, write_file, write_index
 from .reader import RankReader, eval_batches
 from .sources import BUILTINS, pack_builtin
 
 
 def resolve(data: str, test_data: str | None, *, samples: int, shape, classes: int, seed: int,
-            pack: bool, wait) -> tuple[H5Dataset, H5Dataset | None]:
-    """Turn --data/--test-data into opened datasets.
+            pack: bool, wait, inspect: bool = True, share=None) -> tuple[H5Dataset, H5Dataset | None]:
+    """Turn --data/--test-data into datasets (metadata: files, lengths, shape, classes).
 
-    Built-in sources are packed by the ranks with `pack` True (one per node) while the others
-    wait in `wait(error)`, a collective that raises on every rank if packing failed on any,
-    so every rank then opens complete files.
+    Collective when `share` is given. Built-in sources are packed by the ranks with `pack`
+    True (one per node) while the others wait in `wait(error)`, a collective that raises on
+    every rank if packing failed on any. The metadata is read once: only ranks with
+    `inspect` True (rank 0) read the index and open each file, `wait` agrees on the outcome
+    (a bad file fails every rank with its one line), and `share` (a broadcast from rank 0)
+    hands the result to every rank, so start-up opens each file once whatever the rank count.
+    Without `share` every caller inspects for itself (one process).
     """
     if data in BUILTINS:
         error = None
@@ -22,6 +27,18 @@ def resolve(data: str, test_data: str | None, *, samples: int, shape, classes: i
             except Exception as e:  # reported on every rank by wait()
                 error = e
         wait(error)
+    result, error = None, None
+    if inspect or share is None:
+        try:
+            result = _open_both(data, test_data, samples, shape, classes, seed)
+        except Exception as e:  # reported on every rank by wait()
+            error = e
+    wait(error)
+    return share(result) if share is not None else result
+
+
+def _open_both(data, test_data, samples, shape, classes, seed):
+    if data in BUILTINS:
         train_path, test_path = pack_builtin(data, samples, shape, classes, seed)
         train = open_dataset(train_path)
         test = open_dataset(test_path) if test_data is None else None
@@ -42,5 +59,5 @@ def raise_mismatch(train: H5Dataset, test: H5Dataset):
                      f"({train.sample_shape} / {train.classes})")
 
 
-__all__ = ["H5Dataset", "RankReader", "eval_batches", "open_dataset", "scan",
+__all__ = ["COUNTERS", "H5Dataset", "RankReader", "eval_batches", "open_dataset", "scan",
            "write_blocks", "write_file", "write_index", "resolve", "BUILTINS"]

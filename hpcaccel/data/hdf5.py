@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..fsutil import atomic_path, atomic_write
+from .files import COUNTERS, damaged, open_h5
 
 INDEX_FORMAT = "hpcaccel-shards"
 _FLOAT_KINDS = ("f",)
@@ -139,7 +140,14 @@ def _inspect(path: str, flag: str) -> dict:
         raise UsageError(f"{flag} {path}: not readable (permission denied)")
     if not h5py.is_hdf5(path):
         raise UsageError(f"{flag} {path}: not an HDF5 file")
-    with h5py.File(path, "r") as f:
+    try:
+        return _inspect_open(path, flag)
+    except OSError as e:  # recognised as HDF5, but cut short or corrupt
+        raise damaged(flag, path, e) from None
+
+
+def _inspect_open(path: str, flag: str) -> dict:
+    with open_h5(path, flag) as f:
         for name in ("x", "y"):
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 raise UsageError(f"{flag} {path}: has no dataset {name!r} (expected x and y)")
@@ -163,6 +171,15 @@ def _inspect(path: str, flag: str) -> dict:
                 "chunk": int(x.chunks[0]) if x.chunks else min(len(x), 4096)}
 
 
+def _read_block(h, path: str, flag: str, a: int, b: int):
+    try:
+        y, x = h["y"][a:b], h["x"][a:b]
+    except OSError as e:  # opened, but the data is cut short or corrupt
+        raise damaged(flag, path, e) from None
+    COUNTERS.read(x.nbytes + y.nbytes)
+    return y, x
+
+
 def scan(ds: H5Dataset, rank: int = 0, world: int = 1, flag: str = "--data",
          block_bytes: int = 16 << 20) -> dict:
     """Check this rank's share of the samples: labels in [0, classes), x finite.
@@ -182,15 +199,16 @@ def scan(ds: H5Dataset, rank: int = 0, world: int = 1, flag: str = "--data",
     try:
         for f, lo, hi in locate([(a, b)], list(ds.lengths)):
             path = ds.files[f]
-            h = handles.setdefault(f, h5py.File(path, "r"))
+            if f not in handles:
+                handles[f] = open_h5(path, flag)
+            h = handles[f]
             for s in range(lo, hi, rows):
-                y = h["y"][s:min(s + rows, hi)]
+                y, x = _read_block(h, path, flag, s, min(s + rows, hi))
                 bad = (y < 0) | (y >= ds.classes)
                 if bad.any():
                     i = int(np.argmax(bad))
                     raise UsageError(f"{flag} {path}: label {int(y[i])} of sample {s + i} out of "
                                      f"range [0, {ds.classes})")
-                x = h["x"][s:min(s + rows, hi)]
                 if x.dtype.kind == "f" and not np.isfinite(x).all():
                     i = int(np.argmax(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)))
                     raise UsageError(f"{flag} {path}: sample {s + i} contains NaN or inf")

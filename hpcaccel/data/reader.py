@@ -1,5 +1,8 @@
 """Per-rank reading: each rank opens the files itself (read-only) and reads only its ranges.
 
+A file is opened when the rank first reads from it, and at most `max_open` stay open
+(files.Handles), so a rank that reads a few shards of many opens only those few.
+
 A background thread reads and batches the next segment while the current batch computes;
 `wait_seconds` accumulates how long the training loop waited for data.
 """
@@ -9,44 +12,24 @@ import queue
 import threading
 import time
 
-import h5py
 import numpy as np
 import torch
 
 from ..timeline import NullTimeline
+from .files import COUNTERS, DEFAULT_MAX_OPEN, Handles
 from .hdf5 import H5Dataset
-from .sharding import Segment, epoch_segments, eval_ranges, locate, steps_per_epoch
+from .sharding import Segment, epoch_segments, eval_ranges, steps_per_epoch
 
 _DONE = object()
-
-
-class _Files:
-    """Open handles of one dataset's files, owned by one thread."""
-
-    def __init__(self, ds: H5Dataset):
-        self.ds = ds
-        self.handles = [h5py.File(p, "r") for p in ds.files]
-
-    def read(self, ranges) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = [], []
-        for f, a, b in locate(ranges, list(self.ds.lengths)):
-            xs.append(self.handles[f]["x"][a:b])
-            ys.append(self.handles[f]["y"][a:b])
-        x = np.concatenate(xs) if len(xs) > 1 else xs[0]
-        y = np.concatenate(ys) if len(ys) > 1 else ys[0]
-        return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
-
-    def close(self):
-        for h in self.handles:
-            h.close()
 
 
 class RankReader:
     """Training batches of one rank: `steps` batches of `batch` samples per epoch."""
 
     def __init__(self, ds: H5Dataset, rank: int, world: int, batch: int, shuffle: bool,
-                 seed: int, prefetch: int = 4, timeline=None):
+                 seed: int, prefetch: int = 4, timeline=None, max_open: int = DEFAULT_MAX_OPEN):
         self.ds, self.rank, self.world, self.batch = ds, rank, world, batch
+        self.max_open = max_open
         self.shuffle, self.seed, self.prefetch = shuffle, seed, prefetch
         self.steps = steps_per_epoch(ds.samples, batch, world)
         self.wait_seconds = 0.0
@@ -71,7 +54,8 @@ class RankReader:
                 t1 = time.perf_counter()
                 self.wait_seconds += t1 - t0
                 self.timeline.add("data_wait", t0, t1)
-                if item is _DONE:
+                if item is _DONE:  # this rank's totals so far, one sample per epoch
+                    self.timeline.count("data_io", **COUNTERS.snapshot())
                     return
                 if isinstance(item, BaseException):
                     raise item
@@ -87,7 +71,7 @@ class RankReader:
     def _produce(self, epoch, start_step, q, stop):
         files = None
         try:
-            files = _Files(self.ds)
+            files = Handles(self.ds.files, self.ds.lengths, self.max_open)
             skip = start_step * self.batch
             for seg in self.segments(epoch):
                 if skip >= seg.samples:
@@ -110,10 +94,12 @@ class RankReader:
                 files.close()
 
 
-def eval_batches(ds: H5Dataset, rank: int, world: int, batch: int):
-    """This rank's contiguous part of an evaluation set, every sample exactly once overall."""
+def eval_batches(ds: H5Dataset, rank: int, world: int, batch: int,
+                 max_open: int = DEFAULT_MAX_OPEN):
+    """This rank's contiguous part of an evaluation set, every sample exactly once overall;
+    only the files that part lies in are opened."""
     a, b = eval_ranges(ds.samples, rank, world)
-    files = _Files(ds)
+    files = Handles(ds.files, ds.lengths, max_open, "--test-data")
     try:
         for s in range(a, b, batch):
             x, y = files.read([(s, min(s + batch, b))])
