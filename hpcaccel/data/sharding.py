@@ -5,10 +5,11 @@ With G = batch * world and steps = N // G (the same on every rank, every epoch):
 
 * shuffle off: global batch k is samples [k*G, (k+1)*G); rank r takes the r-th slice of B.
   A run's result therefore does not depend on the rank count, only on G.
-* shuffle on: the space is cut into blocks (aligned with the HDF5 chunks), the blocks are
-  permuted by (seed, epoch), and rank r takes positions [r*M, (r+1)*M) of the permuted
-  order, M = steps * B. Each rank reads only its own blocks, as contiguous ranges, and
-  shuffles samples within windows of a few batches.
+* shuffle on (shard-affine): the space is cut into blocks (aligned with the HDF5 chunks);
+  the files are permuted by (seed, epoch), and the blocks within each file too, and rank r
+  takes positions [r*M, (r+1)*M) of that order, M = steps * B. Each rank reads only its
+  own blocks, from about files/world files, as contiguous ranges, and shuffles samples
+  within windows of a few batches. The global batches then depend on the world size.
 
 The remainder (N - steps * G samples) is skipped each epoch: the last samples without
 shuffling, a different random set with shuffling.
@@ -51,6 +52,20 @@ def blocks(lengths: list[int], block: int) -> list[Range]:
     return out
 
 
+def shard_affine_order(lengths: list[int], block: int, seed: int, epoch: int) -> list[Range]:
+    """All blocks, shards in a random order and each shard's blocks in a random order, both
+    drawn from (seed, epoch): a contiguous run of positions lies in as few shards as possible,
+    so a rank taking its contiguous share opens about shards/world files per epoch."""
+    rng = np.random.default_rng([seed, epoch])
+    per_file = [blocks([n], block) for n in lengths]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
+    order = []
+    for f in rng.permutation(len(lengths)):
+        base, own = int(offsets[f]), per_file[f]
+        order.extend((base + own[i][0], base + own[i][1]) for i in rng.permutation(len(own)))
+    return order
+
+
 def take(order: list[Range], start: int, stop: int) -> list[Range]:
     """Ranges covering positions [start, stop) of the concatenation of `order`."""
     out, pos = [], 0
@@ -87,9 +102,7 @@ def epoch_segments(lengths: list[int], chunk: int, rank: int, world: int, batch:
     if not shuffle:
         return [Segment(tuple(take([(0, n)], k * G + rank * batch, k * G + (rank + 1) * batch)), None)
                 for k in range(steps)]
-    blks = blocks(lengths, block_length(n, chunk, world))
-    perm = np.random.default_rng([seed, epoch]).permutation(len(blks))
-    order = [blks[i] for i in perm]
+    order = shard_affine_order(lengths, block_length(n, chunk, world), seed, epoch)
     per_rank = steps * batch
     win = batch * max(1, window // batch)
     segments = []
