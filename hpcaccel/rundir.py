@@ -125,8 +125,9 @@ def _alive(pid: int, start: str | None) -> bool:
 @dataclass
 class Lock:
     """OUT/run.lock: created with O_CREAT|O_EXCL (atomic on local file systems, NFSv3+ and
-    Lustre), holding host, pid and the pid's start time; rank 0 refreshes its mtime every
-    HEARTBEAT_S seconds. A lock is stale when its holder is on this host and its process is
+    Lustre), holding host, pid, the pid's start time and the Slurm job id and restart count;
+    rank 0 refreshes its mtime every HEARTBEAT_S seconds. A lock is stale when its holder is
+    an earlier run (restart) of this same Slurm job, or on this host and its process is
     gone, or on another host and the heartbeat is older than STALE_AFTER_S."""
 
     path: str
@@ -140,7 +141,7 @@ class Lock:
         token = uuid.uuid4().hex
         content = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                               "pid_start": _proc_start(os.getpid()), "token": token,
-                              "since": time.time()}).encode()
+                              "since": time.time(), **_slurm_job()}).encode()
         for _ in range(5):
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -216,10 +217,23 @@ def describe_holder(holder: dict, path: str) -> str:
             + (f", heartbeat {age:.0f} s ago" if age is not None else ""))
 
 
+def _slurm_job() -> dict:
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"slurm_job": job, "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0")} if job else {}
+
+
 def stale_reason(holder: dict, path: str) -> str | None:
     """Why the lock's holder is gone; None while it may be running."""
     limit = float(os.environ.get("HPCACCEL_LOCK_STALE_S", STALE_AFTER_S))
     age = _age(path) or 0.0
+    mine = _slurm_job()
+    if (mine and holder.get("slurm_job") == mine["slurm_job"]
+            and holder.get("slurm_restart") != mine["slurm_restart"]):
+        # a requeued job (its earlier run killed, maybe with its node) may start on another
+        # node at once; an earlier run of the same job cannot still be running
+        return (f"{describe_holder(holder, path)}: an earlier run of this Slurm job "
+                f"{mine['slurm_job']} (restart {holder.get('slurm_restart')}, now "
+                f"{mine['slurm_restart']})")
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
         if not _alive(holder["pid"], holder.get("pid_start")):
             return f"host {holder['host']}, pid {holder['pid']}: no such process"

@@ -83,3 +83,17 @@ def test_resume_path_of_another_run_into_a_used_out_is_refused(tmp_path):
     c.release()  # an empty --out continues the checkpoint's run
     assert c.checkpoint == path
     assert c.run_id == rundir.read_record(str(a))["run_id"] == rundir.read_record(str(tmp_path / "c"))["run_id"]
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock(tmp_path, monkeypatch):
+    """The earlier run may have died with its node; the requeued job starts elsewhere at once."""
+    (tmp_path / rundir.LOCK).write_text(json.dumps(
+        {"host": "node-gone", "pid": 4242, "slurm_job": "77", "slurm_restart": "0"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the same run of the job: still held
+    with pytest.raises(UsageError, match="host node-gone, pid 4242"):
+        rundir.Lock.acquire(str(tmp_path), info=lambda line: None)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    said = []
+    rundir.Lock.acquire(str(tmp_path), info=said.append).release()
+    assert "an earlier run of this Slurm job 77 (restart 0, now 1)" in said[0]
