@@ -29,6 +29,8 @@ Cross-rank invariants:
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 # One message per segment, all of a chunk in flight at once. Below Open MPI's TCP eager
@@ -40,6 +42,12 @@ SEGMENT_BYTES = 48 << 10
 # latency-bound, and there the library's single exchange (0.07 ms for 64 KiB across the
 # emulated hosts) beats 2(p-1) ring steps driven from Python (~20 ms measured, loaded).
 SMALL_BYTES = 256 << 10
+# Waiting for a segment: test, then sleep this long, instead of spinning inside MPI_Wait.
+# The communication thread runs beside backward on the same cores; a spinning wait takes a
+# core from compute for the whole transfer (gloo's threads block in the kernel instead).
+# The kernel's socket buffers (MBs) carry the link meanwhile: at 1-25 Gbit/s 0.1 ms is
+# a few hundred KB at most. 0: spin in MPI_Wait.
+POLL_SECONDS = 1e-4
 _TAG = 1313
 
 
@@ -72,6 +80,7 @@ class RingAllreduce:
         self.size, self.rank = self.comm.Get_size(), self.comm.Get_rank()
         self.segment_bytes = int(segment_bytes)
         self.small_bytes = int(small_bytes)
+        self.poll_seconds = POLL_SECONDS
         self._scratch = np.empty(0, np.uint8)
 
     def describe(self) -> str:
@@ -124,19 +133,28 @@ class RingAllreduce:
             # An allgather step u receives into out(u + 1 - p)'s memory: posted only once
             # those sends completed (MPI: a send buffer is not written while in flight).
             if t >= p - 1:
-                self._MPI.Request.Waitall(sends[t + 1 - p])
+                for request in sends[t + 1 - p]:
+                    self._wait(request)
                 pending = post_recvs(t)
             following = post_recvs(t + 1) if t + 1 < p - 1 else []
             base = (t % 2) * width - incoming(t)[0]
             for a, b, req in pending:
-                req.Wait()
+                self._wait(req)
                 if t < p - 1:
                     op.Reduce_local(msg(scratch[base + a:base + b]), msg(array[a:b]))
                 if t + 1 < steps:
                     sends[t + 1].append(self.comm.Isend(msg(array[a:b]), right, _TAG))
             pending = following
         for requests in sends:
-            self._MPI.Request.Waitall(requests)
+            for request in requests:
+                self._wait(request)
+
+    def _wait(self, request) -> None:
+        if self.poll_seconds <= 0:
+            request.Wait()
+            return
+        while not request.Test():
+            time.sleep(self.poll_seconds)
 
     def _scratch_for(self, array, n):
         need = n * array.itemsize
