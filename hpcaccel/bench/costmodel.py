@@ -83,3 +83,42 @@ def predict_table(compute_s: float, grad_bytes: float, alpha: float, beta: float
         out.append({"ranks": p, "allreduce_s": ring_time(p, grad_bytes, alpha, beta, gamma),
                     "step_s": t, "efficiency": compute_s / t})
     return out
+
+
+# -- two levels: within a host (shared memory) and across hosts (the network) ---------------
+#
+# A job of H hosts x L ranks has two (alpha, beta) pairs, fitted separately: `intra` from
+# allreduce measurements on one host, `inter` from ones across hosts at 1 rank per host
+# (fit() of (2, n, t) samples). Assumptions beyond the ring model's: ranks are numbered host
+# by host, so a flat ring crosses each host boundary once per direction and its steps run
+# at the across-host rate; the L rings of the node-aware sum share their host's link.
+
+def flat_time(hosts: int, per_host: int, n: float, intra: Network, inter: Network,
+              gamma: float) -> float:
+    """One ring over all H x L ranks; every step waits for its across-host hop."""
+    level = inter if hosts > 1 else intra
+    return ring_time(hosts * per_host, n, level.alpha, level.beta, gamma)
+
+
+def hierarchical_time(hosts: int, per_host: int, n: float, intra: Network, inter: Network,
+                      gamma: float) -> float:
+    """Reduce part l to local rank l (L Reduce calls), a ring across the H hosts on each
+    part (the L rings share the host link: 2(H-1)/H x n through it), L broadcasts."""
+    L, H = per_host, hosts
+    within = 0.0
+    if L > 1:
+        within = 2 * L * intra.alpha + 2 * (L - 1) / L * n * intra.beta + (L - 1) / L * n * gamma
+    across = 0.0
+    if H > 1:
+        across = (2 * (H - 1) * inter.alpha + 2 * (H - 1) / H * n * inter.beta
+                  + (H - 1) / H * (n / L) * gamma)
+    return within + across
+
+
+ALGORITHM_TIMES = {"ring": flat_time, "hierarchical": hierarchical_time}
+
+
+def allreduce_time(algorithm: str, hosts: int, per_host: int, n: float, intra: Network,
+                   inter: Network, gamma: float) -> float:
+    """Time of one allreduce of n bytes by `algorithm` (ring: flat; hierarchical)."""
+    return ALGORITHM_TIMES[algorithm](hosts, per_host, n, intra, inter, gamma)

@@ -35,3 +35,27 @@ def test_overlap_and_efficiency():
     effs = [r["efficiency"] for r in rows]
     assert all(x >= y for x, y in zip(effs, effs[1:]))  # never improves with more ranks
     assert efficiency(c, n, 2, net.alpha, net.beta, 0) == pytest.approx(effs[0])
+
+
+def test_two_level_model_one_host_is_the_intra_ring_and_one_rank_per_host_the_inter_ring():
+    from hpcaccel.bench.costmodel import Network, allreduce_time
+    intra, inter, g = Network("shm", 2e-6, 1e-10), Network("1g", 50e-6, 8e-9), 1e-10
+    n = 2**24
+    assert allreduce_time("ring", 1, 4, n, intra, inter, g) == pytest.approx(ring_time(4, n, 2e-6, 1e-10, g))
+    assert allreduce_time("ring", 2, 1, n, intra, inter, g) == pytest.approx(ring_time(2, n, 50e-6, 8e-9, g))
+    # with one rank per host the node-aware sum is the ring across hosts
+    assert allreduce_time("hierarchical", 2, 1, n, intra, inter, g) == pytest.approx(
+        allreduce_time("ring", 2, 1, n, intra, inter, g))
+
+
+def test_node_aware_sends_each_hosts_gradient_once():
+    """2 hosts x 2 ranks on a slow network: the flat ring moves 1.5 n through a host's link,
+    the node-aware sum n (the 1.5 x of docs/benchmarks.md), plus a little within the host."""
+    from hpcaccel.bench.costmodel import Network, allreduce_time
+    intra, inter = Network("shm", 0.0, 1e-10), Network("1g", 0.0, 8e-9)
+    n = 2**26
+    flat = allreduce_time("ring", 2, 2, n, intra, inter, 0.0)
+    node_aware = allreduce_time("hierarchical", 2, 2, n, intra, inter, 0.0)
+    assert flat == pytest.approx(1.5 * n * 8e-9)
+    assert node_aware == pytest.approx(n * 8e-9 + n * 1e-10)
+    assert flat / node_aware == pytest.approx(1.5, rel=0.02)
