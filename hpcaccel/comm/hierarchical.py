@@ -7,9 +7,11 @@ ranks sends 2(HL - 1)/(HL) n per rank, and the ranks of one host share its link;
 host sends 2(H - 1)/H n in total (each local rank l carries part l, n/L of it, through a
 ring among the ranks with local rank l on the other hosts). At 2 hosts that is n per host
 per direction, against 1.5 n for the flat ring over 4 ranks (the "1.5 x link" bound of
-docs/benchmarks.md). The phases within a host run over shared memory, ~50x faster than a
-1-10 Gbit/s link here, in slices of `chunk_bytes` (the sizes where the library's
-collectives are fastest, see algorithms.py).
+docs/benchmarks.md). The network phase takes parts of up to `part_bytes` (32 MiB) per ring
+call: each ring call starts with a round trip, which cost 0.15 x the link at 8 MiB parts.
+The phases within a host run over shared memory, ~50x faster than a 1-10 Gbit/s link
+here, in calls of at most `chunk_bytes` (the sizes where the library's collectives are
+fastest, see algorithms.py).
 
 Cross-rank invariants:
   * Collective over its communicator: every rank calls allreduce_ with buffers of the same
@@ -29,7 +31,9 @@ Cross-rank invariants:
 from __future__ import annotations
 
 from .algorithms import CHUNK_BYTES
-from .ring import SEGMENT_BYTES, RingAllreduce, chunk_bounds
+from .ring import SEGMENT_BYTES, RingAllreduce, chunk_bounds, segment_bounds
+
+PART_BYTES = 32 << 20
 
 
 def node_layout(comm):
@@ -52,7 +56,7 @@ class HierarchicalAllreduce:
     name = "hierarchical"
 
     def __init__(self, comm, chunk_bytes: int = CHUNK_BYTES, segment_bytes: int = SEGMENT_BYTES,
-                 layout=None):
+                 layout=None, part_bytes: int = PART_BYTES):
         from mpi4py import MPI
 
         self._MPI = MPI
@@ -64,7 +68,7 @@ class HierarchicalAllreduce:
         cross = comm.Split(color=self.local_rank, key=comm.Get_rank())
         self.ring = RingAllreduce(cross, segment_bytes)
         cross.Free()  # the ring keeps its own duplicate
-        self.chunk_bytes = int(chunk_bytes)
+        self.chunk_bytes, self.part_bytes = int(chunk_bytes), max(int(part_bytes), int(chunk_bytes))
 
     def describe(self) -> str:
         return (f"hierarchical ({self.hosts} hosts x {self.per_host} ranks: shared memory "
@@ -81,18 +85,21 @@ class HierarchicalAllreduce:
         array, datatype = (buf[0], buf[1]) if isinstance(buf, list) else (buf, None)
         msg = (lambda a: a) if datatype is None else (lambda a: [a, datatype])
         L, me, in_place = self.per_host, self.local_rank, self._MPI.IN_PLACE
-        # a slice is L parts of about chunk_bytes each: the network phase gets big messages
-        step = max(L, L * (self.chunk_bytes // array.itemsize))
+        # a slice is L parts of about part_bytes each: the network phase gets big messages
+        step = max(L, L * (self.part_bytes // array.itemsize))
+        piece = max(1, self.chunk_bytes // array.itemsize)
         for start in range(0, len(array), step):
             whole = array[start:start + step]
             parts = [whole[a:b] for a, b in chunk_bounds(len(whole), L)]
             if L > 1:
                 for root, part in enumerate(parts):  # host sum of part l lands on local rank l
-                    if root == me:
-                        self.local.Reduce(in_place, msg(part), op=op, root=root)
-                    else:
-                        self.local.Reduce(msg(part), None, op=op, root=root)
+                    for a, b in segment_bounds(0, len(part), piece):
+                        if root == me:
+                            self.local.Reduce(in_place, msg(part[a:b]), op=op, root=root)
+                        else:
+                            self.local.Reduce(msg(part[a:b]), None, op=op, root=root)
             self.ring.allreduce_(msg(parts[me]), op)
             if L > 1:
                 for root, part in enumerate(parts):
-                    self.local.Bcast(msg(part), root=root)
+                    for a, b in segment_bounds(0, len(part), piece):
+                        self.local.Bcast(msg(part[a:b]), root=root)

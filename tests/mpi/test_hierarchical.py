@@ -24,8 +24,9 @@ def values(n, rank, dtype=np.float32):
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 1000, 100_001])
-@pytest.mark.parametrize("chunk_bytes", [40, 1 << 20], ids=["slices40B", "slices1M"])
-def test_sum_equals_mpi_allreduce_for_every_layout(n, chunk_bytes):
+@pytest.mark.parametrize("chunk_bytes, part_bytes", [(40, 40), (40, 4000), (1 << 20, 1 << 20)],
+                         ids=["pieces40B-parts40B", "pieces40B-parts4K", "pieces1M"])
+def test_sum_equals_mpi_allreduce_for_every_layout(n, chunk_bytes, part_bytes):
     from mpi4py import MPI
 
     from hpcaccel.comm.hierarchical import HierarchicalAllreduce
@@ -33,7 +34,7 @@ def test_sum_equals_mpi_allreduce_for_every_layout(n, chunk_bytes):
     world = MPI.COMM_WORLD
     for per_host in layouts(world.size):
         algo = HierarchicalAllreduce(world, chunk_bytes=chunk_bytes, segment_bytes=256,
-                                     layout=fake_layout(world, per_host))
+                                     layout=fake_layout(world, per_host), part_bytes=part_bytes)
         algo.ring.small_bytes = 0  # the ring itself, also for the small parts
         try:
             for dtype in (np.float32, np.int64):
