@@ -98,4 +98,5 @@ def test_allreduce_across_hosts(comm, smoke, record):
     tag = "horovod" if only_horovod else "all"
     flavour = "-hier" if os.environ.get("HOROVOD_HIERARCHICAL_ALLREDUCE") == "1" else ""
     record(f"hosts-allreduce-{hosts}x{per_host}-{tag}{flavour}",
-           {"hosts": hosts, "ranks_per_host": per_host, "link_gbit": link_gbit(), "results": rows})
+           {"ranks": p, "hosts": hosts, "ranks_per_host": per_host, "link_gbit": link_gbit(),
+            "results": rows})

@@ -80,7 +80,7 @@ def test_train_across_hosts(comm, smoke, datasets, record, model_name):
                                                    for k in breakdowns[n][0]} if breakdowns[n] else None)}
                for n, r in rates.items()}
     record(f"hosts-train-{model_name}-{hosts}x{per_host}",
-           {"hosts": hosts, "ranks_per_host": per_host, "link_gbit": link_gbit(), "model": model_name,
+           {"ranks": size, "hosts": hosts, "ranks_per_host": per_host, "link_gbit": link_gbit(), "model": model_name,
             "gradient_bytes": grad_bytes, "batch_per_rank": BATCH, "steps": steps,
             "repeats": repeats, "bound_samples_per_second": bound, "results": results})
     if comm.Get_rank() == 0:

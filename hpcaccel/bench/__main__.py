@@ -46,10 +46,53 @@ def predict(args) -> str:
         for row in costmodel.predict_table(compute, grad, alpha, beta, gamma, overlap=args.overlap):
             lines.append(f"| {row['ranks']} | {row['allreduce_s'] * 1e3:.2f} | {row['step_s'] * 1e3:.1f} "
                          f"| {row['efficiency']:.0%} |")
+    if args.nodes:
+        lines += ["", levels_table(args, fitted, gamma, grad, compute)]
     if args.json:
         return json.dumps({"fitted": fitted, "models": [
             {"name": n, "rows": costmodel.predict_table(compute, grad, a, b, gamma, overlap=args.overlap)}
             for n, a, b in models]}, indent=1)
+    return "\n".join(lines)
+
+
+def inter_level(args, results: str):
+    """The across-host (alpha, beta): fitted to hpcaccel's ring at 2 hosts x 1 rank where
+    benchmarks/hosts results exist, else --inter-gbit and --inter-alpha-us."""
+    import glob
+    import os
+
+    if args.inter_gbit is None:
+        for path in sorted(glob.glob(os.path.join(results, "hosts-allreduce-2x1-all-np2.json"))):
+            with open(path) as fh:
+                rows = json.load(fh)["results"].get("hpcaccel mpi ring", {})
+            samples = [(2, int(n), r["seconds"]) for n, r in rows.items() if int(n) >= 1 << 20]
+            if len(samples) >= 2:
+                alpha, beta = costmodel.fit(samples, 0.0)
+                return costmodel.Network(f"fitted to {os.path.basename(path)}", alpha, beta)
+    gbit = args.inter_gbit or 1.0
+    return costmodel.Network(f"{gbit:g} Gbit/s", args.inter_alpha_us * 1e-6, 8 / (gbit * 1e9))
+
+
+def levels_table(args, fitted, gamma, grad, compute) -> str:
+    """Allreduce 1-64 MiB and the step at --nodes x --ranks-per-node, per algorithm."""
+    results = args.results or "benchmarks/results"
+    intra = costmodel.Network("within a host", *(
+        (fitted["alpha"], fitted["beta"]) if fitted else (2e-6, 1 / 8e9)))
+    inter = inter_level(args, results)
+    H, L = args.nodes, args.ranks_per_node
+    algos = [args.algorithm] if args.algorithm else list(costmodel.ALGORITHM_TIMES)
+    lines = [f"## {H} nodes x {L} ranks: within a host alpha {intra.alpha * 1e6:.2f} us, "
+             f"beta {intra.beta * 1e9:.3f} ns/B; across hosts ({inter.name}) alpha "
+             f"{inter.alpha * 1e6:.0f} us, beta {inter.beta * 1e9:.2f} ns/B",
+             "| size | " + " | ".join(f"{a} (ms)" for a in algos) + " |", "|---" * (len(algos) + 1) + "|"]
+    for mb in (1, 4, 16, 64, args.grad_mb):
+        times = [costmodel.allreduce_time(a, H, L, mb * 2**20, intra, inter, gamma) for a in algos]
+        lines.append(f"| {mb:g} MiB | " + " | ".join(f"{t * 1e3:.1f}" for t in times) + " |")
+    for a in algos:
+        comm = costmodel.allreduce_time(a, H, L, grad, intra, inter, gamma)
+        step = compute + comm - min(comm, args.overlap * compute)
+        lines.append(f"\n{a}: step {step * 1e3:.0f} ms (compute {compute * 1e3:.0f} + allreduce "
+                     f"{comm * 1e3:.0f} - hidden {min(comm, args.overlap * compute) * 1e3:.0f})")
     return "\n".join(lines)
 
 
@@ -72,6 +115,15 @@ def run(argv=None) -> int:
     pr.add_argument("--results", default=None, help="microbenchmark results to fit (default: "
                     "benchmarks/results where present; a folder given here must hold them)")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
+    pr.add_argument("--nodes", type=int, default=None, help="also predict per level for this "
+                    "many hosts (with --ranks-per-node): within-host and across-host fits")
+    pr.add_argument("--ranks-per-node", type=int, default=1, help="ranks on each host (--nodes)")
+    pr.add_argument("--algorithm", choices=sorted(costmodel.ALGORITHM_TIMES), default=None,
+                    help="--nodes: ring (flat) or hierarchical (default: both)")
+    pr.add_argument("--inter-gbit", type=float, default=None, help="--nodes: link rate across "
+                    "hosts (default: fitted to benchmarks/hosts results, else 1)")
+    pr.add_argument("--inter-alpha-us", type=float, default=50.0, help="--nodes: latency per "
+                    "message across hosts with --inter-gbit (us)")
     rp = sub.add_parser("report", help="markdown tables and PNG plots from results")
     rp.add_argument("--results", default="benchmarks/results")
     rp.add_argument("--plots", default="docs/img", help="directory for PNG plots")
@@ -79,6 +131,8 @@ def run(argv=None) -> int:
     if args.command == "predict":
         if args.grad_mb <= 0 or args.compute_ms <= 0 or not 0 <= args.overlap <= 1:
             raise UsageError("--grad-mb and --compute-ms must be positive, --overlap in [0, 1]")
+        if args.nodes is not None and (args.nodes < 1 or args.ranks_per_node < 1):
+            raise UsageError("--nodes and --ranks-per-node must be at least 1")
         print(predict(args))
         return 0
     results = report.load(args.results)

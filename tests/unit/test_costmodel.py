@@ -59,3 +59,18 @@ def test_node_aware_sends_each_hosts_gradient_once():
     assert flat == pytest.approx(1.5 * n * 8e-9)
     assert node_aware == pytest.approx(n * 8e-9 + n * 1e-10)
     assert flat / node_aware == pytest.approx(1.5, rel=0.02)
+
+
+def test_predict_per_level_on_the_command_line(capsys, tmp_path, monkeypatch):
+    """`bench predict --nodes 2 --ranks-per-node 2 --inter-gbit 1`: both algorithms, the
+    node-aware one faster across a slow link."""
+    from hpcaccel.bench.__main__ import run
+    monkeypatch.chdir(tmp_path)  # no benchmarks/results here: presets and flags only
+    assert run(["predict", "--grad-mb", "64", "--compute-ms", "100", "--nodes", "2",
+                "--ranks-per-node", "2", "--inter-gbit", "1"]) == 0
+    out = capsys.readouterr().out
+    ring = float(out.split("ring: step ")[1].split(" ms")[0])
+    node_aware = float(out.split("hierarchical: step ")[1].split(" ms")[0])
+    assert node_aware < ring
+    # 64 MiB at 1 Gbit/s through each host's link once: ~537 ms plus compute
+    assert 100 + 500 < node_aware < 100 + 700
