@@ -73,13 +73,14 @@ class RankReader:
         try:
             files = Handles(self.ds.files, self.ds.lengths, self.max_open)
             skip = start_step * self.batch
-            for seg in self.segments(epoch):
-                if skip >= seg.samples:
-                    skip -= seg.samples
-                    continue
-                x, y = files.read(seg.ranges)
-                if seg.shuffle_seed is not None:
-                    perm = np.random.default_rng(list(seg.shuffle_seed)).permutation(len(x))
+            segments = self.segments(epoch)
+            while segments and skip >= segments[0].samples:  # steps done before a resume
+                skip -= segments[0].samples
+                segments = segments[1:]
+            for ranges, shuffle_seed in read_groups(segments):
+                x, y = files.read(ranges)
+                if shuffle_seed is not None:
+                    perm = np.random.default_rng(list(shuffle_seed)).permutation(len(x))
                     x, y = x[perm], y[perm]
                 for s in range(skip, len(x), self.batch):
                     if stop.is_set():
@@ -92,6 +93,38 @@ class RankReader:
         finally:
             if files is not None:
                 files.close()
+
+
+def read_groups(segments, window: int = 2048):
+    """(ranges, shuffle_seed) per read: shuffled segments one by one (each is permuted as a
+    whole); consecutive unshuffled ones (one batch each) together, up to `window` samples,
+    adjacent ranges merged, so a rank reading in global order makes few large reads. The
+    samples and their order are those of the segments."""
+    group, size = [], 0
+    for seg in segments:
+        if seg.shuffle_seed is not None:
+            if group:
+                yield _merged(group), None
+                group, size = [], 0
+            yield list(seg.ranges), seg.shuffle_seed
+            continue
+        group.extend(seg.ranges)
+        size += seg.samples
+        if size >= window:
+            yield _merged(group), None
+            group, size = [], 0
+    if group:
+        yield _merged(group), None
+
+
+def _merged(ranges):
+    out = []
+    for a, b in ranges:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
 
 
 def eval_batches(ds: H5Dataset, rank: int, world: int, batch: int,

@@ -150,3 +150,19 @@ def test_scan_opens_only_its_share_of_shards(shards):
     per_rank = [opens(lambda: scan(ds, r, world))[0] for r in range(world)]
     assert max(per_rank) <= math.ceil(SHARDS / world) + 1
     assert sum(per_rank) <= SHARDS + world  # each shard O(1) times in total
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_batches_follow_the_segments_and_resume_mid_epoch_exactly(shards, shuffle):
+    ds = open_dataset(shards)
+    world, batch = 3, 5
+    for rank in range(world):
+        reader = RankReader(ds, rank, world, batch, shuffle=shuffle, seed=2, prefetch=2)
+        full = [x[:, 0].numpy().astype(int).tolist() for x, _ in reader.epoch(1)]
+        assert len(full) == reader.steps and all(len(b) == batch for b in full)
+        want = [i for seg in reader.segments(1) for a, b in seg.ranges for i in range(a, b)]
+        got = [i for b in full for i in b]
+        assert (got == want) if not shuffle else (sorted(got) == sorted(want))
+        for k in (1, reader.steps // 2, reader.steps - 1):
+            rest = [x[:, 0].numpy().astype(int).tolist() for x, _ in reader.epoch(1, start_step=k)]
+            assert rest == full[k:]
