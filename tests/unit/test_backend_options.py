@@ -15,11 +15,13 @@ def test_backend_choices_match_the_factory():
 
 def test_knobs_from_flags_reach_the_reducer_options():
     cfg = parse_args(["--backend", "horovod", "--compression", "fp16", "--accum-steps", "4",
-                      "--fusion-mb", "64", "--cycle-time-ms", "2.5", "--bucket-mb", "8"])
+                      "--fusion-mb", "64", "--cycle-time-ms", "2.5", "--bucket-mb", "8",
+                      "--allreduce", "ring"])
     assert (cfg.backend, cfg.accum_steps) == ("horovod", 4)
     assert reducer_options(cfg) == {"bucket_bytes": 8 * 2**20, "compression": "fp16",
                                     "fusion_bytes": 64 * 2**20, "cycle_time_ms": 2.5,
-                                    "powersgd_rank": 4, "powersgd_start_step": 0}
+                                    "powersgd_rank": 4, "powersgd_start_step": 0,
+                                    "allreduce": "ring"}
 
 
 def test_horovod_knobs_default_to_horovods_own():
