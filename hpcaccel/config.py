@@ -27,6 +27,7 @@ SCHEDULES = ("constant", "cosine", "step")
 AUGMENTATIONS = ("none", "shift", "flip", "shift+flip")
 BACKENDS = ("auto", "horovod", "mpi")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
+PROGRESS = ("auto", "true", "false")
 ALLREDUCES = ("auto", "sliced", "ring", "hierarchical")
 
 
@@ -49,6 +50,9 @@ class TrainConfig:
                          "batch k is samples [k*G, (k+1)*G) whatever the rank count")
     check_data: bool = _opt(True, "before training, scan the data (each rank its share) for "
                             "labels out of range and NaN/inf samples")
+    stage_dir: Optional[str] = _opt(None, "copy the data files once per host into this "
+                                    "node-local directory (local SSD, $SLURM_TMPDIR) before "
+                                    "training and read them from there; default: read in place")
     # model and optimisation
     model: str = _opt("cnn", "built-in model (mlp, cnn, resnet) or package.module:factory, "
                       "called as factory(input_shape, num_classes)")
@@ -137,7 +141,9 @@ class TrainConfig:
     checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: only at the end of each "
                                  "epoch and when stopped by SIGUSR1/SIGTERM)")
     keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep")
-    progress: bool = _opt(True, "progress bar on rank 0")
+    progress: str = _opt("auto", "progress bar on rank 0: auto (only where stderr is a "
+                         "terminal; in Slurm logs and pipes plain per-epoch lines), true, false",
+                         choices=PROGRESS)
     timeline: Optional[str] = _opt(None, "write a Chrome-trace JSON of every rank's data wait, "
                                    "forward/backward, allreduce and optimizer spans to this "
                                    "file (open in Perfetto, ui.perfetto.dev)")
@@ -237,6 +243,8 @@ def load_toml(path: str) -> dict:
         name = key.replace("-", "_")
         if name not in known:
             raise UsageError(f"--config {path}: unknown key {key!r}")
+        if name == "progress" and isinstance(value, bool):  # progress = false in TOML
+            value = "true" if value else "false"
         values[name] = value
     return values
 

@@ -33,7 +33,12 @@ def setup(cfg, control, timeline):
     train_ds, test_ds = collectively(
         data.resolve, cfg.data, cfg.test_data, samples=cfg.synthetic_samples, shape=shape,
         classes=cfg.synthetic_classes, seed=cfg.seed, pack=world.local_rank == 0,
-        wait=control.agree)
+        wait=control.agree, inspect=world.is_main, share=control.broadcast)
+    if cfg.stage_dir:  # one copy per host in node-local storage, read from there
+        from .data.staging import stage
+        train_ds = stage(train_ds, cfg.stage_dir, control, world.local_rank)
+        if test_ds is not None:
+            test_ds = stage(test_ds, cfg.stage_dir, control, world.local_rank, "--stage-dir")
 
     scanned = {}
 
@@ -107,7 +112,9 @@ def restore(cfg, control, world, model, optimizer, reducer, path) -> dict | None
 def run(argv, control) -> dict:
     from . import advice, config, rundir
     from .env import describe_hosts
-    from .metrics import NullRunLog, RunLog, progress_bar
+    from .metrics import NullRunLog, RunLog, bar_wanted, progress_bar
+    from .hang_report import HangReport
+    from .comm.choice import backend_phrase
     from .signals import StopRequest
     from .timeline import NullTimeline, Timeline
     from .trainer import LoopHooks, Trainer
@@ -139,11 +146,13 @@ def run(argv, control) -> dict:
     log.info(f"hpcaccel: {world.size} ranks on {world.nodes} node(s) ({describe_hosts(world.hosts)}), "
              f"{world.threads} thread(s) "
              f"per rank, device {device}, precision {cfg.precision}, "
-             f"backend {reducer.name}, {world.mpi_library}; data {train_ds.samples} "
+             f"backend {backend_phrase(reducer)}, {world.mpi_library}; data {train_ds.samples} "
              f"samples in {len(train_ds.files)} file(s), {reader.steps} steps/epoch")
-    watchdog = Watchdog(cfg.stall_timeout, world.rank, abort=control.abort).start()
+    watchdog = Watchdog(cfg.stall_timeout, world.rank, abort=control.abort,
+                        report=HangReport(cfg.out, world.rank, world.size,
+                                          grace=min(5.0, max(2.0, cfg.stall_timeout / 2)))).start()
     control.collectively(timeline.start)
-    hooks = LoopHooks(log=log, progress=progress_bar(cfg.progress and world.is_main),
+    hooks = LoopHooks(log=log, progress=progress_bar(world.is_main and bar_wanted(cfg.progress)),
                       stop=stop, watchdog=watchdog, timeline=timeline)
     trainer = Trainer(cfg, control, reducer, model, optimizer, reader, test_ds, hooks)
     try:

@@ -98,3 +98,18 @@ def test_io_counters_in_summary_and_timeline(tmp_path):
     counters = [e for e in events if e.get("ph") == "C" and e["name"] == "data_io"]
     assert {e["pid"] for e in counters} == {0, 1}
     assert all(e["args"]["files_opened"] >= 1 and e["args"]["bytes_read"] > 0 for e in counters)
+
+
+def test_stage_dir_copies_once_and_trains_from_there(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    index = make_shards(str(src), shards=4, per_shard=64)
+    stage = tmp_path / "local"
+    out = tmp_path / "run"
+    r = train_cli(2, "--data", index, "--model", "mlp", "--epochs", "1", "--batch-size", "8",
+                  "--threads", "1", "--stage-dir", str(stage), "--out", str(out), timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    copies = [p for p in stage.rglob("*.h5")]
+    assert sorted(p.name.split("-", 1)[1] for p in copies) == [f"part-{s:03d}.h5" for s in range(4)]
+    assert all(p.stat().st_size == (src / p.name.split("-", 1)[1]).stat().st_size for p in copies)
+    assert json.loads((out / "summary.json").read_text())["steps"] == (4 * 64) // 16
