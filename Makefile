@@ -7,7 +7,8 @@ NP      ?= 8
 ARGS    ?=
 TIMEOUT := timeout --signal=TERM --kill-after=30
 
-.PHONY: setup setup-test train test test-unit test-mpi test-slurm test-bench-smoke bench clean
+.PHONY: setup setup-test train test test-unit test-mpi test-slurm test-bench-smoke bench clean \
+        test-python-min test-hosts
 
 setup:
 	@bash scripts/setup.sh train
@@ -18,11 +19,13 @@ setup-test:
 train: setup
 	bash scripts/mpirun.sh $(NP) $(PY) -m hpcaccel.train --out runs/digits --overwrite true $(ARGS)
 
+# test-slurm and test-hosts share one munged: they run one after the other, never together.
 test: setup-test
-	@$(MAKE) --no-print-directory test-unit test-mpi test-bench-smoke test-slurm
+	@$(MAKE) --no-print-directory test-unit test-python-min test-mpi test-bench-smoke \
+	  test-slurm test-hosts test-user-setup
 
 test-unit:
-	$(TIMEOUT) 1200 $(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration
+	$(TIMEOUT) 2400 $(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration
 
 # Each MPI rank runs pytest; rank 0 reports, other ranks' output goes to build/test-logs.
 test-mpi:

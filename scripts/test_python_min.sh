@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The unit tests under the oldest Python that pyproject.toml admits (requires-python), in a
-# venv of its own under build/ (made once, then reused: later runs take seconds plus the
-# tests). Finds that Python under pyenv or on PATH; says so and exits 0 where there is none.
+# venv of its own in the user's cache, outside the checkout (made once per machine, then
+# reused by every checkout: later runs take seconds plus the tests; the checkout itself is
+# installed into it editable, again only when the checkout or its requirements change). Finds that Python under pyenv or on PATH; says so and exits 0 where there is none.
 #
 # torch for it: HPCACCEL_TORCH_MIN (default torch==2.8.0, the newest release with wheels for
 # Python 3.9). PyPI's Linux wheel brings CUDA libraries (~3 GB download, once).
@@ -23,14 +24,19 @@ if [ -z "$py" ]; then
   exit 0
 fi
 
-venv="$ROOT/build/py${min//./}"
-stamp="$venv/.hpcaccel-min-stamp"
-want="$TORCH_SPEC $(sha256sum pyproject.toml | cut -c1-16)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "test-python-min: preparing $venv with $("$py" --version) and $TORCH_SPEC (once)"
+CACHE=${HPCACCEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hpcaccel}
+venv="$CACHE/venv-py${min//./}-${TORCH_SPEC//[^A-Za-z0-9.]/_}"
+base_stamp="$venv/.hpcaccel-base"
+if [ "$(cat "$base_stamp" 2>/dev/null)" != "$TORCH_SPEC" ]; then
+  echo "test-python-min: preparing $venv with $("$py" --version) and $TORCH_SPEC (once per machine)"
   "$py" -m venv "$venv"
-  "$venv/bin/pip" install -q "$TORCH_SPEC" "setuptools>=64"  # the build backend pyproject asks for
-  "$venv/bin/pip" install -q -e "$ROOT[test]"
+  "$venv/bin/python" -m pip install -q "$TORCH_SPEC" "setuptools>=64"  # the build backend pyproject asks for
+  echo "$TORCH_SPEC" > "$base_stamp"
+fi
+stamp="$venv/.hpcaccel-checkout"
+want="$ROOT $(sha256sum pyproject.toml | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  "$venv/bin/python" -m pip install -q -e "$ROOT[test]"
   echo "$want" > "$stamp"
 fi
 echo "test-python-min: unit tests under $("$venv/bin/python" --version), $("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)')"
