@@ -36,3 +36,15 @@ def train_cli(np_, *args, timeout=300, env=None) -> subprocess.CompletedProcess:
     """`python -m hpcaccel.train ARGS...` on np_ ranks, without the progress bar."""
     return mpirun_python(np_, "-m", "hpcaccel.train", "--progress", "false", *args,
                          timeout=timeout, env=env)
+
+
+def assert_same_model(got, want) -> None:
+    """Two saved models (model.pt paths or state_dicts) are identical to the bit: what a
+    resumed, requeued or differently launched run must give against an uninterrupted one."""
+    import torch
+
+    got, want = (torch.load(m, weights_only=True) if not isinstance(m, dict) else m
+                 for m in (got, want))
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)

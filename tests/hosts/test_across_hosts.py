@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from support import BACKEND_PARAMS
+from support import BACKEND_PARAMS, assert_same_model
 
 # Each rank records what env.detect says; rank 0 prints all of it as one line (mpirun can
 # merge lines that ranks print at the same moment).
@@ -150,10 +150,7 @@ def test_usr1_checkpoint_and_resume_across_hosts_equals_uninterrupted(hosts, tmp
     r = hosts.train(1, part, *LONG, "--resume", "auto")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stdout
-    want = torch.load(full / "model.pt", weights_only=True)
-    got = torch.load(part / "model.pt", weights_only=True)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    assert_same_model(part / "model.pt", full / "model.pt")
 
 
 def test_a_whole_host_failing_ends_the_job_within_30s(hosts, tmp_path):

@@ -12,7 +12,8 @@ import json
 import os
 
 import pytest
-import torch
+
+from support import assert_same_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _spec = importlib.util.spec_from_file_location("slurm_conftest", os.path.join(ROOT, "tests", "slurm", "conftest.py"))
@@ -143,7 +144,4 @@ def test_usr1_requeue_on_2_nodes_resumes_to_the_uninterrupted_result(cluster, si
     assert "stopped by SIGUSR1" in text and "resuming from" in text, text
     assert _summary(run_dir)["nodes"] == NODES
 
-    want = torch.load(ref_dir / "model.pt", weights_only=True)
-    got = torch.load(run_dir / "model.pt", weights_only=True)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    assert_same_model(run_dir / "model.pt", ref_dir / "model.pt")

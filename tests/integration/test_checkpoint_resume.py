@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hpcaccel import checkpoint
-from support import mpirun_command
+from support import assert_same_model, mpirun_command
 
 ARGS = ["--data", "synthetic", "--synthetic-samples", "16384", "--synthetic-shape", "64",
         "--model", "mlp", "--epochs", "6", "--batch-size", "16", "--progress", "false"]
@@ -74,10 +74,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, how, uninterrupted):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming from" in r.stdout
-    a = uninterrupted
-    b = torch.load(part / "model.pt", weights_only=True)
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    assert_same_model(part / "model.pt", uninterrupted)
     epochs = [l for l in (part / "metrics.jsonl").read_text().splitlines()]
     assert len(epochs) == 6  # one record per epoch across both runs
 

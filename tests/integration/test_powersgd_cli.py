@@ -9,7 +9,7 @@ import time
 import torch
 
 from hpcaccel import checkpoint
-from support import mpirun_command, train_cli
+from support import assert_same_model, mpirun_command, train_cli
 
 PSGD = ["--backend", "mpi", "--compression", "powersgd", "--powersgd-rank", "2",
         "--powersgd-start-step", "10"]
@@ -77,10 +77,7 @@ def test_sigusr1_then_resume_equals_an_uninterrupted_run(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming from" in r.stdout
-    a = torch.load(full / "model.pt", weights_only=True)
-    b = torch.load(part / "model.pt", weights_only=True)
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    assert_same_model(part / "model.pt", full / "model.pt")
 
 
 def test_trains_with_accumulation_bf16_clipping_frozen_and_unused(tmp_path):

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from support import assert_same_model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # small and quick: 44 steps per epoch at 2 ranks
@@ -174,9 +176,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(slurm
     assert "stopped by SIGUSR1" in text and "resuming from" in text, text
     assert "restart 1 on" in text, text
 
-    resumed = torch.load(run_dir / "model.pt", weights_only=True)
-    for name in reference:
-        torch.testing.assert_close(resumed[name], reference[name], rtol=0, atol=0, msg=name)
+    assert_same_model(run_dir / "model.pt", reference)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 10
     assert summary(run_dir)["resumed_from"]
 
