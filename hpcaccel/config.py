@@ -93,8 +93,8 @@ class TrainConfig:
     seed: int = _opt(0, "seed for initialisation, shuffling, augmentation and synthetic data")
     # parallelism
     backend: str = _opt("auto", "gradient allreduce backend: horovod (Horovod's ring-allreduce), "
-                        "mpi (hpcaccel's mpi4py reducer); auto: horovod where it is installed "
-                        "with MPI support, else mpi (see docs/backends.md)",
+                        "mpi (hpcaccel's mpi4py reducer); auto: the faster one for the device, mpi "
+                        "on CPU, horovod on CUDA where it has GPU operations (docs/backends.md)",
                         choices=BACKENDS)
     bucket_mb: float = _opt(25.0, "mpi backend: gradient bucket size in MB; each bucket's "
                             "allreduce starts as soon as its gradients are ready during backward")
