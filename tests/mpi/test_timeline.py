@@ -1,6 +1,10 @@
 """--timeline: one process row per rank, spans in microseconds from the start barrier, a
 JSON array Perfetto reads after every flush. One rank (COMM_SELF): the format; the
-cross-rank gather is exercised end to end in tests/integration."""
+cross-rank gather is exercised end to end in tests/integration.
+
+Here, not in tests/unit: it initialises MPI, and a process with MPI initialised (a
+singleton) passes its PMIx variables to every child at the C level, so an `mpirun` that a
+later single-process test starts would fail silently (exit 1, no output)."""
 import json
 import threading
 import time
