@@ -95,32 +95,27 @@ def test_16bit_wire_with_user_op_is_identical_on_every_rank(ring_comm):
 
 
 def test_small_buffers_take_the_library_allreduce(ring_comm):
-    from mpi4py import MPI
-
     from hpcaccel.comm.ring import RingAllreduce
 
     ring = RingAllreduce(ring_comm, segment_bytes=64, small_bytes=4000)
-    try:
-        for n in (999, 1000, 1001):  # float32: below, at and above 4000 bytes
-            got = values(n, ring_comm.rank, np.float32)
-            want = got.copy()
-            ring_comm.Allreduce(MPI.IN_PLACE, want)
-            ring.allreduce_(got, MPI.SUM)
-            np.testing.assert_array_equal(got, want)
-    finally:
-        ring.close()
+    sums_like_the_library(ring, ring_comm, (999, 1000, 1001))  # float32: below, at, above 4000 B
 
 
 def test_repeated_calls_reuse_the_ring(ring_comm):
     """Back-to-back allreduces of different lengths (a reducer's buckets) stay matched."""
+    sums_like_the_library(make_ring(ring_comm, 512), ring_comm, (10, 5_000, 3, 77_777, 0, 12))
+
+
+def sums_like_the_library(ring, comm, lengths):
+    """Back-to-back float32 sums of these lengths equal the library's MPI_Allreduce; closes
+    the ring."""
     from mpi4py import MPI
 
-    ring = make_ring(ring_comm, 512)
     try:
-        for n in (10, 5_000, 3, 77_777, 0, 12):
-            got = values(n, ring_comm.rank, np.float32)
+        for n in lengths:
+            got = values(n, comm.rank, np.float32)
             want = got.copy()
-            ring_comm.Allreduce(MPI.IN_PLACE, want)
+            comm.Allreduce(MPI.IN_PLACE, want)
             ring.allreduce_(got, MPI.SUM)
             np.testing.assert_array_equal(got, want)
     finally:
