@@ -50,9 +50,10 @@ class TrainConfig:
                          "batch k is samples [k*G, (k+1)*G) whatever the rank count")
     check_data: bool = _opt(True, "before training, scan the data (each rank its share) for "
                             "labels out of range and NaN/inf samples")
-    stage_dir: Optional[str] = _opt(None, "copy the data files once per host into this "
-                                    "node-local directory (local SSD, $SLURM_TMPDIR) before "
-                                    "training and read them from there; default: read in place")
+    stage_dir: Optional[str] = _opt(None, "copy the data files this host's ranks will read, "
+                                    "once per host, into this node-local directory (local SSD, "
+                                    "$SLURM_TMPDIR) before training and read them from there; "
+                                    "default: read in place")
     # model and optimisation
     model: str = _opt("cnn", "built-in model (mlp, cnn, resnet) or package.module:factory, "
                       "called as factory(input_shape, num_classes)")

@@ -34,12 +34,6 @@ def setup(cfg, control, timeline):
         data.resolve, cfg.data, cfg.test_data, samples=cfg.synthetic_samples, shape=shape,
         classes=cfg.synthetic_classes, seed=cfg.seed, pack=world.local_rank == 0,
         wait=control.agree, inspect=world.is_main, share=control.broadcast)
-    if cfg.stage_dir:  # one copy per host in node-local storage, read from there
-        from .data.staging import stage
-        train_ds = stage(train_ds, cfg.stage_dir, control, world.local_rank)
-        if test_ds is not None:
-            test_ds = stage(test_ds, cfg.stage_dir, control, world.local_rank, "--stage-dir")
-
     scanned = {}
 
     def check_data():
@@ -80,9 +74,7 @@ def setup(cfg, control, timeline):
     optimizer = make_optimizer(cfg, model)
     reducer.broadcast_parameters(model)  # all ranks start from rank 0's initialisation
     reducer.attach(model, optimizer)
-    reader = data.RankReader(train_ds, world.rank, world.size, cfg.batch_size, cfg.shuffle,
-                             cfg.seed, timeline=timeline)
-    return world, reducer, model, optimizer, reader, train_ds, test_ds
+    return world, reducer, model, optimizer, train_ds, test_ds
 
 
 def restore(cfg, control, world, model, optimizer, reducer, path) -> dict | None:
@@ -111,6 +103,7 @@ def restore(cfg, control, world, model, optimizer, reducer, path) -> dict | None
 
 def run(argv, control) -> dict:
     from . import advice, config, rundir
+    from .data import RankReader
     from .env import describe_hosts
     from .metrics import NullRunLog, RunLog, bar_wanted, progress_bar
     from .hang_report import HangReport
@@ -125,7 +118,7 @@ def run(argv, control) -> dict:
     cfg = control.collectively(config.parse_args, argv, quiet=not control.is_main)
     # one timeline for the reader, the reducer and the loop; its file is created in start()
     timeline = Timeline(cfg.timeline, control) if cfg.timeline else NullTimeline()
-    world, reducer, model, optimizer, reader, train_ds, test_ds = setup(cfg, control, timeline)
+    world, reducer, model, optimizer, train_ds, test_ds = setup(cfg, control, timeline)
     if world.is_main:
         for line in advice.flag_warnings(config.given_values(argv, quiet=True)[0], reducer.name):
             print(f"hpcaccel: warning: {line}", file=sys.stderr, flush=True)
@@ -138,6 +131,13 @@ def run(argv, control) -> dict:
         reducer.close()
         return {"already_complete": True}
     resumed = restore(cfg, control, world, model, optimizer, reducer, claim.checkpoint)
+    staging = None
+    if cfg.stage_dir:  # the files this host reads from here on, copied to node-local storage
+        from .data.staging import stage_run
+        train_ds, test_ds, staging = stage_run(cfg, control, world, train_ds, test_ds,
+                                               resumed["epoch"] if resumed else 0)
+    reader = RankReader(train_ds, world.rank, world.size, cfg.batch_size, cfg.shuffle, cfg.seed,
+                        timeline=timeline)
     log = RunLog(cfg.out, append=resumed is not None) if world.is_main else NullRunLog()
     if resumed is not None:
         log.info(f"hpcaccel: resuming from {resumed['path']} (epoch {resumed['epoch'] + 1}, "
@@ -148,6 +148,13 @@ def run(argv, control) -> dict:
              f"per rank, device {device}, precision {cfg.precision}, "
              f"backend {backend_phrase(reducer)}, {world.mpi_library}; data {train_ds.samples} "
              f"samples in {len(train_ds.files)} file(s), {reader.steps} steps/epoch")
+    if staging is not None:
+        log.info(f"hpcaccel: --stage-dir {cfg.stage_dir}: each host reads at most "
+                 f"{staging['train_files_per_host_max']} of {len(train_ds.files)} training file(s)"
+                 + (f" and {staging['test_files_per_host_max']} of {len(test_ds.files)} test "
+                    f"file(s)" if test_ds is not None else "")
+                 + f", staged there in {staging['seconds_max']:.1f} s "
+                 f"({staging['bytes_copied_per_host_max'] / 2**20:.1f} MiB copied at most per host)")
     watchdog = Watchdog(cfg.stall_timeout, world.rank, abort=control.abort,
                         report=HangReport(cfg.out, world.rank, world.size,
                                           grace=min(5.0, max(2.0, cfg.stall_timeout / 2)))).start()
@@ -170,7 +177,8 @@ def run(argv, control) -> dict:
     summary = {"world_size": world.size, "resumed_from": resumed and resumed["path"],
                "nodes": world.nodes, "threads_per_rank": world.threads, "device": str(device),
                "backend": reducer.name, "mpi_library": world.mpi_library, "epochs": cfg.epochs,
-               **result, "wall_seconds": time.perf_counter() - t_start, "config": cfg.to_dict()}
+               **({"staging": staging} if staging is not None else {}), **result,
+               "wall_seconds": time.perf_counter() - t_start, "config": cfg.to_dict()}
     log.model(model.state_dict())
     log.summary(summary)
     log.info(f"done: test accuracy {summary['test_accuracy']}, "

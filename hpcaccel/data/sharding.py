@@ -13,6 +13,9 @@ With G = batch * world and steps = N // G (the same on every rank, every epoch):
 
 The remainder (N - steps * G samples) is skipped each epoch: the last samples without
 shuffling, a different random set with shuffling.
+
+`files_read` and `eval_files` say which files a set of ranks (one host's) touches, for
+staging only those (data.staging).
 """
 from __future__ import annotations
 
@@ -130,3 +133,37 @@ def locate(ranges, lengths: list[int]) -> list[tuple[int, int, int]]:
             out.append((f, a - int(offsets[f]), stop - int(offsets[f])))
             a = stop
     return out
+
+
+def files_read(lengths: list[int], chunk: int, ranks, world: int, batch: int, shuffle: bool,
+               seed: int, epochs) -> tuple[int, ...]:
+    """Indices of the files that `ranks` read in training over `epochs` (an iterable of
+    epoch numbers): the union of the files their `epoch_segments` lie in, sorted."""
+    n, epochs = sum(lengths), list(epochs)
+    steps, G = steps_per_epoch(n, batch, world), batch * world
+    ranks, every = sorted(set(ranks)), set(range(len(lengths)))
+    found: set[int] = set()
+
+    def add(ranges):
+        found.update(f for f, a, b in locate(ranges, lengths) if b > a)
+
+    if not shuffle:  # the same slices every epoch: rank r's B of each global batch
+        if epochs:
+            for r in ranks:
+                add(_merge([(k * G + r * batch, k * G + (r + 1) * batch) for k in range(steps)]))
+        return tuple(sorted(found))
+    block, per_rank = block_length(n, chunk, world), steps * batch
+    for epoch in epochs:  # a rank's segments cover its contiguous share of the order
+        order = shard_affine_order(lengths, block, seed, epoch)
+        for r in ranks:
+            add(take(order, r * per_rank, (r + 1) * per_rank))
+        if found == every:
+            break
+    return tuple(sorted(found))
+
+
+def eval_files(lengths: list[int], ranks, world: int) -> tuple[int, ...]:
+    """Indices of the files that `ranks` read in evaluation (`eval_ranges`), sorted."""
+    n = sum(lengths)
+    return tuple(sorted({f for r in set(ranks)
+                         for f, a, b in locate([eval_ranges(n, r, world)], lengths) if b > a}))

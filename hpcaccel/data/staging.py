@@ -1,13 +1,20 @@
-"""Node-local staging (--stage-dir): copy the data files once per host into node-local
-storage before training, and read them from there.
+"""Node-local staging (--stage-dir): copy the data files this host's ranks will read once
+into node-local storage before training, and read them from there.
 
 Data read every epoch from a parallel filesystem costs metadata and network traffic each
-epoch; a node-local copy (local SSD, /tmp, $SLURM_TMPDIR) costs one read. Over a run every
-file is read on every host (the shuffled order changes per epoch), so the whole dataset is
-staged. One rank per host (local rank 0) copies while the others wait; the outcome is agreed
+epoch; a node-local copy (local SSD, /tmp, $SLURM_TMPDIR) costs one read. Which files a
+host needs is a pure function of the run (sharding.files_read, sharding.eval_files): the
+union, over the epochs still to train and over the host's ranks, of the files their reads
+lie in, and the files of their evaluation parts. Only those are copied; every other file
+keeps its path (read in place should it ever be needed). With shuffling each epoch draws a
+new order, so over many epochs a host needs most files; over a few, about
+files x ranks-per-host / ranks of them.
+
+One rank per host (local rank 0) copies while the others wait; the outcome is agreed
 collectively, so a full disk or an unwritable directory fails every rank with one line.
 
-Cross-rank invariant: `stage` is collective (every rank calls it, in the same order).
+Cross-rank invariant: `stage` and `stage_run` are collective (every rank calls them, in the
+same order).
 """
 from __future__ import annotations
 
@@ -16,9 +23,11 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 
 from ..errors import UsageError
 from .hdf5 import H5Dataset
+from .sharding import eval_files, files_read
 
 HEADROOM = 0.95  # never fill node-local storage beyond this fraction of its free space
 
@@ -39,9 +48,27 @@ def staged_paths(ds: H5Dataset, stage_dir: str, tag: str) -> tuple[str, ...]:
     return tuple(os.path.join(target, f"{i:05d}-{os.path.basename(p)}") for i, p in enumerate(ds.files))
 
 
+def host_ranks(node_names, node_name: str) -> list[int]:
+    """The ranks on host `node_name`, given every rank's host name in rank order. Pure."""
+    return [r for r, name in enumerate(node_names) if name == node_name]
+
+
+def host_files(ds: H5Dataset, ranks, world: int, batch: int, shuffle: bool, seed: int,
+               epochs) -> tuple[int, ...]:
+    """Indices of the files of training set `ds` that `ranks` read over `epochs`. Pure."""
+    return files_read(list(ds.lengths), ds.chunk, ranks, world, batch, shuffle, seed, epochs)
+
+
+def host_eval_files(ds: H5Dataset, ranks, world: int) -> tuple[int, ...]:
+    """Indices of the files of evaluation set `ds` that `ranks` read. Pure."""
+    return eval_files(list(ds.lengths), ranks, world)
+
+
 def copy_files(sources, targets, stage_dir: str, flag: str = "--stage-dir") -> int:
     """Copy each source to its target unless a copy of the same size is there; checked for
     free space first, each copy verified by size and published by rename. Bytes copied."""
+    if not sources:
+        return 0
     try:
         os.makedirs(os.path.dirname(targets[0]), exist_ok=True)
     except OSError as e:
@@ -69,16 +96,48 @@ def copy_files(sources, targets, stage_dir: str, flag: str = "--stage-dir") -> i
     return need
 
 
-def stage(ds: H5Dataset, stage_dir: str, control, local_rank: int, flag: str = "--stage-dir") -> H5Dataset:
-    """Collective: `ds` with its files copied under `stage_dir` on every host, one copier per
-    host (local rank 0); a failure on any host fails every rank (control.agree)."""
+def stage(ds: H5Dataset, stage_dir: str, control, local_rank: int, flag: str = "--stage-dir",
+          needed=None, stats: dict | None = None) -> H5Dataset:
+    """Collective: `ds` with the files `needed` (indices; None: all) copied under `stage_dir`
+    on every host, one copier per host (local rank 0); the other files keep their paths. A
+    failure on any host fails every rank (control.agree). `stats`, when given, receives this
+    rank's files staged, bytes copied (0 on ranks that do not copy) and seconds."""
+    t0 = time.perf_counter()
     tag = control.broadcast(control.collectively(lambda: source_tag(ds) if control.is_main else None))
-    targets, error = None, None
+    needed = list(range(len(ds.files))) if needed is None else sorted(set(needed))
+    chosen = set(needed)
+    files, copied, error = ds.files, 0, None
     try:
         targets = staged_paths(ds, stage_dir, tag)
         if local_rank == 0:
-            copy_files(ds.files, targets, stage_dir, flag)
+            copied = copy_files([ds.files[i] for i in needed], [targets[i] for i in needed],
+                                stage_dir, flag)
+        files = tuple(targets[i] if i in chosen else p for i, p in enumerate(ds.files))
     except Exception as e:  # noqa: BLE001 - reported on every rank by agree
         error = e
     control.agree(error)
-    return dataclasses.replace(ds, files=targets)
+    if stats is not None:
+        stats.update(files=len(needed), bytes_copied=copied, seconds=time.perf_counter() - t0)
+    return dataclasses.replace(ds, files=files)
+
+
+def stage_run(cfg, control, world, train_ds: H5Dataset, test_ds: H5Dataset | None,
+              start_epoch: int) -> tuple[H5Dataset, H5Dataset | None, dict]:
+    """Collective: stage what this host's ranks read in this run: training files over epochs
+    [start_epoch, cfg.epochs) and their evaluation parts of `test_ds`. Returns both datasets
+    (staged files under cfg.stage_dir, the others in place) and a summary, maxima over hosts."""
+    ranks = host_ranks(control.allgather(world.node_name), world.node_name)
+    epochs = range(start_epoch, cfg.epochs)
+    train_stats, test_stats = {}, {}
+    train_ds = stage(train_ds, cfg.stage_dir, control, world.local_rank, needed=host_files(
+        train_ds, ranks, world.size, cfg.batch_size, cfg.shuffle, cfg.seed, epochs),
+        stats=train_stats)
+    if test_ds is not None:
+        test_ds = stage(test_ds, cfg.stage_dir, control, world.local_rank,
+                        needed=host_eval_files(test_ds, ranks, world.size), stats=test_stats)
+    most = control.allreduce([train_stats["files"], test_stats.get("files", 0),
+                              train_stats["bytes_copied"] + test_stats.get("bytes_copied", 0),
+                              train_stats["seconds"] + test_stats.get("seconds", 0.0)], "max")
+    summary = {"train_files_per_host_max": int(most[0]), "test_files_per_host_max": int(most[1]),
+               "bytes_copied_per_host_max": int(most[2]), "seconds_max": float(most[3])}
+    return train_ds, test_ds, summary

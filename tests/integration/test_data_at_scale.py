@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hpcaccel.data import write_file, write_index
-from support import mpirun_python, train_cli
+from support import assert_same_model, mpirun_python, train_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD, SHARDS, PER_SHARD, BATCH = 16, 64, 16, 4
@@ -113,3 +113,22 @@ def test_stage_dir_copies_once_and_trains_from_there(tmp_path):
     assert sorted(p.name.split("-", 1)[1] for p in copies) == [f"part-{s:03d}.h5" for s in range(4)]
     assert all(p.stat().st_size == (src / p.name.split("-", 1)[1]).stat().st_size for p in copies)
     assert json.loads((out / "summary.json").read_text())["steps"] == (4 * 64) // 16
+
+
+def test_staged_run_continued_equals_one_uninterrupted_run_in_place(tmp_path):
+    """A run continued with --stage-dir stages from the epoch it resumes at and gives the
+    model of one uninterrupted run reading in place, to the bit."""
+    src = tmp_path / "src"
+    src.mkdir()
+    index = make_shards(str(src), shards=8, per_shard=32)
+    args = ["--data", index, "--model", "mlp", "--batch-size", "8", "--threads", "1"]
+    full, part, stage = tmp_path / "full", tmp_path / "part", tmp_path / "local"
+    r = train_cli(2, *args, "--epochs", "3", "--out", str(full), timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = train_cli(2, *args, "--epochs", "1", "--stage-dir", str(stage), "--out", str(part), timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = train_cli(2, *args, "--epochs", "3", "--stage-dir", str(stage), "--out", str(part),
+                  "--resume", "auto", timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout and "--stage-dir" in r.stdout
+    assert_same_model(str(part / "model.pt"), str(full / "model.pt"))
