@@ -97,8 +97,10 @@ class TrainConfig:
                         "mpi (hpcaccel's mpi4py reducer); auto: the faster one for the device, mpi "
                         "on CPU, horovod on CUDA where it has GPU operations (docs/backends.md)",
                         choices=BACKENDS)
-    bucket_mb: float = _opt(25.0, "mpi backend: gradient bucket size in MB; each bucket's "
-                            "allreduce starts as soon as its gradients are ready during backward")
+    bucket_mb: str = _opt("auto", "mpi backend: gradient bucket size in MB; each bucket's "
+                          "allreduce starts as soon as its gradients are ready during backward; "
+                          "auto: from the link's latency and bandwidth, measured at start-up, "
+                          "and the model's gradient size (shown on the start-up line)")
     allreduce: str = _opt("auto", "mpi backend: how each bucket is summed: sliced (the MPI "
                           "library's allreduce in 8 MiB slices), ring (pipelined ring over "
                           "point-to-point), hierarchical (within each host, then across hosts, "
@@ -152,7 +154,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         positive = {"epochs": self.epochs, "batch_size": self.batch_size,
                     "synthetic_samples": self.synthetic_samples,
-                    "synthetic_classes": self.synthetic_classes, "bucket_mb": self.bucket_mb,
+                    "synthetic_classes": self.synthetic_classes,
                     "accum_steps": self.accum_steps, "powersgd_rank": self.powersgd_rank}
         for name, value in positive.items():
             if value <= 0:
@@ -175,6 +177,13 @@ class TrainConfig:
         if self.accum_steps > self.batch_size:
             raise UsageError(f"--accum-steps {self.accum_steps} is more than --batch-size "
                              f"{self.batch_size}: every micro-batch needs at least one sample")
+        if str(self.bucket_mb) != "auto":
+            try:
+                self.bucket_mb = float(self.bucket_mb)
+                assert self.bucket_mb > 0 and self.bucket_mb == self.bucket_mb
+            except (ValueError, AssertionError):
+                raise UsageError(f"--bucket-mb must be auto or a positive number of MB, got "
+                                 f"{self.bucket_mb!r}") from None
         if self.fusion_mb is not None and self.fusion_mb < 0:
             raise UsageError(f"--fusion-mb must not be negative, got {self.fusion_mb}")
         if self.cycle_time_ms is not None and self.cycle_time_ms <= 0:

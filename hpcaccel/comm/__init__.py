@@ -4,7 +4,7 @@ Backends:
   horovod  Horovod's DistributedOptimizer (ring-allreduce, tensor fusion), when
            `horovod.torch` imports and was built with MPI (scripts/horovod.sh builds it).
   mpi      hpcaccel's own bucketed reducer over mpi4py; needs nothing beyond mpi4py.
-  auto     the faster one for the device (comm/choice.py): mpi on CPU; on CUDA horovod
+  auto     the faster one for the device (comm/backend_choice.py): mpi on CPU; on CUDA horovod
            where it was built with GPU operations on every rank, else mpi.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _choose(name: str, control, device="auto") -> tuple[str, str | None]:
     if name == "mpi":
         return "mpi", None
     if name == "auto":
-        from .choice import gather_auto
+        from .backend_choice import gather_auto
         return gather_auto(control, device)
     reasons = control.allgather(horovod_unavailable())
     missing = [r for r, why in enumerate(reasons) if why is not None]
@@ -43,20 +43,20 @@ def _choose(name: str, control, device="auto") -> tuple[str, str | None]:
                      f"with `bash scripts/horovod.sh .venv/bin/python` or use --backend mpi")
 
 
-def make_reducer(name: str, comm=None, bucket_bytes: int = 25 * 2**20, compression: str = "none",
+def make_reducer(name: str, comm=None, bucket_bytes: int | None = None, compression: str = "none",
                  fusion_bytes: int | None = None, cycle_time_ms: float | None = None,
                  timeline=None, powersgd_rank: int = 4, powersgd_start_step: int = 0,
                  allreduce: str = "auto", device="auto") -> Reducer:
     """Build the reducer named `name` (auto: the best available). Collective.
 
     comm: the job's mpi4py communicator (default COMM_WORLD). timeline: a Timeline
-    (--timeline) the reducer records its communication in (None: nothing recorded). bucket_bytes: the mpi reducer's bucket size. compression: gradients on the wire as
+    (--timeline) the reducer records its communication in (None: nothing recorded). bucket_bytes: the mpi reducer's bucket size (None: from the link, --bucket-mb auto). compression: gradients on the wire as
     none, fp16 or bf16 (horovod: none or fp16), or powersgd (mpi only; auto picks mpi) with
     powersgd_rank and powersgd_start_step. allreduce: the mpi reducer's algorithm
-    (comm/selection.py: auto, sliced, ring, hierarchical). fusion_bytes, cycle_time_ms: Horovod's
+    (comm/allreduce_choice.py: auto, sliced, ring, hierarchical). fusion_bytes, cycle_time_ms: Horovod's
     tensor-fusion threshold and cycle time (None: Horovod's default or its environment).
     device: --device (auto, cpu, cuda), which --backend auto's choice depends on; the
-    reducer's `chosen_because` then says why (comm/choice.py).
+    reducer's `chosen_because` then says why (comm/backend_choice.py).
     """
     from ..errors import UsageError
 
@@ -90,7 +90,7 @@ def make_reducer(name: str, comm=None, bucket_bytes: int = 25 * 2**20, compressi
 def reducer_options(cfg) -> dict:
     """make_reducer's keyword arguments from a TrainConfig."""
     def to_bytes(mb):
-        return None if mb is None else int(mb * 2**20)
+        return None if mb in (None, "auto") else int(float(mb) * 2**20)
     return {"bucket_bytes": to_bytes(cfg.bucket_mb), "compression": cfg.compression,
             "fusion_bytes": to_bytes(cfg.fusion_mb), "cycle_time_ms": cfg.cycle_time_ms,
             "powersgd_rank": cfg.powersgd_rank, "powersgd_start_step": cfg.powersgd_start_step,

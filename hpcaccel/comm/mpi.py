@@ -55,7 +55,7 @@ import torch
 from ..collectives import TRACKER
 from . import powersgd
 from .algorithms import CHUNK_BYTES
-from .selection import describe as describe_algorithm, make_algorithm
+from .allreduce_choice import describe as describe_algorithm, make_algorithm
 from .base import Reducer
 
 _FIRST_BUCKET_BYTES = 1 << 20  # small first bucket: communication starts early in backward
@@ -148,13 +148,14 @@ class MPIReducer(Reducer):
 
     OVERLAP = ("thread", "nonblocking", "none")
 
-    def __init__(self, comm=None, bucket_bytes: int = 25 * 2**20, overlap: str = "thread",
+    def __init__(self, comm=None, bucket_bytes: int | None = None, overlap: str = "thread",
                  compression: str = "none", chunk_bytes: int = CHUNK_BYTES, algorithm=None,
                  timeline=None, powersgd_rank: int = 4, powersgd_start_step: int = 0):
-        """compression: none, fp16/bf16 on the wire (gradients rounded to 16 bits), or
+        """bucket_bytes: the bucket size; None: chosen from the link at attach()
+        (bucket_size.py, --bucket-mb auto). compression: none, fp16/bf16 on the wire (gradients rounded to 16 bits), or
         powersgd (rank-`powersgd_rank` factors after `powersgd_start_step` exact steps).
         algorithm: sums one flat buffer in place over `comm`: an object (algorithms.py) or
-        a --allreduce name (selection.py; None = auto: the library's allreduce in slices of
+        a --allreduce name (allreduce_choice.py; None = auto: the library's allreduce in slices of
         chunk_bytes on one host, ring or hierarchical across hosts; collective).
         timeline: records each bucket's allreduce."""
         from mpi4py import MPI
@@ -170,12 +171,19 @@ class MPIReducer(Reducer):
         self._wire_op = None if self.wire_dtype is None else wire_sum_op(self.wire_dtype)
         self._MPI = MPI
         self.overlap = overlap
-        super().__init__(comm or MPI.COMM_WORLD, timeline)
-        self.bucket_bytes = int(bucket_bytes)
+        # The gradients get a communicator of their own: a rank that skips or adds a control
+        # collective (a bug in user code or ours) then hangs, caught by the watchdog and
+        # named by the hang report, instead of its vote matching a peer's bucket allreduce
+        # and mixing gradients with control values.
+        super().__init__((comm or MPI.COMM_WORLD).Dup(), timeline)
+        self.bucket_auto = bucket_bytes is None  # the size comes from the link (attach)
+        self.bucket_bytes = None if bucket_bytes is None else int(bucket_bytes)
+        self.link = None  # (latency s, bandwidth B/s) measured for --bucket-mb auto
         if algorithm is None or isinstance(algorithm, str):
             algorithm = make_algorithm(self.comm, algorithm or "auto", chunk_bytes)
         self.algorithm = algorithm
-        self.powersgd = (powersgd.PowerSGD(self.size, powersgd_rank, powersgd_start_step)
+        self._powersgd_args = (self.size, powersgd_rank, powersgd_start_step)
+        self.powersgd = (powersgd.PowerSGD(*self._powersgd_args)
                          if compression == "powersgd" else None)
         self.buckets: list[_Bucket] = []
         self._params: list[torch.nn.Parameter] = []  # attached, in bucket order
@@ -212,6 +220,23 @@ class MPIReducer(Reducer):
             # own tensors and a parameter without one keeps .grad None, as the contract says.
             self.zero_grad()
             return
+        if self.bucket_bytes is None:  # collective: every rank measures, all get one size
+            from . import bucket_size
+            self.link = bucket_size.fit_link(bucket_size.probe(self.algorithm, self.comm))
+            grad_bytes = sum(p.numel() * p.element_size() for p in params)
+            self.bucket_bytes = bucket_size.choose(grad_bytes, *self.link)
+        self._plan(params)
+        for b in self.buckets:
+            for p in b.params:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        self.zero_grad()
+
+    def _plan(self, params):
+        """(Re)build the buckets of `params` at self.bucket_bytes. Local; the same on every
+        rank (same parameters, same size)."""
+        self.buckets, self._where = [], {}
+        if self.powersgd is not None:  # its groups follow the buckets
+            self.powersgd = powersgd.PowerSGD(*self._powersgd_args)
         # one dtype, device and kind (PowerSGD-compressed or not) per bucket
         rank = self.powersgd.rank if self.powersgd is not None else 0
         by_kind = {}
@@ -237,8 +262,6 @@ class MPIReducer(Reducer):
         for b in self.buckets:
             for i, p in enumerate(b.params):
                 self._where[p] = (b, i)
-                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
-        self.zero_grad()
 
     # -- per step -------------------------------------------------------------------------
     def zero_grad(self):
@@ -400,9 +423,19 @@ class MPIReducer(Reducer):
             self.powersgd.end_step()
 
     def state_dict(self) -> dict:
-        return {} if self.powersgd is None else {"powersgd": self.powersgd.state_dict()}
+        state = {"bucket_bytes": self.bucket_bytes}
+        if self.powersgd is not None:
+            state["powersgd"] = self.powersgd.state_dict()
+        return state
 
     def load_state_dict(self, state: dict, exact: bool = True) -> None:
+        # An automatic size is the checkpoint's, so a resumed run adds in the same order
+        # (bucket_size.py); every rank loads the same value (ranks' states share it).
+        saved = state.get("bucket_bytes")
+        if self.bucket_auto and saved and saved != self.bucket_bytes and self.buckets:
+            self.bucket_bytes = int(saved)
+            self._plan(self._params)
+            self.zero_grad()
         if self.powersgd is not None and "powersgd" in state:
             self.powersgd.load_state_dict(state["powersgd"], errors=exact)
 
@@ -429,7 +462,13 @@ class MPIReducer(Reducer):
         return tensor
 
     def describe(self) -> str:
-        return f"{self.name} (allreduce: {describe_algorithm(self.algorithm)})"
+        what = f"allreduce: {describe_algorithm(self.algorithm)}"
+        if self.link is not None:
+            from .bucket_size import describe as describe_buckets
+            what += f", {describe_buckets(self.bucket_bytes, *self.link)}"
+        elif self.bucket_bytes is not None and self.size > 1:
+            what += f", buckets {self.bucket_bytes / 2**20:g} MiB"
+        return f"{self.name} ({what})"
 
     def close(self):
         for h in self._handles:
@@ -440,3 +479,6 @@ class MPIReducer(Reducer):
             self._worker.join()
             self._worker = None
         getattr(self.algorithm, "close", lambda: None)()
+        if self.comm is not None:
+            self.comm.Free()
+            self.comm = None

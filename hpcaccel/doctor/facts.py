@@ -57,8 +57,8 @@ def horovod_reasons(comm) -> list[str | None]:
 
 def auto_backend(comm) -> tuple[str, str]:
     """Collective. What `--backend auto` picks on these ranks (with --device auto), and why:
-    the rule training uses (hpcaccel.comm.choice)."""
-    from ..comm.choice import gather_auto
+    the rule training uses (hpcaccel.comm.backend_choice)."""
+    from ..comm.backend_choice import gather_auto
 
     return gather_auto(comm, "auto")
 

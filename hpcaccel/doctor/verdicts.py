@@ -134,7 +134,7 @@ def world_verdicts(mpi_size: int, expected: tuple[int, str] | None, thread_level
 
 def horovod_verdicts(reasons: list[str | None]) -> list[Verdict]:
     """`reasons[r]`: why Horovod is unusable on rank r (None: usable). Whether --backend
-    horovod can run; what --backend auto picks is hpcaccel.comm.choice.auto_backend's."""
+    horovod can run; what --backend auto picks is hpcaccel.comm.backend_choice.auto_backend's."""
     missing = [r for r, why in enumerate(reasons) if why is not None]
     if not missing:
         return []

@@ -17,7 +17,7 @@ import torch
 CHECK = """
 import json, numpy as np
 from mpi4py import MPI
-from hpcaccel.comm.selection import make_algorithm
+from hpcaccel.comm.allreduce_choice import make_algorithm
 world = MPI.COMM_WORLD
 auto = make_algorithm(world, "auto")
 ok = []

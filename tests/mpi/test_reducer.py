@@ -132,3 +132,37 @@ def test_one_rank_communicator_keeps_the_contract(make, backend):
             opt.step()
     finally:
         red.close()
+
+
+def test_bucket_size_auto_is_the_same_on_every_rank_and_follows_the_checkpoint(comm):
+    """--bucket-mb auto measures the link collectively: every rank plans the same buckets;
+    a checkpoint's size is adopted on load (same order of additions after a resume), and the
+    reducer still averages exactly after re-planning."""
+    from hpcaccel.comm.bucket_size import LARGEST, SMALLEST
+    from hpcaccel.comm.mpi import MPIReducer
+
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)], nn.Linear(256, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    red = MPIReducer(comm=comm)  # bucket_bytes None: auto
+    red.attach(model, opt)
+    assert red.link is not None and SMALLEST <= red.bucket_bytes <= LARGEST
+    assert comm.allgather(red.bucket_bytes) == [red.bucket_bytes] * comm.Get_size()
+    assert "MiB (auto: latency" in red.describe()
+    saved = red.state_dict()
+    assert saved["bucket_bytes"] == red.bucket_bytes
+    red.load_state_dict({"bucket_bytes": 64 * 1024})  # a checkpoint from a run that chose 64 KiB
+    assert red.bucket_bytes == 64 * 1024 and len(red.buckets) >= 5  # a 256 KiB weight each
+    rank = comm.Get_rank()
+    x = torch.full((4, 256), float(rank + 1))
+    model(x).sum().backward()
+    red.synchronize()
+    grads = [p.grad.clone() for p in model.parameters()]
+    for g in grads:  # the mean over ranks equals what every rank computes locally
+        gathered = comm.allgather(g.numpy())
+        assert all(np.array_equal(gathered[0], other) for other in gathered)
+    red.close()
+    fixed = MPIReducer(comm=comm, bucket_bytes=1 << 20)
+    fixed.attach(nn.Linear(4, 4), None)
+    fixed.load_state_dict({"bucket_bytes": 64 * 1024})  # a fixed --bucket-mb is the user's
+    assert fixed.bucket_bytes == 1 << 20 and fixed.link is None
+    fixed.close()

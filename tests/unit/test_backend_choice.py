@@ -1,5 +1,5 @@
-"""--backend auto's rule (hpcaccel.comm.choice.auto_backend): the faster reducer for the device."""
-from hpcaccel.comm.choice import auto_backend, device_type
+"""--backend auto's rule (hpcaccel.comm.backend_choice.auto_backend): the faster reducer for the device."""
+from hpcaccel.comm.backend_choice import auto_backend, device_type
 
 
 def test_cpu_picks_the_mpi_reducer_even_with_horovod():

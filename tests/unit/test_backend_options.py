@@ -26,6 +26,7 @@ def test_knobs_from_flags_reach_the_reducer_options():
 
 def test_horovod_knobs_default_to_horovods_own():
     options = reducer_options(parse_args([]))
+    assert options["bucket_bytes"] is None  # --bucket-mb auto: the reducer measures the link
     assert options["fusion_bytes"] is None and options["cycle_time_ms"] is None
     assert options["compression"] == "none"
 
@@ -43,6 +44,8 @@ def test_knobs_from_toml(tmp_path):
     (["--accum-steps", "17", "--batch-size", "16"], "--accum-steps 17 is more than --batch-size 16"),
     (["--fusion-mb", "-1"], "--fusion-mb"),
     (["--cycle-time-ms", "0"], "--cycle-time-ms"),
+    (["--bucket-mb", "0"], "--bucket-mb must be auto or a positive number"),
+    (["--bucket-mb", "big"], "--bucket-mb must be auto or a positive number"),
 ])
 def test_bad_knobs_name_the_flag(argv, needle):
     with pytest.raises(UsageError, match=needle):

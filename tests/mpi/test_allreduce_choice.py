@@ -1,4 +1,4 @@
-"""The allreduce algorithm choice (hpcaccel/comm/selection.py, --allreduce): auto keeps the
+"""The allreduce algorithm choice (hpcaccel/comm/allreduce_choice.py, --allreduce): auto keeps the
 library's shared-memory allreduce on one host and picks ring or hierarchical across hosts;
 every choice sums like MPI_Allreduce."""
 import numpy as np
@@ -16,7 +16,7 @@ def values(n, rank, dtype=np.float32):
     (3, None, "ring"),
 ])
 def test_auto_choice(hosts, per_host, want):
-    from hpcaccel.comm.selection import resolve
+    from hpcaccel.comm.allreduce_choice import resolve
 
     assert resolve("auto", hosts, per_host) == want
     assert resolve("ring", hosts, per_host) == "ring"
@@ -28,7 +28,7 @@ def test_make_algorithm_on_one_host(name, want):
     """auto keeps the library's shared-memory allreduce on one host; every choice sums."""
     from mpi4py import MPI
 
-    from hpcaccel.comm.selection import describe, make_algorithm
+    from hpcaccel.comm.allreduce_choice import describe, make_algorithm
 
     world = MPI.COMM_WORLD
     algo = make_algorithm(world, name)
@@ -47,7 +47,7 @@ def test_make_algorithm_on_one_host(name, want):
 def test_unknown_name_is_a_usage_error():
     from mpi4py import MPI
 
-    from hpcaccel.comm.selection import make_algorithm
+    from hpcaccel.comm.allreduce_choice import make_algorithm
     from hpcaccel.errors import UsageError
 
     with pytest.raises(UsageError, match="--allreduce"):
