@@ -107,7 +107,7 @@ def run(argv, control) -> dict:
     from .env import describe_hosts
     from .metrics import NullRunLog, RunLog, bar_wanted, progress_bar
     from .hang_report import HangReport
-    from .comm.choice import backend_phrase
+    from .comm.backend_choice import backend_phrase
     from .signals import StopRequest
     from .timeline import NullTimeline, Timeline
     from .trainer import LoopHooks, Trainer

@@ -23,6 +23,7 @@ import os
 
 import torch
 
+from ..collectives import TRACKER
 from .base import Reducer
 
 # A backward-pass count Horovod's hooks never reach: while it is set, hooks only record
@@ -98,6 +99,16 @@ class HorovodReducer(Reducer):
         self._params: list[torch.nn.Parameter] = []
         self._no_sync_depth = 0
 
+    def describe(self) -> str:
+        """The start-up line's phrase: which of Horovod's operations this build has. CPU
+        tensors are reduced by its CPU operations (MPI or Gloo) whatever the build; GPU
+        tensors on the device only with GPU operations (else through host memory)."""
+        hvd = self.hvd
+        cpu = "+".join(n for n, ok in (("MPI", hvd.mpi_built()), ("Gloo", hvd.gloo_built())) if ok)
+        gpu = [n for n, ok in (("NCCL", hvd.nccl_built()), ("CUDA", hvd.cuda_built())) if ok]
+        return (f"{self.name} (CPU operations: {cpu or 'none'}; "
+                f"GPU operations: {'+'.join(gpu) if gpu else 'none'})")
+
     # -- set-up ---------------------------------------------------------------------------
     def broadcast_parameters(self, module, root=0):
         # state_dict: parameters and buffers (BatchNorm statistics), as views updated in place
@@ -108,6 +119,7 @@ class HorovodReducer(Reducer):
         # what Horovod averages: the optimizer's trainable parameters, in the same order on
         # every rank (the order of the "used" flags in synchronize)
         self._params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self._grad_bytes = sum(p.numel() * p.element_size() for p in self._params)
         # Horovod's wrapper is a second optimizer object with its own, empty state. We use it
         # only to communicate and step the caller's optimizer ourselves, so there is one
         # owner of momentum/Adam state: checkpoints, restores and LR schedules all see it.
@@ -126,9 +138,13 @@ class HorovodReducer(Reducer):
         if self.size == 1:
             return  # Horovod registers no hooks for one rank: the local gradient is the mean
         used = torch.tensor([p.grad is not None for p in self._params], dtype=torch.float32)
+        # Horovod's hooks started the allreduces during backward; a rank blocks only here,
+        # so the hang report sees the whole step's gradient exchange as one collective.
+        TRACKER.enter("gradient allreduce (horovod)", self._grad_bytes, "gradients")
         handle = self.hvd.allreduce_async_(used, op=self.hvd.Sum, name="hpcaccel.used_gradients")
         self._distributed.synchronize()
         self.hvd.synchronize(handle)
+        TRACKER.leave("gradients")
         for p, count in zip(self._params, used.tolist()):
             if count == 0:
                 p.grad = None  # no rank produced one: Horovod averaged zeros; skip it everywhere

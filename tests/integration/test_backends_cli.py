@@ -49,6 +49,9 @@ def test_train_with_accumulation(tmp_path, backend):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["backend"] == backend and summary["config"]["accum_steps"] == 4
     assert summary["steps"] == 2 * (512 // (16 * 2))  # accumulation splits batches, not steps
+    if backend == "horovod":  # the start-up line says which of Horovod's operations run
+        assert "horovod (CPU operations: MPI" in r.stdout and "GPU operations: " in r.stdout, \
+            r.stdout[:2000]
 
 
 @needs_horovod

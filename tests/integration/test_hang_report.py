@@ -4,9 +4,9 @@ import time
 import pytest
 
 from hpcaccel.hang_report import summarize
-from support import train_cli
+from support import BACKEND_PARAMS, train_cli
 
-from test_reliability import FAULTY  # the faulty-model helper: FAULT=hang sleeps in forward
+from test_reliability import FAULTY  # FAULT=hang sleeps in forward, FAULT=skip skips the vote
 
 
 def state(rank, control_seq, grads_seq, control=None, grads=None, phase="training", step=4):
@@ -39,23 +39,52 @@ def test_rule_blames_nobody_when_all_wait_in_the_same_collective():
     assert summarize(states, 2)[0] == []
 
 
-@pytest.mark.parametrize("np_", [2, 3])
-def test_rank_hanging_in_forward_is_named(tmp_path, np_):
+def hang_run(tmp_path, np_, fault, rank, *extra):
+    """(result, OUT/hang-report.txt) of a run in which `rank` does `fault` at step 5."""
     (tmp_path / "faultymodel.py").write_text(FAULTY)
-    hung = np_ - 1
     out = tmp_path / "run"
     t0 = time.time()
     r = train_cli(np_, "--out", str(out), "--epochs", "3", "--model", "faultymodel:faulty",
-                  "--stall-timeout", "5", timeout=240,
-                  env={"PYTHONPATH": str(tmp_path), "FAULT": "hang", "FAULT_RANK": str(hung),
+                  "--stall-timeout", "5", *extra, timeout=240,
+                  env={"PYTHONPATH": str(tmp_path), "FAULT": fault, "FAULT_RANK": str(rank),
                        "FAULT_STEP": "5"})
     assert r.returncode != 0 and time.time() - t0 < 200, r.stderr[-3000:]
-    report = (out / "hang-report.txt").read_text()
-    assert report.startswith(f"hpcaccel: hang report ({np_} of {np_} ranks reported): "
-                             f"rank(s) {hung} to blame"), report
-    assert f"rank {hung}: training after step 4, in no collective" in report
     assert "hpcaccel: hang report" in r.stderr
-    for other in range(np_ - 1):
-        assert f"rank {other}: training after step 4, gradients in bucket allreduce" in report
     assert sorted(p.name for p in (out / "hang-report").iterdir()) == \
         [f"rank-{i}.txt" for i in range(np_)]
+    return r, (out / "hang-report.txt").read_text()
+
+
+def blames(report, np_, rank):
+    return report.startswith(f"hpcaccel: hang report ({np_} of {np_} ranks reported): "
+                             f"rank(s) {rank} to blame")
+
+
+@pytest.mark.parametrize("np_", [2, 3])
+def test_rank_hanging_in_forward_is_named(tmp_path, np_):
+    hung = np_ - 1
+    r, report = hang_run(tmp_path, np_, "hang", hung)
+    assert blames(report, np_, hung), report
+    assert f"rank {hung}: training after step 4, in no collective" in report
+    for other in range(np_ - 1):
+        assert f"rank {other}: training after step 4, gradients in bucket allreduce" in report
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_rank_hanging_in_forward_is_named_on_either_backend(tmp_path, backend):
+    r, report = hang_run(tmp_path, 2, "hang", 1, "--backend", backend)
+    assert blames(report, 2, 1), report
+    assert "rank 0: training after step 4, gradients in" in report
+
+
+@pytest.mark.parametrize("np_", [2, 3])
+def test_rank_that_skips_a_collective_is_named(tmp_path, np_):
+    # The last rank skips step 5's vote (a control collective) and goes on into step 6's
+    # bucket allreduce, while the others wait in the vote it never issued.
+    skipper = np_ - 1
+    r, report = hang_run(tmp_path, np_, "skip", skipper)
+    assert blames(report, np_, skipper), report
+    assert "skipped a collective" in report
+    assert f"rank {skipper}: training after step 5, gradients in bucket allreduce" in report
+    for other in range(np_ - 1):
+        assert f"rank {other}: training after step 4, control in allreduce-max" in report

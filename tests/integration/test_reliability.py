@@ -32,6 +32,14 @@ class Faulty(torch.nn.Module):
                 os.kill(os.getpid(), 9)
             if kind == "hang":
                 time.sleep(3600)
+            if kind == "skip":  # this rank skips the step's next control collective (the vote)
+                import numpy as np
+                import hpcaccel.control as control
+                issued = control.ControlPlane.allreduce
+                def skipped(self, values, op="sum"):
+                    control.ControlPlane.allreduce = issued  # only this one is skipped
+                    return np.array(values, dtype=np.float64).reshape(-1)
+                control.ControlPlane.allreduce = skipped
         out = self.net(x)
         if mine and os.environ["FAULT"] == "nan" and self.training and self.calls >= int(os.environ["FAULT_STEP"]):
             out = out * float("nan")
