@@ -50,7 +50,7 @@ test-bench-smoke:
 # keeps running until the process exits and would slow whatever is measured after it.
 BENCH_NP ?= 1 2 4
 BENCH_RUNS := benchmarks/test_allreduce.py "benchmarks/test_throughput.py -k mlp25m" \
-              "benchmarks/test_throughput.py -k cnn"
+              "benchmarks/test_throughput.py -k cnn" benchmarks/test_bucket_size.py
 bench: setup-test
 	@for np in $(BENCH_NP); do for run in $(BENCH_RUNS); do \
 	  echo "== $$run at $$np ranks"; \
@@ -108,4 +108,7 @@ bench-hosts: setup-test
 	  done; \
 	done; \
 	echo "== training at 2 hosts x 1"; \
-	bash scripts/hosts.sh run 1 --timeout 2400 bash scripts/pytest_rank.sh benchmarks/hosts/test_train_hosts.py -s
+	bash scripts/hosts.sh run 1 --timeout 2400 bash scripts/pytest_rank.sh benchmarks/hosts/test_train_hosts.py -s || exit 1; \
+	echo "== bucket sizes at 2 hosts x 1"; \
+	bash scripts/hosts.sh run 1 --timeout 1200 bash scripts/pytest_rank.sh benchmarks/test_bucket_size.py -s
+	$(PY) -m hpcaccel.bench report --results benchmarks/results --plots docs/img | grep '^plot:'

@@ -63,7 +63,9 @@ def datasets(comm, smoke, tmp_path_factory):
     return out
 
 
-def run_hpcaccel(comm, backend, model_name, ds, batch, steps, warmup, **reducer_options):
+def run_hpcaccel(comm, backend, model_name, ds, batch, steps, warmup, info=None, **reducer_options):
+    """(seconds, breakdown) of `steps` timed steps; `info` (a dict), if given, receives the
+    reducer's start-up description and bucket size."""
     from hpcaccel.comm import make_reducer
     from hpcaccel.config import TrainConfig
     from hpcaccel.control import ControlPlane
@@ -79,6 +81,8 @@ def run_hpcaccel(comm, backend, model_name, ds, batch, steps, warmup, **reducer_
     reducer = make_reducer(backend, comm=comm, **reducer_options)
     reducer.broadcast_parameters(model)
     reducer.attach(model, opt)
+    if info is not None:
+        info.update(describe=reducer.describe(), bucket_bytes=getattr(reducer, "bucket_bytes", None))
     reader = RankReader(ds, rank, size, batch, shuffle=True, seed=0)
     trainer = Trainer(cfg, ControlPlane(comm), reducer, model, opt, reader)
     model.train()

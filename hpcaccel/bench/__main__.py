@@ -138,7 +138,7 @@ def run(argv=None) -> int:
     results = report.load(args.results)
     if not results:
         raise UsageError(f"--results {args.results}: no results (run `make bench`)")
-    for path in report.plots(results, args.plots):
+    for path in report.plots(results, args.plots) + report.hosts_plots(results, args.plots):
         print(f"plot: {path}")
     for p_, _ in sorted(results.get("allreduce", {}).items()):
         print(f"\n### allreduce at {p_} ranks\n\n" + report.allreduce_table(results["allreduce"], p_))

@@ -83,6 +83,18 @@ def throughput_table(throughput: dict, scaling: str) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, ax, path: str, written: list[str]) -> None:
+    """Legend, layout, write `path` (PNG), close, and append it to `written`."""
+    import matplotlib.pyplot as plt
+
+    if ax is not None:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+
 def plots(results: dict, out_dir: str) -> list[str]:
     """PNG plots: busbw vs size per backend; efficiency vs ranks; step breakdown."""
     import matplotlib
@@ -102,12 +114,7 @@ def plots(results: dict, out_dir: str) -> list[str]:
         ax.axhline(data["memcpy_bytes_per_second"] / 1e9, ls="--", c="grey", label="memcpy (read+write)")
         ax.set(xscale="log", xlabel="message size (bytes)", ylabel="busbw (GB/s)",
                title=f"allreduce busbw at {p} ranks")
-        ax.legend(fontsize=8)
-        path = os.path.join(out_dir, f"allreduce-busbw-np{p}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        _save(fig, ax, os.path.join(out_dir, f"allreduce-busbw-np{p}.png"), written)
     for key, per in results.items():
         if not key.startswith("throughput-") or 1 not in per:
             continue
@@ -125,11 +132,7 @@ def plots(results: dict, out_dir: str) -> list[str]:
                 ax.plot(xs, ys, marker="o", label=n)
             ax.set(xlabel="ranks", ylabel="efficiency", title=f"{key[11:]}: {scaling} scaling", ylim=(0, 1.1))
             ax.legend(fontsize=8)
-        path = os.path.join(out_dir, f"{key}-efficiency.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        _save(fig, None, os.path.join(out_dir, f"{key}-efficiency.png"), written)
         fig, ax = plt.subplots(figsize=(6, 4))
         labels, comp, comm_, wait = [], [], [], []
         for p in sorted(per):
@@ -143,10 +146,51 @@ def plots(results: dict, out_dir: str) -> list[str]:
         ax.bar(labels, comm_, bottom=comp, label="exposed communication")
         ax.bar(labels, wait, bottom=[a + b for a, b in zip(comp, comm_)], label="data wait")
         ax.set(ylabel="ms per step", title=f"{key[11:]}: hpcaccel mpi step breakdown (weak)")
-        ax.legend(fontsize=8)
-        path = os.path.join(out_dir, f"{key}-breakdown.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        _save(fig, ax, os.path.join(out_dir, f"{key}-breakdown.png"), written)
     return written
+
+
+def hosts_allreduce(results: dict) -> dict:
+    """{"HxL": {implementation: {bytes: row}}, ...} merged from the across-hosts allreduce
+    results (benchmarks/hosts/test_allreduce_hosts.py writes one file per job: everything
+    but Horovod, then Horovod flat and hierarchical), with each layout's link rate."""
+    merged: dict = {}
+    for key, per in results.items():
+        if not key.startswith("hosts-allreduce-"):
+            continue
+        for data in per.values():
+            layout = f"{data['hosts']}x{data['ranks_per_host']}"
+            entry = merged.setdefault(layout, {"link_gbit": data.get("link_gbit"), "results": {}})
+            for name, rows in data["results"].items():
+                entry["results"][name] = {int(n): r for n, r in rows.items()}
+    return merged
+
+
+def hosts_plots(results: dict, out_dir: str) -> list[str]:
+    """PNG per layout: busbw as a fraction of the link rate against the allreduce size."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for layout, entry in sorted(hosts_allreduce(results).items()):
+        link = entry["link_gbit"]
+        if not link:
+            continue
+        os.makedirs(out_dir, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, rows in sorted(entry["results"].items()):
+            sizes = sorted(rows)
+            ax.plot(sizes, [rows[n]["busbw_gbit"] / link for n in sizes], marker="o", ms=3,
+                    label=name)
+        hosts, per_host = (int(v) for v in layout.split("x"))
+        if per_host > 1:  # each host sends the gradient once: 1.5 x at 2 x 2
+            p = hosts * per_host
+            bound = (2 * (p - 1) / p) / (2 * (hosts - 1) / hosts)
+            ax.axhline(bound, ls=":", c="grey", label=f"node-aware bound ({bound:.2f} x link)")
+        ax.axhline(1.0, ls="--", c="grey", label=f"link rate ({link:g} Gbit/s)")
+        ax.set(xscale="log", xlabel="allreduce size (bytes)", ylabel="busbw / link rate",
+               title=f"allreduce across {hosts} hosts x {per_host} rank(s), {link:g} Gbit/s links")
+        _save(fig, ax, os.path.join(out_dir, f"hosts-allreduce-{layout}.png"), written)
+    return written
+

@@ -34,3 +34,20 @@ def test_allreduce_table_has_one_row_per_size_and_one_column_per_implementation(
     assert table[0] == "| size | mpi4py Allreduce in-place |"
     assert table[2] == "| 4 KiB | 20.0 us, 0.50 GB/s |"
     assert table[3] == "| 1 MiB | 1,000.0 us, 2.00 GB/s |"
+
+
+def test_across_hosts_results_merge_per_layout_and_plot(tmp_path):
+    def hosts_result(tag, names):
+        rows = {str(n): {"seconds": 0.01, "best_seconds": 0.009, "busbw_gbit": 0.9} for n in (1 << 20, 4 << 20)}
+        return {"benchmark": f"hosts-allreduce-2x2-{tag}", "ranks": 4, "hosts": 2, "ranks_per_host": 2,
+                "link_gbit": 1.0, "results": {n: rows for n in names}}
+    for tag, names in (("all", ["hpcaccel ring", "torch.distributed gloo"]),
+                       ("horovod", ["horovod flat"]), ("horovod-hier", ["horovod hierarchical"])):
+        (tmp_path / f"hosts-allreduce-2x2-{tag}-np4.json").write_text(json.dumps(hosts_result(tag, names)))
+    merged = report.hosts_allreduce(report.load(str(tmp_path)))
+    assert set(merged) == {"2x2"} and set(merged["2x2"]["results"]) == {
+        "hpcaccel ring", "torch.distributed gloo", "horovod flat", "horovod hierarchical"}
+    assert set(merged["2x2"]["results"]["horovod flat"]) == {1 << 20, 4 << 20}  # sizes as ints
+    written = report.hosts_plots(report.load(str(tmp_path)), str(tmp_path / "img"))
+    assert [p.rsplit("/", 1)[1] for p in written] == ["hosts-allreduce-2x2.png"]
+    assert (tmp_path / "img" / "hosts-allreduce-2x2.png").stat().st_size > 1000
