@@ -223,5 +223,5 @@ def test_bucket_mb_with_horovod_warns(tmp_path):
     r = train(tmp_path / "run", "--epochs", "1", "--backend", "horovod", "--bucket-mb", "4")
     assert r.returncode == 0, r.stderr[-2000:]
     warnings = [l for l in r.stderr.splitlines() if l.startswith("hpcaccel: warning:")]
-    assert warnings == ["hpcaccel: warning: --bucket-mb 4.0 is for the mpi backend only and does "
+    assert warnings == ["hpcaccel: warning: --bucket-mb 4 is for the mpi backend only and does "
                         "nothing with the horovod backend (add --backend mpi, or drop it)"]
