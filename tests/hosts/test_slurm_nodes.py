@@ -3,22 +3,17 @@
 `python -m hpcaccel.slurm render` and sbatch, as users submit them.
 
 This cluster is a second one beside tests/slurm's one-node cluster (own BASE and port).
-The job helpers (render, sbatch, polling with deadlines) are tests/slurm's Cluster.
+The job helpers (render, sbatch, polling with deadlines) are tests/slurm_support.py's Cluster.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
 
+from slurm_support import Cluster, probe, site  # noqa: F401  (fixtures shared with tests/slurm)
 from support import assert_same_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_spec = importlib.util.spec_from_file_location("slurm_conftest", os.path.join(ROOT, "tests", "slurm", "conftest.py"))
-slurm_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(slurm_helpers)
 
 NODES = 2
 LAYOUT = "2x1"  # sockets x cores per node: the machine's 2 real CPUs, so binding is real
@@ -27,7 +22,7 @@ DIGITS = ["--data", "digits", "--epochs", "1", "--backend", "mpi"]
 ROOT_OK = ["--env", "OMPI_ALLOW_RUN_AS_ROOT=1", "--env", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"]
 
 
-class NodesCluster(slurm_helpers.Cluster):
+class NodesCluster(Cluster):
     def __init__(self):
         super().__init__()
         self.env = {**os.environ, "HPCACCEL_SLURM_BASE": BASE,
@@ -58,8 +53,6 @@ def cluster(nodes):
     return nodes
 
 
-site = slurm_helpers.site    # fixtures shared with tests/slurm
-probe = slurm_helpers.probe
 
 
 def _records(probe_dir):
