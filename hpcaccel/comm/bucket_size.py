@@ -11,11 +11,18 @@ and b is kept at least large enough that latency is at most 5% of a bucket's tim
 of two from 1 to 256 MiB, so small measurement noise does not move the choice.
 
 `a` and `bw` are measured at start-up through the reducer's own algorithm on its own
-communicator, so they are the link the buckets will actually use (shared memory on one
-host, the network across hosts): `a` is the time of an 8-byte allreduce, `bw` the bytes of
-an 8 MiB one over its time less `a`; each the slowest rank's time, best of several calls.
-(An intercept fitted through two large sizes swung by 30x between runs on a loaded
-machine; a small message measures the latency directly.)
+communicator, so they are the link and the code path the buckets will actually use
+(shared memory on one host, the pipelined ring across hosts, whose fixed cost per call is
+milliseconds where the library's small allreduce takes microseconds): `bw` is 8 MiB over
+an 8 MiB allreduce's time, `a` what a 1 MiB allreduce takes beyond 1 MiB at that rate, and
+at least an 8-byte allreduce's time. Each is the slowest rank's time, best of several
+calls.
+
+Within one host the size stays ONE_HOST_BYTES (25 MiB) and nothing is measured: over
+shared memory 1, 4 and 25 MiB trained equally fast (docs/benchmarks.md), while the probe's
+latency there varied 30x with the machine's load (8-230 us), so a measured choice would
+change between identical runs, and with it the order of additions. Across hosts the link
+dominates and the measurement is stable (1 MiB in every run at 2 x 1 over 1 Gbit/s).
 
 Cross-rank invariant: the timings are reduced with MAX before anything is derived from
 them, so every rank computes the same size and plans the same buckets. A resumed run
@@ -30,19 +37,21 @@ import time
 import numpy as np
 
 MIB = 1 << 20
-PROBE_BYTES = (8, 8 * MIB)
-PROBE_REPS = {8: 10, 8 * MIB: 3}
+PROBE_BYTES = (8, 1 * MIB, 8 * MIB)
+PROBE_REPS = {8: 10, 1 * MIB: 10, 8 * MIB: 5}
 LATENCY_SHARE = 0.05  # latency at most this fraction of a bucket's time
 SMALLEST, LARGEST = 1 * MIB, 256 * MIB
+ONE_HOST_BYTES = 25 * MIB
 
 
 def fit_link(samples: list[tuple[int, float]]) -> tuple[float, float]:
-    """Pure. (latency s, bandwidth B/s) of T(n) = a + n / bw from (bytes, seconds) samples:
-    a is the smallest size's time, bw the largest size's bytes over its time less a (all
-    of its time where noise made it look no slower than the latency)."""
-    (n1, t1), (n2, t2) = min(samples), max(samples)
-    transfer = t2 - t1 if t2 > 2 * t1 else t2
-    return t1, n2 / max(transfer, 1e-12)
+    """Pure. (latency s, bandwidth B/s) of T(n) = a + n / bw from (bytes, seconds) samples
+    of three sizes: bw is the largest size over its time (the latency in it makes bw a
+    little low, and a a little low with it: the safe side), a the middle size's time beyond
+    its bytes at bw, and never below the smallest size's time."""
+    (n0, t0), (n1, t1), (n2, t2) = sorted(samples)
+    bw = n2 / max(t2, 1e-12)
+    return max(t0, t1 - n1 / bw), bw
 
 
 def choose(grad_bytes: int, latency_s: float, bandwidth: float) -> int:
@@ -73,6 +82,9 @@ def probe(algorithm, comm) -> list[tuple[int, float]]:
     return samples
 
 
-def describe(size: int, latency_s: float, bandwidth: float) -> str:
-    return (f"buckets {size // MIB} MiB (auto: latency {latency_s * 1e6:.0f} us, "
-            f"{bandwidth / 1e9:.2f} GB/s)")
+def describe(size: int, link: tuple[float, float] | None) -> str:
+    """The start-up line's phrase for an automatic size; link None: one host."""
+    if link is None:
+        return f"buckets {size // MIB} MiB (auto: one host)"
+    return (f"buckets {size // MIB} MiB (auto: latency {link[0] * 1e6:.0f} us, "
+            f"{link[1] / 1e9:.2f} GB/s)")

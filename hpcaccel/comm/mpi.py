@@ -57,6 +57,7 @@ from . import powersgd
 from .algorithms import CHUNK_BYTES
 from .allreduce_choice import describe as describe_algorithm, make_algorithm
 from .base import Reducer
+from .hierarchical import node_layout
 
 _FIRST_BUCKET_BYTES = 1 << 20  # small first bucket: communication starts early in backward
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
@@ -222,9 +223,14 @@ class MPIReducer(Reducer):
             return
         if self.bucket_bytes is None:  # collective: every rank measures, all get one size
             from . import bucket_size
-            self.link = bucket_size.fit_link(bucket_size.probe(self.algorithm, self.comm))
-            grad_bytes = sum(p.numel() * p.element_size() for p in params)
-            self.bucket_bytes = bucket_size.choose(grad_bytes, *self.link)
+            local, hosts, _ = node_layout(self.comm)
+            local.Free()
+            if hosts > 1:
+                self.link = bucket_size.fit_link(bucket_size.probe(self.algorithm, self.comm))
+                grad_bytes = sum(p.numel() * p.element_size() for p in params)
+                self.bucket_bytes = bucket_size.choose(grad_bytes, *self.link)
+            else:
+                self.bucket_bytes = bucket_size.ONE_HOST_BYTES
         self._plan(params)
         for b in self.buckets:
             for p in b.params:
@@ -463,9 +469,9 @@ class MPIReducer(Reducer):
 
     def describe(self) -> str:
         what = f"allreduce: {describe_algorithm(self.algorithm)}"
-        if self.link is not None:
+        if self.bucket_auto and self.bucket_bytes is not None:
             from .bucket_size import describe as describe_buckets
-            what += f", {describe_buckets(self.bucket_bytes, *self.link)}"
+            what += f", {describe_buckets(self.bucket_bytes, self.link)}"
         elif self.bucket_bytes is not None and self.size > 1:
             what += f", buckets {self.bucket_bytes / 2**20:g} MiB"
         return f"{self.name} ({what})"

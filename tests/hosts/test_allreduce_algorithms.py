@@ -8,6 +8,7 @@ Ranks are unbound and share this machine's CPUs: small buffers and a tiny model.
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -66,5 +67,8 @@ def test_training_with_each_algorithm_gives_the_same_model(hosts, tmp_path, k):
         models[algo] = torch.load(out / "model.pt")
         if algo == "auto":
             assert ("hierarchical" if k > 1 else "ring") in r.stdout, r.stdout[-2000:]
+            # --bucket-mb auto measured the link across hosts and said what it chose
+            assert re.search(r"buckets \d+ MiB \(auto: latency \d+ us, [\d.]+ GB/s\)", r.stdout), \
+                r.stdout[-2000:]
     for name, tensor in models["sliced"].items():
         torch.testing.assert_close(models["auto"][name], tensor, rtol=1e-4, atol=1e-5)

@@ -135,30 +135,33 @@ def test_one_rank_communicator_keeps_the_contract(make, backend):
 
 
 def test_bucket_size_auto_is_the_same_on_every_rank_and_follows_the_checkpoint(comm):
-    """--bucket-mb auto measures the link collectively: every rank plans the same buckets;
-    a checkpoint's size is adopted on load (same order of additions after a resume), and the
-    reducer still averages exactly after re-planning."""
-    from hpcaccel.comm.bucket_size import LARGEST, SMALLEST
+    """--bucket-mb auto: one host keeps the fixed size (nothing measured); the probe's
+    timings are the same on every rank, so every rank plans the same buckets; a checkpoint's
+    size is adopted on load (same order of additions after a resume), and the reducer still
+    averages exactly after re-planning."""
+    from hpcaccel.comm import bucket_size
     from hpcaccel.comm.mpi import MPIReducer
 
     model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)], nn.Linear(256, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     red = MPIReducer(comm=comm)  # bucket_bytes None: auto
     red.attach(model, opt)
-    assert red.link is not None and SMALLEST <= red.bucket_bytes <= LARGEST
-    assert comm.allgather(red.bucket_bytes) == [red.bucket_bytes] * comm.Get_size()
-    assert "MiB (auto: latency" in red.describe()
-    saved = red.state_dict()
-    assert saved["bucket_bytes"] == red.bucket_bytes
+    assert red.link is None and red.bucket_bytes == bucket_size.ONE_HOST_BYTES  # one host
+    assert "buckets 25 MiB (auto: one host)" in red.describe()
+    samples = bucket_size.probe(red.algorithm, red.comm)  # what a job across hosts measures
+    assert [n for n, _ in samples] == list(bucket_size.PROBE_BYTES)
+    assert comm.allgather(samples) == [samples] * comm.Get_size()
+    size = bucket_size.choose(10 << 20, *bucket_size.fit_link(samples))
+    assert bucket_size.SMALLEST <= size <= bucket_size.LARGEST
+    assert red.state_dict()["bucket_bytes"] == red.bucket_bytes
     red.load_state_dict({"bucket_bytes": 64 * 1024})  # a checkpoint from a run that chose 64 KiB
     assert red.bucket_bytes == 64 * 1024 and len(red.buckets) >= 5  # a 256 KiB weight each
     rank = comm.Get_rank()
     x = torch.full((4, 256), float(rank + 1))
     model(x).sum().backward()
     red.synchronize()
-    grads = [p.grad.clone() for p in model.parameters()]
-    for g in grads:  # the mean over ranks equals what every rank computes locally
-        gathered = comm.allgather(g.numpy())
+    for p in model.parameters():  # every rank holds the same mean
+        gathered = comm.allgather(p.grad.numpy())
         assert all(np.array_equal(gathered[0], other) for other in gathered)
     red.close()
     fixed = MPIReducer(comm=comm, bucket_bytes=1 << 20)
