@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -100,7 +101,8 @@ class TrainConfig:
     bucket_mb: str = _opt("auto", "mpi backend: gradient bucket size in MB; each bucket's "
                           "allreduce starts as soon as its gradients are ready during backward; "
                           "auto: from the link's latency and bandwidth, measured at start-up, "
-                          "and the model's gradient size (shown on the start-up line)")
+                          "and the model's gradient size (shown on the start-up line)",
+                          number_or_word=True)
     allreduce: str = _opt("auto", "mpi backend: how each bucket is summed: sliced (the MPI "
                           "library's allreduce in 8 MiB slices), ring (pipelined ring over "
                           "point-to-point), hierarchical (within each host, then across hosts, "
@@ -179,11 +181,13 @@ class TrainConfig:
                              f"{self.batch_size}: every micro-batch needs at least one sample")
         if str(self.bucket_mb) != "auto":
             try:
-                self.bucket_mb = float(self.bucket_mb)
-                assert self.bucket_mb > 0 and self.bucket_mb == self.bucket_mb
-            except (ValueError, AssertionError):
+                mb = float(self.bucket_mb)
+            except ValueError:
+                mb = float("nan")
+            if not (math.isfinite(mb) and mb > 0):
                 raise UsageError(f"--bucket-mb must be auto or a positive number of MB, got "
-                                 f"{self.bucket_mb!r}") from None
+                                 f"{self.bucket_mb!r}")
+            self.bucket_mb = mb
         if self.fusion_mb is not None and self.fusion_mb < 0:
             raise UsageError(f"--fusion-mb must not be negative, got {self.fusion_mb}")
         if self.cycle_time_ms is not None and self.cycle_time_ms <= 0:
@@ -287,7 +291,9 @@ def _coerce(cfg: TrainConfig, source) -> TrainConfig:
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         if value is None and "Optional" in kind:
             continue
-        ok = (isinstance(value, bool) if "bool" in kind else
+        ok = (isinstance(value, (str, int, float)) and not isinstance(value, bool)
+              if f.metadata.get("number_or_word") else
+              isinstance(value, bool) if "bool" in kind else
               isinstance(value, int) and not isinstance(value, bool) if "int" in kind else
               isinstance(value, (int, float)) and not isinstance(value, bool) if "float" in kind else
               isinstance(value, str))

@@ -177,6 +177,9 @@ def run(argv, control) -> dict:
     summary = {"world_size": world.size, "resumed_from": resumed and resumed["path"],
                "nodes": world.nodes, "threads_per_rank": world.threads, "device": str(device),
                "backend": reducer.name, "mpi_library": world.mpi_library, "epochs": cfg.epochs,
+               # the bucket size the mpi reducer used (--bucket-mb auto's choice included)
+               **({"bucket_mib": reducer.bucket_bytes / 2**20}
+                  if getattr(reducer, "bucket_bytes", None) else {}),
                **({"staging": staging} if staging is not None else {}), **result,
                "wall_seconds": time.perf_counter() - t_start, "config": cfg.to_dict()}
     log.model(model.state_dict())

@@ -160,7 +160,8 @@ def hosts_allreduce(results: dict) -> dict:
             continue
         for data in per.values():
             layout = f"{data['hosts']}x{data['ranks_per_host']}"
-            entry = merged.setdefault(layout, {"link_gbit": data.get("link_gbit"), "results": {}})
+            entry = merged.setdefault(layout, {"link_gbit": None, "results": {}})
+            entry["link_gbit"] = entry["link_gbit"] or data.get("link_gbit")
             for name, rows in data["results"].items():
                 entry["results"][name] = {int(n): r for n, r in rows.items()}
     return merged

@@ -82,9 +82,12 @@ def probe(algorithm, comm) -> list[tuple[int, float]]:
     return samples
 
 
-def describe(size: int, link: tuple[float, float] | None) -> str:
-    """The start-up line's phrase for an automatic size; link None: one host."""
+def describe(size: int, link) -> str:
+    """The start-up line's phrase for an automatic size; link: (latency, bandwidth), None
+    (one host) or "checkpoint" (a resumed run's)."""
     if link is None:
         return f"buckets {size // MIB} MiB (auto: one host)"
+    if link == "checkpoint":
+        return f"buckets {size / MIB:g} MiB (auto: the checkpoint's)"
     return (f"buckets {size // MIB} MiB (auto: latency {link[0] * 1e6:.0f} us, "
             f"{link[1] / 1e9:.2f} GB/s)")

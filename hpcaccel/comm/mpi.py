@@ -179,9 +179,15 @@ class MPIReducer(Reducer):
         super().__init__((comm or MPI.COMM_WORLD).Dup(), timeline)
         self.bucket_auto = bucket_bytes is None  # the size comes from the link (attach)
         self.bucket_bytes = None if bucket_bytes is None else int(bucket_bytes)
-        self.link = None  # (latency s, bandwidth B/s) measured for --bucket-mb auto
+        # --bucket-mb auto: (latency s, bandwidth B/s) measured across hosts, None on one
+        # host, "checkpoint" when a resumed run took its checkpoint's size
+        self.link = None
         if algorithm is None or isinstance(algorithm, str):
-            algorithm = make_algorithm(self.comm, algorithm or "auto", chunk_bytes)
+            try:
+                algorithm = make_algorithm(self.comm, algorithm or "auto", chunk_bytes)
+            except BaseException:
+                self.comm.Free()  # collective, like the Dup: make_algorithm fails on every rank
+                raise
         self.algorithm = algorithm
         self._powersgd_args = (self.size, powersgd_rank, powersgd_start_step)
         self.powersgd = (powersgd.PowerSGD(*self._powersgd_args)
@@ -436,10 +442,12 @@ class MPIReducer(Reducer):
 
     def load_state_dict(self, state: dict, exact: bool = True) -> None:
         # An automatic size is the checkpoint's, so a resumed run adds in the same order
-        # (bucket_size.py); every rank loads the same value (ranks' states share it).
+        # (bucket_size.py); every rank loads the same value (ranks' states share it). Not
+        # from another world size (exact False): the order changes anyway, and the size
+        # was chosen for another layout.
         saved = state.get("bucket_bytes")
-        if self.bucket_auto and saved and saved != self.bucket_bytes and self.buckets:
-            self.bucket_bytes = int(saved)
+        if self.bucket_auto and exact and saved and saved != self.bucket_bytes and self.buckets:
+            self.bucket_bytes, self.link = int(saved), "checkpoint"
             self._plan(self._params)
             self.zero_grad()
         if self.powersgd is not None and "powersgd" in state:

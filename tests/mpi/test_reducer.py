@@ -154,8 +154,11 @@ def test_bucket_size_auto_is_the_same_on_every_rank_and_follows_the_checkpoint(c
     size = bucket_size.choose(10 << 20, *bucket_size.fit_link(samples))
     assert bucket_size.SMALLEST <= size <= bucket_size.LARGEST
     assert red.state_dict()["bucket_bytes"] == red.bucket_bytes
+    red.load_state_dict({"bucket_bytes": 64 * 1024}, exact=False)  # another world size's
+    assert red.bucket_bytes == bucket_size.ONE_HOST_BYTES
     red.load_state_dict({"bucket_bytes": 64 * 1024})  # a checkpoint from a run that chose 64 KiB
     assert red.bucket_bytes == 64 * 1024 and len(red.buckets) >= 5  # a 256 KiB weight each
+    assert "buckets 0.0625 MiB (auto: the checkpoint's)" in red.describe()
     rank = comm.Get_rank()
     x = torch.full((4, 256), float(rank + 1))
     model(x).sum().backward()

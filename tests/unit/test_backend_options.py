@@ -31,6 +31,14 @@ def test_horovod_knobs_default_to_horovods_own():
     assert options["compression"] == "none"
 
 
+@pytest.mark.parametrize("toml,want", [("bucket-mb = 4.0", 4 << 20), ("bucket_mb = 2", 2 << 20),
+                                       ('bucket-mb = "auto"', None), ('bucket-mb = "8"', 8 << 20)])
+def test_bucket_mb_from_toml_as_number_or_auto(tmp_path, toml, want):
+    f = tmp_path / "run.toml"
+    f.write_text(toml + "\n")
+    assert reducer_options(parse_args(["--config", str(f)]))["bucket_bytes"] == want
+
+
 def test_knobs_from_toml(tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('backend = "mpi"\ncompression = "bf16"\naccum-steps = 2\ncycle_time_ms = 3\n')
@@ -46,6 +54,8 @@ def test_knobs_from_toml(tmp_path):
     (["--cycle-time-ms", "0"], "--cycle-time-ms"),
     (["--bucket-mb", "0"], "--bucket-mb must be auto or a positive number"),
     (["--bucket-mb", "big"], "--bucket-mb must be auto or a positive number"),
+    (["--bucket-mb", "inf"], "--bucket-mb must be auto or a positive number"),
+    (["--bucket-mb", "nan"], "--bucket-mb must be auto or a positive number"),
 ])
 def test_bad_knobs_name_the_flag(argv, needle):
     with pytest.raises(UsageError, match=needle):
