@@ -11,8 +11,15 @@ Cross-rank invariants:
     same order, with values of the same length.
   * The training thread calls these only between steps (after Reducer.synchronize()), never
     while a step's gradient allreduces are in flight on a communication thread.
+
+Waiting for peers that do long work alone (rank 0 writing a checkpoint, a host's local rank
+0 staging data, packing built-in data) is done idly in barrier() and agree(): MPI's blocking
+collectives poll at 100% CPU, which on a node whose ranks share cores takes the CPU from the
+one rank doing the work.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -67,7 +74,15 @@ class ControlPlane:
 
     def barrier(self) -> None:
         with TRACKER.track("barrier"):
-            self.comm.Barrier()
+            self._idle_barrier()
+
+    def _idle_barrier(self) -> None:
+        """A barrier that sleeps while it waits (backing off from 0.1 to 20 ms between
+        tests), so a waiting rank leaves its core to the ranks still working."""
+        request, pause = self.comm.Ibarrier(), 1e-4
+        while not request.Test():
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
 
     # -- failing together -----------------------------------------------------------------
     def agree(self, error: BaseException | None) -> None:
@@ -76,6 +91,7 @@ class ControlPlane:
         report = None if error is None else (
             isinstance(error, UsageError), f"{type(error).__name__}: {error}", str(error))
         with TRACKER.track("agree"):
+            self._idle_barrier()  # peers may still be working: wait without spinning
             reports = self.comm.allgather(report)
         failed = [(r, m) for r, m in enumerate(reports) if m is not None]
         if failed:

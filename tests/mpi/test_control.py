@@ -55,3 +55,19 @@ def test_failure_on_one_rank_fails_every_rank_with_the_lowest_ranks_error(contro
         raise UsageError(f"--data x{rank}: no such file")
     with pytest.raises(UsageError, match=r"^--data x0: no such file$"):  # rank 0's line
         control.collectively(bad_input_everywhere)
+
+
+@pytest.mark.parametrize("wait", ["agree", "barrier"])
+def test_ranks_waiting_for_a_busy_peer_leave_it_the_cpu(control, wait):
+    """Rank 0 works alone for a while (a checkpoint, staging); the others wait in agree() or
+    barrier() without polling at full speed: they use a small fraction of the wall time in
+    CPU (a blocking MPI collective spins at about 100%)."""
+    import time
+    control.barrier()
+    wall, cpu = time.perf_counter(), time.process_time()
+    if control.rank == 0:
+        time.sleep(1.5)
+    control.agree(None) if wait == "agree" else control.barrier()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if control.rank != 0:
+        assert wall >= 1.4 and cpu < 0.25 * wall, (wall, cpu)
