@@ -139,24 +139,14 @@ def files_read(lengths: list[int], chunk: int, ranks, world: int, batch: int, sh
                seed: int, epochs) -> tuple[int, ...]:
     """Indices of the files that `ranks` read in training over `epochs` (an iterable of
     epoch numbers): the union of the files their `epoch_segments` lie in, sorted."""
-    n, epochs = sum(lengths), list(epochs)
-    steps, G = steps_per_epoch(n, batch, world), batch * world
-    ranks, every = sorted(set(ranks)), set(range(len(lengths)))
+    epochs, every = list(epochs), set(range(len(lengths)))
+    if not shuffle:  # the same reads every epoch
+        epochs = epochs[:1]
     found: set[int] = set()
-
-    def add(ranges):
-        found.update(f for f, a, b in locate(ranges, lengths) if b > a)
-
-    if not shuffle:  # the same slices every epoch: rank r's B of each global batch
-        if epochs:
-            for r in ranks:
-                add(_merge([(k * G + r * batch, k * G + (r + 1) * batch) for k in range(steps)]))
-        return tuple(sorted(found))
-    block, per_rank = block_length(n, chunk, world), steps * batch
-    for epoch in epochs:  # a rank's segments cover its contiguous share of the order
-        order = shard_affine_order(lengths, block, seed, epoch)
-        for r in ranks:
-            add(take(order, r * per_rank, (r + 1) * per_rank))
+    for epoch in epochs:
+        for r in sorted(set(ranks)):
+            for seg in epoch_segments(lengths, chunk, r, world, batch, shuffle, seed, epoch):
+                found.update(f for f, a, b in locate(seg.ranges, lengths) if b > a)
         if found == every:
             break
     return tuple(sorted(found))
