@@ -19,11 +19,10 @@ REPEATS = 3  # each figure is the median of this many reads (an epoch here takes
 
 
 def quiet_barrier(comm):
-    """A barrier that sleeps instead of spinning: ranks that wait (while rank 0 reads alone,
-    or for the slowest reader) must not take the CPU from the ones still reading."""
-    req = comm.Ibarrier()
-    while not req.Test():
-        time.sleep(0.001)
+    """Ranks that wait (while rank 0 reads alone, or for the slowest reader) must not take
+    the CPU from the ones still reading: the control plane's barrier sleeps while it waits."""
+    from hpcaccel.control import ControlPlane
+    ControlPlane(comm).barrier()
 
 
 def resident_bytes(paths) -> int:
