@@ -34,6 +34,34 @@ def test_files_read_is_the_union_of_the_readers_segments(lengths, chunk, world, 
                 brute_force(lengths, chunk, ranks, world, batch, shuffle, 7, epochs), (ranks, epochs)
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_files_read_are_the_files_the_reader_really_reads(tmp_path, shuffle):
+    """Independent of the index arithmetic: real files whose samples carry their global
+    index, read through RankReader by the host's ranks; the files their samples came from."""
+    import numpy as np
+
+    from hpcaccel.data import RankReader, open_dataset, write_file, write_index
+
+    lengths, world, batch, host = [40, 7, 100, 64, 1, 33], 3, 5, [0, 2]
+    offsets = np.cumsum([0] + lengths)
+    files = []
+    for f, n in enumerate(lengths):
+        idx = np.arange(offsets[f], offsets[f + 1])
+        files.append(str(tmp_path / f"part-{f}.h5"))
+        write_file(files[-1], [idx[:, None].astype(np.float32)], [idx % 2], n, (1,), 2, "t",
+                   chunk_rows=16)
+    ds = open_dataset(write_index(str(tmp_path), files, lengths, (1,), 2, "t"))
+    for epochs in (range(0, 1), range(1, 3)):
+        seen = set()
+        for epoch, r in itertools.product(epochs, host):
+            reader = RankReader(ds, r, world, batch, shuffle=shuffle, seed=7)
+            for x, _ in reader.epoch(epoch):
+                seen.update(int(np.searchsorted(offsets, i, side="right")) - 1
+                            for i in x.reshape(-1).tolist())
+        assert files_read(lengths, ds.chunk, host, world, batch, shuffle, 7, epochs) == \
+            tuple(sorted(seen)), epochs
+
+
 def test_a_host_of_two_ranks_in_one_shuffled_epoch_needs_a_strict_subset():
     lengths, world = [256] * 8, 4  # 2 hosts x 2 ranks, 8 shards, one epoch
     hosts = [[0, 1], [2, 3]]
