@@ -2,7 +2,8 @@
 # The unit tests under the oldest Python that pyproject.toml admits (requires-python), in a
 # venv of its own in the user's cache, outside the checkout (made once per machine, then
 # reused by every checkout: later runs take seconds plus the tests; the checkout itself is
-# installed into it editable, again only when the checkout or its requirements change). Finds that Python under pyenv or on PATH; says so and exits 0 where there is none.
+# installed into it editable, again only when the checkout or its requirements change).
+# Finds that Python under pyenv or on PATH; says so and exits 0 where there is none.
 #
 # torch for it: HPCACCEL_TORCH_MIN (default torch==2.8.0, the newest release with wheels for
 # Python 3.9). PyPI's Linux wheel brings CUDA libraries (~3 GB download, once).
