@@ -5,6 +5,8 @@ the step and its size:
   control    ControlPlane (per-step vote, metric means, gathers, barriers, evaluation sums)
   gradients  the reducer's bucket allreduces (entered per bucket as it is launched, left
              when synchronize() has every bucket)
+  collectives  hpcaccel.torch's tensor collectives (allreduce, allgather, broadcast from a
+             script), in its engine thread
 Ranks issue the same collectives in the same order, so after a hang equal counters mean
 "waiting in the same collective"; a rank with no collective open holds the others up, and
 one whose collective differs skipped or added one. `hang_report.py` reads `snapshot()`.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-CHANNELS = ("control", "gradients")
+CHANNELS = ("control", "gradients", "collectives")
 
 
 class Tracker:

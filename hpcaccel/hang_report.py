@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from .collectives import TRACKER
+from .collectives import CHANNELS, TRACKER
 
 
 def describe(open_: dict | None) -> str:
@@ -50,11 +50,12 @@ def summarize(states: dict[int, dict], size: int) -> tuple[list[int], list[str]]
     # the others' while it waits in another collective either skipped one there or waits
     # for one that ran ahead; the one at the later step is the one that skipped.
     behind = {}
-    for channel in ("control", "gradients"):
-        top = max(states[r]["seq"][channel] for r in inside) if inside else 0
+    for channel in CHANNELS:
+        top = max(states[r]["seq"].get(channel, 0) for r in inside) if inside else 0
         for r in inside:
-            if states[r]["seq"][channel] < top and states[r]["open"][channel] is None:
-                behind.setdefault(r, (channel, states[r]["seq"][channel], top))
+            seq = states[r]["seq"].get(channel, 0)
+            if seq < top and states[r]["open"].get(channel) is None:
+                behind.setdefault(r, (channel, seq, top))
     if behind:
         last = max(states[r]["step"] for r in behind)
         odd = sorted(r for r in behind if states[r]["step"] == last)

@@ -1,0 +1,233 @@
+"""Who this process is in the job a script started with `hvd.init()`: the communicator,
+ranks and sizes, and what this build offers (Horovod's basics, same names and values).
+
+One Runtime per process, made by init() and torn down by shutdown(). Everything in
+hpcaccel.torch reaches MPI through it: its control plane for small values and objects,
+its collective engine (engine.py) for tensors, and the Reducer a DistributedOptimizer
+builds on its communicator.
+"""
+from __future__ import annotations
+
+import threading
+
+# Horovod's reduction ops, with Horovod's values (scripts compare and pass them as ints).
+Average, Sum, Adasum, Min, Max, Product = 0, 1, 2, 3, 4, 5
+OP_NAMES = {Average: "Average", Sum: "Sum", Adasum: "Adasum", Min: "Min", Max: "Max",
+            Product: "Product"}
+
+
+class HorovodInternalError(RuntimeError):
+    """A collective failed (ranks disagreed about it, or MPI failed); raised on every rank
+    that takes part in it, as Horovod raises it."""
+
+
+class HostsUpdatedInterrupt(RuntimeError):
+    """Horovod's elastic interrupt; never raised here (elastic is not supported)."""
+
+    def __init__(self, skip_sync=False):
+        super().__init__("hosts updated")
+        self.skip_sync = skip_sync
+
+
+class Runtime:
+    """The job as hvd.init() found it. Collective to build (splits communicators)."""
+
+    def __init__(self, comm):
+        from mpi4py import MPI
+
+        from ..control import ControlPlane
+        from ..comm.hierarchical import node_layout
+
+        self.MPI = MPI
+        self.comm = comm  # the script's world: every rank of it calls every collective
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        local, self.hosts, per_host = node_layout(comm)
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
+        local.Free()
+        self.homogeneous = per_host is not None
+        cross = comm.Split(color=self.local_rank, key=self.rank)
+        self.cross_rank, self.cross_size = cross.Get_rank(), cross.Get_size()
+        cross.Free()
+        # small values and objects (broadcast_object, the optimizer's votes): its own
+        # communicator, so they never match a tensor collective in flight on the engine's
+        self.control = ControlPlane(comm.Dup())
+        from .engine import Engine
+        self.engine = Engine(comm.Dup())
+        self.timeline = None
+
+    def close(self):
+        self.engine.close()
+        if self.timeline is not None:
+            self.timeline.close()
+            self.timeline = None
+        self.control.comm.Free()
+        self.comm.Free()
+
+
+_runtime: Runtime | None = None
+_lock = threading.Lock()
+
+
+def _world(comm):
+    """The communicator init(comm) asks for, as a duplicate this module owns."""
+    from mpi4py import MPI
+
+    if comm is None:
+        return MPI.COMM_WORLD.Dup()
+    if isinstance(comm, MPI.Comm):
+        if comm == MPI.COMM_NULL:
+            raise ValueError("init(comm=...): MPI.COMM_NULL is no communicator; pass the "
+                             "communicator of the ranks taking part, or a list of their ranks")
+        return comm.Dup()
+    ranks = [int(r) for r in comm]
+    world = MPI.COMM_WORLD
+    bad = [r for r in ranks if not 0 <= r < world.Get_size()]
+    if bad or len(set(ranks)) != len(ranks) or not ranks:
+        raise ValueError(f"init(comm={ranks!r}): ranks must be distinct and in "
+                         f"0..{world.Get_size() - 1} of MPI.COMM_WORLD")
+    # Collective over COMM_WORLD: every process of the job calls init with the same list.
+    sub = world.Create(world.Get_group().Incl(ranks))
+    if sub == MPI.COMM_NULL:
+        raise ValueError(f"init(comm={ranks!r}): this process (rank {world.Get_rank()} of "
+                         f"MPI.COMM_WORLD) is not in the list; only the listed ranks may "
+                         f"call hpcaccel.torch")
+    return sub
+
+
+def init(comm=None, process_sets=None):
+    """Start hpcaccel.torch in this process. Collective over `comm` (default: every MPI
+    rank); idempotent: a second call while initialized does nothing.
+
+    comm: None (MPI.COMM_WORLD), an mpi4py communicator, or a list of COMM_WORLD ranks.
+    process_sets: only None (or the global set) is supported.
+    """
+    global _runtime
+    if process_sets not in (None, [], ()) and not _only_global(process_sets):
+        from .unsupported import not_supported
+        not_supported("process sets other than the global one")
+    with _lock:
+        if _runtime is not None:
+            return
+        _runtime = Runtime(_world(comm))
+
+
+def _only_global(process_sets) -> bool:
+    from .process_sets import global_process_set
+    sets = process_sets if isinstance(process_sets, (list, tuple)) else [process_sets]
+    return all(s is global_process_set for s in sets)
+
+
+def shutdown():
+    """Stop hpcaccel.torch in this process (pending operations are finished first).
+    init() may be called again afterwards."""
+    global _runtime
+    with _lock:
+        if _runtime is not None:
+            _runtime.close()
+            _runtime = None
+
+
+def runtime() -> Runtime:
+    """The live Runtime; ValueError (Horovod's) before init()."""
+    if _runtime is None:
+        raise ValueError("hpcaccel.torch has not been initialized; use hvd.init().")
+    return _runtime
+
+
+def is_initialized() -> bool:
+    return _runtime is not None
+
+
+def size() -> int:
+    return runtime().size
+
+
+def rank() -> int:
+    return runtime().rank
+
+
+def local_size() -> int:
+    return runtime().local_size
+
+
+def local_rank() -> int:
+    return runtime().local_rank
+
+
+def cross_size() -> int:
+    return runtime().cross_size
+
+
+def cross_rank() -> int:
+    return runtime().cross_rank
+
+
+def is_homogeneous() -> bool:
+    """Every host runs the same number of ranks."""
+    return runtime().homogeneous
+
+
+def mpi_threads_supported() -> bool:
+    """MPI allows calls from several threads at once (hpcaccel.torch needs it: collectives
+    run in a background thread)."""
+    from mpi4py import MPI
+    return MPI.Query_thread() == MPI.THREAD_MULTIPLE
+
+
+# What this build offers, answered honestly: everything runs over MPI (mpi4py), nothing
+# over Gloo, NCCL, DDL, oneCCL or ROCm. CUDA tensors are supported through host copies.
+def mpi_built() -> bool:
+    return True
+
+
+def mpi_enabled() -> bool:
+    return True
+
+
+def gloo_built() -> bool:
+    return False
+
+
+def gloo_enabled() -> bool:
+    return False
+
+
+def nccl_built() -> int:
+    return 0
+
+
+def ddl_built() -> bool:
+    return False
+
+
+def ccl_built() -> bool:
+    return False
+
+
+def cuda_built() -> bool:
+    return False
+
+
+def rocm_built() -> bool:
+    return False
+
+
+def start_timeline(file_path: str, mark_cycles: bool = False) -> None:
+    """Record this job's collectives as a Chrome trace (open in ui.perfetto.dev).
+    Collective. mark_cycles is accepted and ignored (there is no background cycle)."""
+    from ..timeline import Timeline
+
+    rt = runtime()
+    if rt.timeline is not None:
+        rt.timeline.close()
+    rt.timeline = Timeline(file_path, rt.control).start()
+    rt.engine.timeline = rt.timeline
+
+
+def stop_timeline() -> None:
+    """Stop recording and write the trace. Collective."""
+    rt = runtime()
+    if rt.timeline is not None:
+        rt.engine.timeline = None
+        rt.timeline.close()
+        rt.timeline = None
