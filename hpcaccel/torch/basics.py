@@ -109,6 +109,29 @@ def init(comm=None, process_sets=None):
         if _runtime is not None:
             return
         _runtime = Runtime(_world(comm))
+        if _runtime.size > 1:
+            _end_job_on_uncaught_exception()
+
+
+def _end_job_on_uncaught_exception() -> None:
+    """An exception that ends this rank's script ends every rank (MPI_Abort after the
+    traceback), instead of leaving the others waiting in their next collective forever:
+    under srun or a launcher that does not kill a job when one process fails too."""
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "__hpcaccel__", False):
+        return
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        sys.stderr.write(f"hpcaccel.torch: rank {_runtime.rank if _runtime else '?'} failed "
+                         f"({kind.__name__}); ending every rank of the job\n")
+        sys.stderr.flush()
+        from mpi4py import MPI
+        MPI.COMM_WORLD.Abort(1)
+    hook.__hpcaccel__ = True
+    sys.excepthook = hook
 
 
 def _only_global(process_sets) -> bool:

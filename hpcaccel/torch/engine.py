@@ -107,7 +107,7 @@ class Engine:
         self._thread = threading.Thread(target=self._serve, name="hpcaccel-collectives",
                                         daemon=True)
         self._thread.start()
-        self._auto = {}
+        self._auto_count = 0
         self._algorithm = None
 
     def algorithm(self):
@@ -121,11 +121,11 @@ class Engine:
         return self._algorithm
 
     def auto_name(self, kind: str) -> str:
-        """Horovod's generated names: per kind, in call order (equal across ranks when
-        the calls are)."""
-        n = self._auto.get(kind, 0)
-        self._auto[kind] = n + 1
-        return f"{kind}.noname.{n}"
+        """A generated name, numbered in call order over all kinds (equal across ranks when
+        the calls are; one counter, so ranks that disagreed about a kind once agree again
+        on the next call)."""
+        self._auto_count += 1
+        return f"{kind}.noname.{self._auto_count}"
 
     def submit(self, op: Operation) -> int:
         handle = next(self._ids)

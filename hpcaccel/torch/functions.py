@@ -48,14 +48,16 @@ def broadcast_object(obj, root_rank=0, name=None, process_set=global_process_set
     if not 0 <= int(root_rank) < rt.size:
         raise ValueError(f"broadcast_object: root_rank {root_rank} is not a rank (0..{rt.size - 1})")
     payload = _dumps(obj) if rt.rank == int(root_rank) else None
-    name = name if name is not None else type(obj).__name__
+    # Horovod names it after type(obj), which differs where non-root ranks pass None (and
+    # then never matches there); a generated name does not depend on the object
+    name = _name(name, "broadcast_object")
     return synchronize(rt.engine.submit(_ObjectOp("broadcast_object", name, payload, int(root_rank))))
 
 
 def allgather_object(obj, name=None):
     """Every rank's `obj`, as a list by rank."""
     rt = runtime()
-    name = name if name is not None else type(obj).__name__
+    name = _name(name, "allgather_object")
     return synchronize(rt.engine.submit(_ObjectOp("allgather_object", name, _dumps(obj))))
 
 
