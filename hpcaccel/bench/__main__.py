@@ -56,11 +56,14 @@ def predict(args) -> str:
 
 
 def inter_level(args, results: str):
-    """The across-host (alpha, beta): fitted to hpcaccel's ring at 2 hosts x 1 rank where
-    benchmarks/hosts results exist, else --inter-gbit and --inter-alpha-us."""
+    """The across-host (alpha, beta): --network's preset where given (the same network as
+    the tables above), else --inter-gbit and --inter-alpha-us, else fitted to hpcaccel's ring
+    at 2 hosts x 1 rank where benchmarks/hosts results exist, else 1 Gbit/s."""
     import glob
     import os
 
+    if args.network:
+        return costmodel.PRESETS[args.network]
     if args.inter_gbit is None:
         for path in sorted(glob.glob(os.path.join(results, "hosts-allreduce-2x1-all-np2.json"))):
             with open(path) as fh:
@@ -110,7 +113,8 @@ def run(argv=None) -> int:
     pr = sub.add_parser("predict", help="cost-model predictions of step time and efficiency")
     pr.add_argument("--grad-mb", type=float, required=True, help="gradient size per step (MiB)")
     pr.add_argument("--compute-ms", type=float, required=True, help="compute time per step on one rank (ms)")
-    pr.add_argument("--network", choices=sorted(costmodel.PRESETS), help="one preset (default: all)")
+    pr.add_argument("--network", choices=sorted(costmodel.PRESETS), help="one preset (default: "
+                    "all); with --nodes, also the link across hosts")
     pr.add_argument("--overlap", type=float, default=0.0, help="fraction of compute that can hide communication (0..1)")
     pr.add_argument("--results", default=None, help="microbenchmark results to fit (default: "
                     "benchmarks/results where present; a folder given here must hold them)")
@@ -121,7 +125,7 @@ def run(argv=None) -> int:
     pr.add_argument("--algorithm", choices=sorted(costmodel.ALGORITHM_TIMES), default=None,
                     help="--nodes: ring (flat) or hierarchical (default: both)")
     pr.add_argument("--inter-gbit", type=float, default=None, help="--nodes: link rate across "
-                    "hosts (default: fitted to benchmarks/hosts results, else 1)")
+                    "hosts (default: --network's, else fitted to benchmarks/hosts results, else 1)")
     pr.add_argument("--inter-alpha-us", type=float, default=50.0, help="--nodes: latency per "
                     "message across hosts with --inter-gbit (us)")
     rp = sub.add_parser("report", help="markdown tables and PNG plots from results")
@@ -133,6 +137,9 @@ def run(argv=None) -> int:
             raise UsageError("--grad-mb and --compute-ms must be positive, --overlap in [0, 1]")
         if args.nodes is not None and (args.nodes < 1 or args.ranks_per_node < 1):
             raise UsageError("--nodes and --ranks-per-node must be at least 1")
+        if args.network and args.inter_gbit is not None:
+            raise UsageError(f"--inter-gbit: --network {args.network} already sets the link "
+                             f"across hosts; give one of them")
         print(predict(args))
         return 0
     results = report.load(args.results)

@@ -74,3 +74,22 @@ def test_predict_per_level_on_the_command_line(capsys, tmp_path, monkeypatch):
     assert node_aware < ring
     # 64 MiB at 1 Gbit/s through each host's link once: ~537 ms plus compute
     assert 100 + 500 < node_aware < 100 + 700
+
+
+def test_predict_per_level_uses_the_chosen_network(capsys, tmp_path, monkeypatch):
+    """--network ib100 with --nodes: the per-level table crosses hosts over InfiniBand too, so
+    its flat ring over 4 x 2 ranks is the preset table's 8-rank row."""
+    from hpcaccel.bench.__main__ import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "--grad-mb", "96", "--compute-ms", "140", "--network", "ib100",
+                 "--nodes", "4", "--ranks-per-node", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"across hosts ({PRESETS['ib100'].name})" in out and "Gbit/s" not in out
+    flat = float(out.split("| 8 | ")[1].split(" |")[0])
+    level_row = next(l for l in out.splitlines() if l.startswith("| 96 MiB |"))
+    ring = float(level_row.split(" | ")[1])
+    assert ring == pytest.approx(flat, abs=0.1)
+    assert ring < 100  # not 1 Gbit/s (about 1.4 s)
+    assert main(["predict", "--grad-mb", "96", "--compute-ms", "140", "--network", "ib100",
+                 "--nodes", "4", "--inter-gbit", "10"]) == 2
+    assert "--inter-gbit: --network ib100 already sets the link across hosts" in capsys.readouterr().err
