@@ -41,5 +41,6 @@ def data_warnings(stats: dict, classes: int, flag: str, path: str) -> list[str]:
     if low is not None and low >= 1:
         lines.append(f"{flag} {path}: no sample has label 0 (labels start at {low}), so the "
                      f"model has {classes} outputs with class{'es 0 to ' + str(low - 1) if low > 1 else ' 0'}"
-                     f" never seen; shift the labels to start at 0 when packing")
+                     f" never seen; repack with `python -m hpcaccel.data pack ... --label-offset {low}` "
+                     f"to start them at 0")
     return lines

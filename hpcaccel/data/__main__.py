@@ -6,6 +6,7 @@
   python -m hpcaccel.data pack --source arrays.npz --out data.h5   # keys x and y
   python -m hpcaccel.data pack --source x.npy --labels y.npy --out data.h5
   python -m hpcaccel.data pack --source images.npz --normalize --out data.h5  # uint8 -> [0, 1]
+  python -m hpcaccel.data pack --source arrays.npz --label-offset 1 --out data.h5  # 1..K -> 0..K-1
   python -m hpcaccel.data info data.h5
 
 An existing output is replaced only with --overwrite. Integer samples (8-bit images, say)
@@ -92,12 +93,26 @@ def x_scale(x, source: str, normalize: bool) -> float:
                      f"{high}; only integers in [0, 255] or unsigned types are normalised")
 
 
+def shift_labels(y, offset: int, source: str):
+    """y less --label-offset (labels numbered from 1, say, packed from 0)."""
+    if offset < 0:
+        raise UsageError(f"--label-offset {offset}: must be 0 or more (it is subtracted from "
+                         f"every label)")
+    if not offset:
+        return y
+    low = int(y.min())
+    if low - offset < 0:
+        raise UsageError(f"--label-offset {offset}: label {low} of --source {source} would "
+                         f"become {low - offset}; the offset is at most the smallest label")
+    return y.astype(np.int64) - offset
+
+
 def check_labels(y, classes_given, source: str) -> None:
     low, high = int(y.min()), int(y.max())
     if classes_given is None and low >= 1:
         warn(f"--source {source}: labels run from {low} to {high}, packed as {high + 1} classes "
-             f"with class{'es 0 to ' + str(low - 1) if low > 1 else ' 0'} empty; shift the labels "
-             f"to start at 0 (or give --classes to keep them as they are)")
+             f"with class{'es 0 to ' + str(low - 1) if low > 1 else ' 0'} empty; add "
+             f"--label-offset {low} to start them at 0 (or give --classes to keep them as they are)")
 
 
 def output_paths(out: str, shards: int, overwrite: bool) -> tuple[list[str], list[str]]:
@@ -131,6 +146,8 @@ def pack(args) -> list[str]:
     if args.source == "synthetic":
         if args.normalize:
             raise UsageError("--normalize: the synthetic source is already float")
+        if args.label_offset:
+            raise UsageError("--label-offset: the synthetic source's labels already start at 0")
         shape = tuple(int(s) for s in args.shape.split(","))
         n, classes = args.samples, args.classes
         blocks = lambda start, count: _slice_blocks(
@@ -138,6 +155,7 @@ def pack(args) -> list[str]:
         source = f"synthetic (seed {args.seed})"
     else:
         x, y = _check_arrays(*_load_arrays(args), args.source)
+        y = shift_labels(y, args.label_offset, args.source)
         n, shape = len(x), x.shape[1:]
         scale = x_scale(x, args.source, args.normalize)
         check_labels(y, args.classes, args.source)
@@ -187,7 +205,7 @@ def _slice_blocks(gen, start, count):
 
 
 def info(path: str) -> str:
-    ds = open_dataset(path, "PATH")
+    ds = open_dataset(path, "info")
     return (f"{path}: {ds.samples} samples in {len(ds.files)} file(s), sample shape "
             f"{ds.sample_shape}, {ds.classes} classes, chunk {ds.chunk} samples")
 
@@ -214,6 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--compression", choices=("gzip", "lzf"), default=None, help="chunk compression")
     p.add_argument("--normalize", action="store_true", help="scale integer samples into [0, 1]: "
                    "values in [0, 255] (8-bit images) by 1/255, other unsigned ones by 1/(type max)")
+    p.add_argument("--label-offset", type=int, default=0, help="subtract this from every label "
+                   "(labels numbered from 1: --label-offset 1 packs them from 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (file, or "
                    "the shards and index.json in the directory)")
     i = sub.add_parser("info", help="describe a packed file or shard index")

@@ -217,6 +217,37 @@ def test_pack_warns_about_integer_samples_and_labels_from_one(tmp_path):
     assert r.returncode == 2 and "--normalize: x of --source" in r.stderr and "float32" in r.stderr
 
 
+def test_the_labels_from_one_advice_names_a_pack_option_that_works(tmp_path):
+    """Both warnings (pack's, and train's start-up advice) name --label-offset; following
+    the advice packs labels 1..4 as 0..3 in 4 classes, with no warning."""
+    from hpcaccel.advice import data_warnings
+
+    y = np.arange(20) % 4 + 1
+    np.savez(tmp_path / "a.npz", x=np.zeros((20, 2), np.float32), y=y)
+    r = pack_cli("--source", tmp_path / "a.npz", "--out", tmp_path / "raw.h5")
+    assert r.returncode == 0 and "add --label-offset 1 to start them at 0" in r.stderr, r.stderr
+    (advice,) = data_warnings({"min_label": 1}, 5, "--data", "raw.h5")
+    assert "`python -m hpcaccel.data pack ... --label-offset 1`" in advice
+    r = pack_cli("--source", tmp_path / "a.npz", "--out", tmp_path / "shifted.h5", "--label-offset", 1)
+    assert r.returncode == 0 and r.stderr == ""
+    np.testing.assert_array_equal(h5py.File(tmp_path / "shifted.h5")["y"][...], y - 1)
+    assert open_dataset(str(tmp_path / "shifted.h5")).classes == 4
+    npz = tmp_path / "a.npz"
+    for args, needle in [((npz, "--label-offset", 2), "--label-offset 2: label 1 of --source"),
+                         ((npz, "--label-offset", -1), "--label-offset -1: must be 0 or more"),
+                         (("synthetic", "--label-offset", 1), "--label-offset: the synthetic")]:
+        r = pack_cli("--out", tmp_path / "bad.h5", "--source", *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+    assert not (tmp_path / "bad.h5").exists()
+
+
+def test_info_errors_name_the_file(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hpcaccel.data", "info", str(tmp_path / "none.h5")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr == f"hpcaccel.data: error: info {tmp_path / 'none.h5'}: no such file\n"
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_packed_files_follow_the_umask(tmp_path, umask):
     np.savez(tmp_path / "a.npz", x=np.zeros((12, 2), np.float32), y=np.arange(12) % 2)
