@@ -58,14 +58,14 @@ class Operation:
     def describe(self) -> str:
         return f"{self.kind} {self.name!r} ({', '.join(map(str, self.fields()))})"
 
-    def agree(self, comm):
+    def agree(self, comm, stall):
         """Collective. None when every rank submitted the same operation, else the message.
-        Operations that need an exchange of sizes anyway (allgather) override this."""
+        `stall`: a StallCheck, told while this rank waits for the others to arrive."""
         from mpi4py import MPI
 
         d = descriptor(self.kind, self.name, self.fields())
         both = np.concatenate([d, -d])
-        comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
+        stall.wait(comm.Iallreduce(MPI.IN_PLACE, both, op=MPI.MAX), self)
         if np.array_equal(both[:DESCRIPTOR_LEN], d) and np.array_equal(both[DESCRIPTOR_LEN:], -d):
             return None
         return mismatch_message(comm.allgather(self.describe()))
@@ -89,6 +89,54 @@ def _ranks(ranks: list[int]) -> str:
     return shown + (f" (+{len(ranks) - 8} more)" if len(ranks) > 8 else "")
 
 
+class StallCheck:
+    """Waiting for peers to submit the same operation, as Horovod's stall check does:
+    after HOROVOD_STALL_CHECK_TIME_SECONDS (60) a warning names the operation this rank
+    waits in (ranks that print nothing are the ones missing); after
+    HOROVOD_STALL_SHUTDOWN_TIME_SECONDS (0: never) every rank of the job is ended.
+    HOROVOD_STALL_CHECK_DISABLE=1 turns the warning off.
+
+    Waits spin briefly (latency of a call whose peers are already there), then sleep,
+    backing off to 10 ms, so a rank waiting for a slow peer leaves the core to it."""
+
+    SPIN_SECONDS = 0.002
+
+    def __init__(self, rank: int, environ=None):
+        import os
+
+        env = os.environ if environ is None else environ
+        self.rank = rank
+        self.warn_after = (None if env.get("HOROVOD_STALL_CHECK_DISABLE", "0") not in ("", "0")
+                           else float(env.get("HOROVOD_STALL_CHECK_TIME_SECONDS", 60)))
+        self.shutdown_after = float(env.get("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", 0)) or None
+
+    def wait(self, request, op) -> None:
+        import sys
+
+        t0 = time.perf_counter()
+        while not request.Test():
+            if time.perf_counter() - t0 > self.SPIN_SECONDS:
+                break
+        else:
+            return
+        pause, warned = 1e-4, False
+        while not request.Test():
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+            waited = time.perf_counter() - t0
+            if self.warn_after is not None and not warned and waited > self.warn_after:
+                warned = True
+                print(f"hpcaccel.torch: rank {self.rank} has waited {waited:.0f} s in "
+                      f"{op.describe()} for ranks that have not submitted it (they are stalled "
+                      f"or skipped it)", file=sys.stderr, flush=True)
+            if self.shutdown_after is not None and waited > self.shutdown_after:
+                print(f"hpcaccel.torch: rank {self.rank}: stalled {waited:.0f} s in "
+                      f"{op.describe()}; ending every rank (HOROVOD_STALL_SHUTDOWN_TIME_SECONDS)",
+                      file=sys.stderr, flush=True)
+                from mpi4py import MPI
+                MPI.COMM_WORLD.Abort(1)
+
+
 class _Job:
     __slots__ = ("op", "done", "result", "error")
 
@@ -103,6 +151,7 @@ class Engine:
         self.timeline = None
         self._jobs: dict[int, _Job] = {}
         self._ids = itertools.count(1)
+        self._stall = StallCheck(comm.Get_rank())
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="hpcaccel-collectives",
                                         daemon=True)
@@ -163,7 +212,7 @@ class Engine:
             TRACKER.enter(op.kind, 0, "collectives")
             t0 = time.perf_counter()
             try:
-                problem = op.agree(self.comm)
+                problem = op.agree(self.comm, self._stall)
                 if problem is not None:
                     job.error = problem
                 else:

@@ -88,20 +88,15 @@ class AllgatherOp(Operation):
     def fields(self):
         return [_meta(t, skip_first=True) for t in self.inputs]
 
-    def agree(self, comm):
-        """One gather does both: the check (everything but the first dimensions must match)
-        and the first dimensions every rank needs to place the rows."""
-        from .engine import descriptor, mismatch_message
-
-        mine = (descriptor(self.kind, self.name, self.fields()).tobytes(),
-                [t.shape[0] if t.dim() else -1 for t in self.inputs], self.describe())
-        every = comm.allgather(mine)
-        self.rows = [rows for _, rows, _ in every]
-        if len({d for d, _, _ in every}) > 1:
-            return mismatch_message([text for _, _, text in every])
-        if any(r == -1 for rows in self.rows for r in rows):
-            return f"allgather {self.name!r}: tensors need at least one dimension"
-        return None
+    def agree(self, comm, stall):
+        """As every operation (everything but the first dimensions must match), then the
+        first dimensions every rank needs to place the rows."""
+        problem = super().agree(comm, stall)
+        if problem is None:
+            self.rows = comm.allgather([t.shape[0] if t.dim() else -1 for t in self.inputs])
+            if any(r == -1 for rows in self.rows for r in rows):
+                return f"allgather {self.name!r}: tensors need at least one dimension"
+        return problem
 
     def run(self, comm):
         results = []

@@ -76,3 +76,36 @@ def test_a_failing_rank_ends_every_rank(tmp_path):
     r = mpirun_python(2, "-m", "hpcaccel.horovod", str(script), timeout=120)
     assert r.returncode != 0
     assert "boom on rank 1" in r.stderr and "ending every rank of the job" in r.stderr
+
+
+STALL = textwrap.dedent("""
+    import time
+    import torch
+    import horovod.torch as hvd
+    hvd.init()
+    if hvd.rank() == 1:
+        time.sleep(DELAY)
+    if hvd.rank() == 0 or DELAY < 100:
+        hvd.allreduce(torch.ones(1), name="late")
+    print("rank", hvd.rank(), "finished", flush=True)
+""")
+
+
+def test_stall_warning_names_the_waiting_operation(tmp_path):
+    script = tmp_path / "stall.py"
+    script.write_text(STALL.replace("DELAY", "3"))
+    r = mpirun_python(2, "-m", "hpcaccel.horovod", str(script), timeout=120,
+                      env={"HOROVOD_STALL_CHECK_TIME_SECONDS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "rank 0 has waited" in r.stderr and "allreduce 'late'" in r.stderr
+    assert r.stdout.count("finished") == 2
+
+
+def test_stall_shutdown_ends_the_job(tmp_path):
+    """Rank 1 never submits: with HOROVOD_STALL_SHUTDOWN_TIME_SECONDS the job ends, not hangs."""
+    script = tmp_path / "stall.py"
+    script.write_text(STALL.replace("DELAY", "600"))
+    r = mpirun_python(2, "-m", "hpcaccel.horovod", str(script), timeout=120,
+                      env={"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "2"})
+    assert r.returncode != 0
+    assert "ending every rank (HOROVOD_STALL_SHUTDOWN_TIME_SECONDS)" in r.stderr
