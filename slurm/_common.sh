@@ -1,13 +1,13 @@
 #@param job_name       name   hpcaccel   job name (--job-name)
 #@param nodes          posint 1          nodes (--nodes)
 #@param time           time   01:00:00   wall-clock limit (--time): HH:MM:SS, D-HH:MM:SS or minutes
-#@param partition      name   ''         partition (--partition); empty: the site's default
+#@param partition      word   ''         partition (--partition), or several: gpu,gpu-long; empty: the site's default
 #@param account        name   ''         account to charge (--account)
 #@param qos            name   ''         quality of service (--qos)
 #@param mem            word   ''         memory per node (--mem), e.g. 64G; 0: all of it
-#@param constraint     word   ''         node features (--constraint)
-#@param output         word   %x-%j.out  job log (--output); %x job name, %j job id
-#@param chdir          word   ''         working directory (--chdir); default: where sbatch ran
+#@param constraint     word   ''         node features (--constraint), Slurm's syntax: skylake&ib, [rack1|rack2]
+#@param output         path   %x-%j.out  job log (--output); %x job name, %j job id
+#@param chdir          path   ''         working directory (--chdir); default: where sbatch ran
 #@param signal_seconds posint 300        Slurm sends USR1 this many seconds before the time limit: the ranks checkpoint and the job requeues itself
 #@param max_restarts   count  20         requeue at most this many times (a guard against a job that never finishes)
 #@param modules        words  ''         environment modules to load, space separated

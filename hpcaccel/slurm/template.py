@@ -11,10 +11,11 @@ A template (slurm/*.sbatch) is a bash script with a few `#@` lines the renderer 
                                      renders empty (optional partition, account, ...)
 
 and `{{NAME}}` placeholders. In the body every value is inserted shell-quoted
-(shlex.quote), so no value can inject shell code; values in directives are checked
-against a strict character set instead (sbatch parses those lines itself, and a newline
-there would start a shell line). The rendered script is: the shebang, the directives
-sorted, then the body.
+(shlex.quote), so no value can inject shell code. An #SBATCH line is a comment to bash, so
+only a line break could make part of a value run; sbatch parses those lines itself, so
+values there are quoted for sbatch's parser instead (sbatch_quote) and control characters
+are refused. Slurm's own syntax (`gpu,gpu-long`, `skylake&ib`, `[rack1|rack2]`) goes in as
+written. The rendered script is: the shebang, the directives sorted, then the body.
 
 Computed placeholders (not settable): template, requeue_exit_code, site_setup (module
 loads, environment activation, exports: generated, each value quoted), train_args (the
@@ -31,8 +32,13 @@ from ..errors import REQUEUE_EXIT_CODE, UsageError
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# What may appear in an #SBATCH line: no whitespace, quotes, `$`, `;` or newlines.
-DIRECTIVE_SAFE = re.compile(r"[A-Za-z0-9_.,:/%@+=\-\[\]]*")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a newline here would end an #SBATCH comment line
+# What sbatch's reader of #SBATCH lines treats specially (Slurm's src/sbatch/opt.c,
+# _get_argument): whitespace ends an argument, ' and " quote, \ escapes the next character
+# and an unquoted # starts a comment. Everything else ($, ;, &, |, [ ]) is taken literally.
+SBATCH_SPECIAL = re.compile(r"[\s'\"\\#]")
+# sbatch reads either word anywhere in an #SBATCH line as a heterogeneous-job separator
+SBATCH_SEPARATOR = re.compile(r"hetjob|packjob", re.IGNORECASE)
 COMPUTED = ("template", "requeue_exit_code", "site_setup", "train_args", "array", "sweep_json")
 
 
@@ -66,7 +72,8 @@ TYPES = {
     "count": lambda v: None if re.fullmatch(r"[0-9]{1,9}", v) else "must be a non-negative integer",
     "time": lambda v: None if _time_seconds(v) else "must be a time limit like HH:MM:SS, D-HH:MM:SS or MINUTES",
     "name": lambda v: None if re.fullmatch(r"[A-Za-z0-9_.\-]+", v) else "may contain only letters, digits and _ . -",
-    "word": lambda v: None if v and DIRECTIVE_SAFE.fullmatch(v) else "must be one word of letters, digits and _ . , : / % @ + = -",
+    "word": lambda v: None if v and not re.search(r"[\s\x00-\x1f\x7f]", v) else
+    "must be one word (no spaces or control characters)",
     "words": lambda v: None if all(re.fullmatch(r"[A-Za-z0-9_.,:/%@+=\-]+", w) for w in v.split()) else
     "must be words of letters, digits and _ . , : / % @ + = - separated by spaces",
     "path": lambda v: None if v and "\n" not in v and "\0" not in v else "must be a non-empty path on one line",
@@ -229,8 +236,9 @@ def render(tpl: Template, settings: dict | None = None, train_args=(), env: dict
     raw = {"site_setup", "train_args"}  # built above from quoted pieces
 
     directives = []
+    flag_of = {pname: flag for pname, (_, flag) in (settings or {}).items()}
     for d in list(tpl.directives) + [_extra(e) for e in extra_directives]:
-        line, empty = _fill_directive(d, values, computed)
+        line, empty = _fill_directive(d, values, computed, flag_of)
         if not empty:
             directives.append(line)
     flags = [d.split("=", 1)[0] for d in directives]
@@ -251,18 +259,33 @@ def render(tpl: Template, settings: dict | None = None, train_args=(), env: dict
     return "\n".join([shebang, *sbatch, "", *body]).rstrip("\n") + "\n"
 
 
+def sbatch_quote(value: str, flag: str) -> str:
+    """`value` written so that sbatch reads it back from an #SBATCH line unchanged: as it is
+    where nothing in it is special to sbatch's parser, else in double quotes with \\, ", '
+    and # escaped by a backslash (read the same by Slurm's parsers before and after 17.11).
+    Refused: control characters (a newline would start a shell line) and sbatch's
+    hetjob/packjob separator words. `flag` names the user's flag in the error."""
+    if CONTROL.search(value):
+        raise UsageError(f"{flag}: {value!r} must be one line without control characters "
+                         f"(it goes into an #SBATCH line)")
+    if SBATCH_SEPARATOR.search(value):
+        raise UsageError(f"{flag}: {value!r} contains {SBATCH_SEPARATOR.search(value).group(0)!r}, "
+                         f"which sbatch reads as a job separator in an #SBATCH line")
+    if not SBATCH_SPECIAL.search(value):
+        return value
+    return '"' + re.sub(r"""([\\"'#])""", r"\\\1", value) + '"'
+
+
 def _extra(directive: str) -> str:
-    """--sbatch values: `--flag=value`, `flag=value` or `--flag`; checked like any directive."""
+    """--sbatch values: `--flag=value`, `flag=value` or `--flag`; the value quoted for sbatch."""
     text = directive if directive.startswith("--") else "--" + directive
-    flag = text.split("=", 1)[0]
+    flag, sep, value = text.partition("=")
     if not re.fullmatch(r"--[a-z][a-z0-9-]*", flag):
         raise UsageError(f"--sbatch {directive}: not an sbatch option name")
-    if not DIRECTIVE_SAFE.fullmatch(text):
-        raise UsageError(f"--sbatch {directive}: may contain only letters, digits and _ . , : / % @ + = - [ ]")
-    return text
+    return flag + sep + sbatch_quote(value, f"--sbatch {flag}") if sep else flag
 
 
-def _fill_directive(directive: str, values: dict, computed: dict) -> tuple[str, bool]:
+def _fill_directive(directive: str, values: dict, computed: dict, flag_of: dict) -> tuple[str, bool]:
     empty = False
 
     def fill(match):
@@ -271,9 +294,6 @@ def _fill_directive(directive: str, values: dict, computed: dict) -> tuple[str, 
         value = computed.get(pname, values.get(pname, ""))
         if value == "":
             empty = True
-        if not DIRECTIVE_SAFE.fullmatch(value):
-            raise UsageError(f"--set {pname}={value!r}: may not contain spaces, quotes or shell "
-                             f"characters (it goes into an #SBATCH line)")
-        return value
+        return sbatch_quote(value, flag_of.get(pname, f"--set {pname}"))
 
     return PLACEHOLDER.sub(fill, directive), empty

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -193,3 +194,26 @@ def test_scancel_checkpoints_but_does_not_requeue(slurm, site, tmp_path):
     assert "checkpointed after SIGTERM" in text and "requeueing" not in text, text
     assert list((run_dir / "checkpoints").glob("step-*.pt")), text
     assert not (run_dir / "summary.json").exists()
+
+
+def test_sbatch_reads_every_directive_value_as_given(cluster, tmp_path):
+    """Slurm's own syntax and values with spaces, quotes, # and backslashes, as sbatch itself
+    reads them from the rendered #SBATCH lines: `sbatch -v --test-only` lists the options it
+    took before it would contact a controller, and a throwaway slurm.conf names one that does
+    not run, so nothing is submitted (the cluster fixture only guarantees Slurm is installed)."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=parse\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=1\n"
+                    "AuthType=auth/none\nNodeName=n1 CPUs=1 State=UNKNOWN\n"
+                    "PartitionName=p Nodes=ALL Default=YES\n")
+    comment = "it's \"quoted\" #1 \\ $(not run) [a|b]&c"
+    script = cluster.render("cpu", "--partition", "gpu,gpu-long", "--set", "constraint=[rack1|rack2]&ib",
+                            "--set", "cores_per_socket=8", "--set", "output=my logs/%x #%j.out",
+                            "--sbatch", f"comment={comment}")
+    (tmp_path / "job.sbatch").write_text(script)
+    r = subprocess.run(["sbatch", "-v", "--test-only", "job.sbatch"], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path, env={**cluster.env, "SLURM_CONF": str(conf)})
+    options = dict(re.findall(r"^sbatch: (\S+) +: (.*)$", r.stderr, re.M))
+    assert options.get("comment") == comment, r.stderr
+    assert (options["partition"], options["constraint"]) == ("gpu,gpu-long", "[rack1|rack2]&ib")
+    assert options["output"] == f"{tmp_path}/my logs/%x #%j.out"
+    assert options["cpus-per-task"] == "8" and options["signal"] == "B:USR1@300"

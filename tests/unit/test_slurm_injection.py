@@ -116,6 +116,78 @@ def test_sweep_values_reach_the_task_verbatim(tmp_path, stubs):
     assert json.loads((sweep_dir / "sweep.json").read_text())[1] == {"data": "ok"}
 
 
+def sbatch_reads(script: str, modern: bool = True) -> list:
+    """The arguments sbatch takes from a script's #SBATCH lines, read as Slurm's
+    src/sbatch/opt.c (_get_argument) reads them: whitespace ends an argument, a backslash
+    escapes the next character, an unquoted # ends the line. Since Slurm 17.11 (`modern`) ' and
+    " both quote; before, only " toggled quoting and a # ended the line even inside quotes.
+    Reading stops at the first line that is neither blank nor a comment, as sbatch's does."""
+    args = []
+    for line in script.splitlines()[1:]:
+        if line.strip() and not line.startswith("#"):
+            break
+        if not line.startswith("#SBATCH"):
+            continue
+        i, rest = 0, line[len("#SBATCH"):]
+        while True:
+            while i < len(rest) and rest[i].isspace():
+                i += 1
+            arg, quote, escaped = "", None, False
+            while i < len(rest) and (quote or not rest[i].isspace()):
+                c = rest[i]
+                i += 1
+                if escaped:
+                    escaped = False
+                elif c == "\\":
+                    escaped = True
+                    continue
+                elif c == "#" and (quote is None or not modern):
+                    i = len(rest)  # a comment: the line ends here
+                    break
+                elif quote and c == quote:
+                    quote = None
+                    continue
+                elif not quote and (c == '"' or (modern and c == "'")):
+                    quote = c
+                    continue
+                arg += c
+            assert quote is None, f"unmatched quote in {line!r}"
+            if not arg:
+                break
+            args.append(arg)
+    return args
+
+
+def test_the_sbatch_reader_model_matches_known_slurm_behaviour():
+    script = "#!/bin/bash\n#SBATCH --a=\"x y\" --b=c#d\n#SBATCH --e='f g' # note\necho\n#SBATCH --late\n"
+    assert sbatch_reads(script) == ["--a=x y", "--b=c", "--e=f g"]
+    assert sbatch_reads(script, modern=False) == ["--a=x y", "--b=c", "--e='f", "g'"]
+
+
+DIRECTIVE_NASTY = [v for v in NASTY if "\n" not in v] + [
+    "it's \"both\" #1", "a\\b\\", "#start", "'", '"', "gpu,gpu-long", "skylake&ib", "[r1|r2]*2",
+    "$(touch PWNED) #", "  padded  "]
+
+
+@pytest.mark.parametrize("value", DIRECTIVE_NASTY)
+def test_directive_values_reach_sbatch_verbatim_and_run_nothing(value, tmp_path, stubs):
+    """Values with spaces (paths, --sbatch comments) and one-word values (constraints) are
+    read back by sbatch's parser, old or new, exactly as given; bash sees only comments."""
+    word = value.replace(" ", "") or "x"
+    script = render(["cpu", "--set", "cores_per_socket=4", "--set", f"chdir={value}",
+                     "--set", f"output={value}", "--set", f"constraint={word}",
+                     "--sbatch", f"comment={value}"])
+    for modern in (True, False):
+        read = sbatch_reads(script, modern)
+        for flag, expected in (("--chdir", value), ("--output", value), ("--constraint", word),
+                               ("--comment", value)):
+            assert f"{flag}={expected}" in read, (modern, flag, read)
+        assert len(read) == len([l for l in script.splitlines() if l.startswith("#SBATCH")])
+    rc, out = run(script, tmp_path, stubs)
+    assert rc == 0, out
+    assert not list(tmp_path.rglob("PWNED")), out
+
+
 CPU = ["cpu", "--set", "cores_per_socket=4", "--set", "max_restarts=2"]
 
 

@@ -28,6 +28,10 @@ CASES = {
     "gpu": ["render", "gpu", "--nodes", "2", "--set", "gpus_per_node=4", "--set", "cpus_per_gpu=8",
             "--set", "conda_env=torch", "--set", "setup_script=/etc/site/gpu-env.sh",
             "--", "--data", "/scratch/ds/index.json"],
+    "cpu-slurm-syntax": [
+        "render", "cpu", "--partition", "gpu,gpu-long", "--set", "constraint=[rack1|rack2]&ib",
+        "--set", "cores_per_socket=8", "--set", "output=logs/my run %j.out",
+        "--sbatch", "comment=it's \"quoted\" #1 \\ $(not run)"],
     "sweep": ["render", "sweep", "--sweep", SWEEP, "--set", "max_parallel=2", "--set", "cpus_per_rank=8",
               "--time", "00:30:00", "--", "--data", "digits", "--epochs", "5"],
 }
@@ -91,7 +95,9 @@ def test_requeue_exit_code_is_the_trainers():
     (["render", "cpu", "--set", "cores_per_socket=4", "--time", "00:04:00", "--set", "signal_seconds=300"],
      "--set signal_seconds: signal_seconds (300) must be less than"),
     (["render", "cpu", "--set", "cores_per_socket=4", "--job-name", "a b"], "--job-name: job_name may contain only"),
-    (["render", "cpu", "--set", "cores_per_socket=4", "--partition", "x;y"], "--partition: partition may contain only"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--partition", "a b"], "--partition: partition must be one word"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--job-name", "myhetjob"],
+     "--job-name: 'myhetjob' contains 'hetjob', which sbatch reads as a job separator"),
     (["render", "cpu", "--set", "cores_per_socket=4", "--set", "launcher=ssh"], "--set launcher: launcher must be one of srun, mpirun"),
     (["render", "cpu", "--set", "cores_per_socket=4", "--set", "colour=blue"], "--set colour: template cpu has no parameter 'colour'"),
     (["render", "cpu", "--set", "cores_per_socket=4", "--set", "array=0-3"], "--set array: array is computed"),
@@ -108,9 +114,11 @@ def test_requeue_exit_code_is_the_trainers():
     (["render", "cpu", "--set", "cores_per_socket=4", "--", "--no-such-flag"], "train flags (after --): unrecognized arguments"),
     (["render", "cpu", "--set", "cores_per_socket=4", "--env", "1X=2"], "--env 1X=...: not a valid environment variable name"),
     (["render", "cpu", "--set", "cores_per_socket=4", "--sbatch", "requeue"], "--sbatch --requeue: already set by template cpu"),
-    (["render", "cpu", "--set", "cores_per_socket=4", "--sbatch", "comment=a b"], "--sbatch comment=a b: may contain only"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--sbatch", "comment=a\nb"],
+     "--sbatch --comment: 'a\\nb' must be one line without control characters"),
     (["render", "cpu", "--set", "cores_per_socket=4", "--sbatch", "x;rm=1"], "not an sbatch option name"),
-    (["render", "cpu", "--set", "cores_per_socket=4", "--set", "output=a b.out"], "--set output: output must be one word"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--set", "constraint=a b"], "--set constraint: constraint must be one word"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--set", "output=a\rb"], "--set output: 'a\\rb' must be one line"),
     (["render", "cpu", "--set", "cores_per_socket=4", "--sweep", SWEEP], "--sweep: template cpu does not run sweeps"),
     (["render", "sweep"], "--sweep FILE is required by template sweep"),
     (["render", "sweep", "--sweep", SWEEP, "--", "--lr", "0.3"], "--lr (after --): the sweep file sets lr per task"),
@@ -135,12 +143,26 @@ def test_a_config_file_after_dashes_cannot_set_what_the_template_owns(tmp_path, 
     assert err.startswith(f"hpcaccel.slurm: error: --{key} (after --, in --config {config}): "), err
 
 
-@pytest.mark.parametrize("value", ["x\n#SBATCH --uid=0", "$(id)", "a`id`", "a'b", 'a"b', "a b", "a;b", "a\tb"])
-def test_directive_values_cannot_smuggle_lines_or_shell(value, capsys):
+@pytest.mark.parametrize("value", ["x\n#SBATCH --uid=0", "x\r#SBATCH --uid=0", "a\tb", "a\0b"])
+def test_directive_values_cannot_smuggle_lines(value, capsys):
     for flag in (["--job-name", value], ["--partition", value], ["--set", f"output={value}"],
-                 ["--set", f"chdir={value}"], ["--sbatch", f"comment={value}"]):
+                 ["--set", f"chdir={value}"], ["--set", f"constraint={value}"],
+                 ["--sbatch", f"comment={value}"]):
         rc, out, err = render(capsys, ["render", "cpu", "--set", "cores_per_socket=4", *flag])
-        assert rc == 2 and out == "", (flag, err)
+        assert rc == 2 and out == "" and len(err.splitlines()) == 1, (flag, err)
+
+
+def test_slurm_syntax_goes_into_directives_as_written(capsys):
+    """Partition lists and constraint expressions are Slurm's own syntax; nothing in them is
+    special to sbatch's reader of #SBATCH lines, so they are written unquoted."""
+    for argv, line in [(["--partition", "gpu,gpu-long"], "#SBATCH --partition=gpu,gpu-long"),
+                       (["--set", "constraint=skylake&ib"], "#SBATCH --constraint=skylake&ib"),
+                       (["--set", "constraint=[rack1|rack2]"], "#SBATCH --constraint=[rack1|rack2]"),
+                       (["--sbatch", "constraint=skylake&ib"], "#SBATCH --constraint=skylake&ib"),
+                       (["--sbatch", "nodelist=n[01-04]"], "#SBATCH --nodelist=n[01-04]"),
+                       (["--set", "output=logs/my run %j.out"], '#SBATCH --output="logs/my run %j.out"')]:
+        rc, out, err = render(capsys, ["render", "cpu", "--set", "cores_per_socket=4", *argv])
+        assert rc == 0 and line in out.splitlines(), (argv, err)
 
 
 @pytest.mark.parametrize("text,problem", [
