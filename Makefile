@@ -43,11 +43,15 @@ test-slurm:
 test-bench-smoke:
 	HPCACCEL_BENCH_SMOKE=1 HPCACCEL_BENCH_OUT=build/bench-smoke $(TIMEOUT) 600 \
 	  bash scripts/mpirun.sh 2 bash scripts/pytest_rank.sh benchmarks
+	HPCACCEL_BENCH_SMOKE=1 HPCACCEL_BENCH_OUT=build/bench-smoke $(TIMEOUT) 600 \
+	  $(PY) benchmarks/torch_api/run.py
 
 # Scaling benchmarks at 1, 2 and 4 ranks (1 thread per rank), then tables and plots.
 # Records numbers, asserts nothing; results in benchmarks/results, see docs/benchmarks.md.
 # Each benchmark runs in processes of its own: once Horovod starts, its background thread
 # keeps running until the process exits and would slow whatever is measured after it.
+# benchmarks/torch_api/run.py (a Horovod script on hpcaccel.torch, on Horovod, and as DDP)
+# starts one MPI job per variant and repeat itself, always at 2 ranks.
 BENCH_NP ?= 1 2 4
 BENCH_RUNS := benchmarks/test_allreduce.py "benchmarks/test_throughput.py -k mlp25m" \
               "benchmarks/test_throughput.py -k cnn" benchmarks/test_bucket_size.py
@@ -56,6 +60,8 @@ bench: setup-test
 	  echo "== $$run at $$np ranks"; \
 	  bash scripts/mpirun.sh $$np bash scripts/pytest_rank.sh $$run -s || exit 1; \
 	done; done
+	@echo "== your own script at 2 ranks: hpcaccel.torch, Horovod, DDP (benchmarks/torch_api)"
+	$(PY) benchmarks/torch_api/run.py
 	$(PY) -m hpcaccel.bench report --results benchmarks/results --plots docs/img
 
 clean:
@@ -89,7 +95,8 @@ test-hosts:
 
 # Benchmarks across 2 emulated hosts (scripts/hosts.sh, root only), links shaped to
 # BENCH_HOSTS_RATE: allreduce sizes and training throughput at 2 x 1 and 2 x 2 ranks, side by
-# side with torch DDP (gloo) and Horovod (flat and hierarchical). A hosts instance of its
+# side with torch DDP (gloo) and Horovod (flat and hierarchical); a Horovod script on
+# hpcaccel.torch, on Horovod and as DDP at 2 x 1 (benchmarks/torch_api). A hosts instance of its
 # own (HPCACCEL_HOSTS_INSTANCE=1), always taken down. Records numbers, asserts nothing;
 # results in benchmarks/results/hosts-*.json, see docs/benchmarks.md "Across hosts".
 BENCH_HOSTS_RATE ?= 1gbit
@@ -110,5 +117,7 @@ bench-hosts: setup-test
 	echo "== training at 2 hosts x 1"; \
 	bash scripts/hosts.sh run 1 --timeout 2400 bash scripts/pytest_rank.sh benchmarks/hosts/test_train_hosts.py -s || exit 1; \
 	echo "== bucket sizes at 2 hosts x 1"; \
-	bash scripts/hosts.sh run 1 --timeout 1200 bash scripts/pytest_rank.sh benchmarks/test_bucket_size.py -s
+	bash scripts/hosts.sh run 1 --timeout 1200 bash scripts/pytest_rank.sh benchmarks/test_bucket_size.py -s || exit 1; \
+	echo "== your own script at 2 hosts x 1: hpcaccel.torch, Horovod, DDP"; \
+	$(PY) benchmarks/torch_api/run.py --hosts
 	$(PY) -m hpcaccel.bench report --results benchmarks/results --plots docs/img | grep '^plot:'

@@ -146,8 +146,9 @@ class TrainConfig:
     checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: only at the end of each "
                                  "epoch and when stopped by SIGUSR1/SIGTERM)")
     keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep")
-    progress: str = _opt("auto", "progress bar on rank 0: auto (only where stderr is a "
-                         "terminal; in Slurm logs and pipes plain per-epoch lines), true, false",
+    progress: str = _opt("auto", "progress bar on rank 0: auto (only where the user's "
+                         "terminal shows rank 0's stderr, directly or through mpirun; in Slurm "
+                         "logs and pipes plain per-epoch lines), true, false",
                          choices=PROGRESS)
     timeline: Optional[str] = _opt(None, "write a Chrome-trace JSON of every rank's data wait, "
                                    "forward/backward, allreduce and optimizer spans to this "

@@ -152,6 +152,9 @@ def run(argv=None) -> int:
     for key in sorted(k for k in results if k.startswith("throughput-")):
         for scaling in ("weak", "strong"):
             print(f"\n### {key[11:]}: {scaling} scaling\n\n" + report.throughput_table(results[key], scaling))
+    tables = report.torch_api_tables(results)
+    if tables:
+        print("\n### your own script: hpcaccel.torch, Horovod, torch DDP (benchmarks/torch_api)\n\n" + tables)
     fitted = report.fitted_model(results.get("allreduce", {}))
     if fitted:
         print(f"\nfitted ring model: alpha {fitted['alpha'] * 1e6:.2f} us, beta {fitted['beta'] * 1e9:.3f} ns/B, "

@@ -195,3 +195,46 @@ def hosts_plots(results: dict, out_dir: str) -> list[str]:
         _save(fig, ax, os.path.join(out_dir, f"hosts-allreduce-{layout}.png"), written)
     return written
 
+
+
+def _spread(s: dict, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+    """mean (min-max) of a benchmarks/torch_api summary, times `scale`."""
+    text = fmt.format(s["mean"] * scale)
+    if len(s.get("values", [])) > 1:
+        text += f" ({fmt.format(s['min'] * scale)}-{fmt.format(s['max'] * scale)})"
+    return text
+
+
+def torch_api_tables(results: dict) -> str:
+    """Markdown tables of benchmarks/torch_api/run.py: samples/s of the one Horovod script
+    under hpcaccel.torch, real Horovod and torch DDP, with the paired ratios; and the cost
+    of one hvd.allreduce call, with and without hpcaccel.torch's agreement check."""
+    out = []
+    train = {k: per for k, per in results.items() if k.startswith("torch-api-train-")}
+    if train:
+        variants = ("hpcaccel.torch", "Horovod", "torch DDP gloo")
+        out += ["| layout | model | " + " | ".join(variants) + " | hpcaccel.torch / Horovod | "
+                "hpcaccel.torch / DDP | same parameters |",
+                "| --- | --- |" + " --- |" * (len(variants) + 3)]
+        for key in sorted(train, key=lambda k: (k.rsplit("-", 1)[1], k)):
+            for data in train[key].values():
+                r, q = data["results"], data["ratios"]
+                cells = [_spread(r[v]["samples_per_second"]) if v in r else "-" for v in variants]
+                ratios = [_spread(q[k], fmt="{:.2f}") if q.get(k) else "-"
+                          for k in ("hpcaccel.torch / Horovod", "hpcaccel.torch / torch DDP gloo")]
+                out.append(f"| {data['layout']} | {data['model']} | " + " | ".join(cells + ratios) +
+                           f" | {'yes' if data['same_final_parameters'] else 'no'} |")
+    calls = {k: per for k, per in results.items() if k.startswith("torch-api-allreduce-")}
+    if calls:
+        impls = ("mpi4py Allreduce", "hpcaccel.torch", "hpcaccel.torch, check skipped", "Horovod")
+        out += ["", "| layout | size | " + " | ".join(impls) + " | the check (us per call) |",
+                "| --- | --- |" + " --- |" * (len(impls) + 1)]
+        for key in sorted(calls):
+            for data in calls[key].values():
+                r, check = data["results"], data.get("check_seconds_per_call", {})
+                for n in sorted({int(n) for v in r.values() for n in v}):
+                    cells = [_spread(r[i][str(n)], 1e6) + " us" if str(n) in r.get(i, {}) else "-"
+                             for i in impls]
+                    c = _spread(check[str(n)], 1e6) if str(n) in check else "-"
+                    out.append(f"| {data['layout']} | {_fmt_bytes(n)} | " + " | ".join(cells) + f" | {c} |")
+    return "\n".join(out)

@@ -51,3 +51,24 @@ def test_across_hosts_results_merge_per_layout_and_plot(tmp_path):
     written = report.hosts_plots(report.load(str(tmp_path)), str(tmp_path / "img"))
     assert [p.rsplit("/", 1)[1] for p in written] == ["hosts-allreduce-2x2.png"]
     assert (tmp_path / "img" / "hosts-allreduce-2x2.png").stat().st_size > 1000
+
+
+def test_torch_api_tables_show_each_variant_with_spread_and_the_paired_ratios():
+    def s(values):
+        return {"mean": sum(values) / len(values), "min": min(values), "max": max(values),
+                "values": values}
+    train = {"benchmark": "torch-api-train-mlp25m-1x2", "ranks": 2, "model": "mlp25m",
+             "layout": "1x2", "same_final_parameters": True,
+             "results": {"hpcaccel.torch": {"samples_per_second": s([130.0, 150.0])},
+                         "Horovod": {"samples_per_second": s([100.0, 100.0])}},
+             "ratios": {"hpcaccel.torch / Horovod": s([1.3, 1.5])}}
+    calls = {"benchmark": "torch-api-allreduce-1x2", "ranks": 2, "layout": "1x2",
+             "results": {"mpi4py Allreduce": {"4": s([2e-6])},
+                         "hpcaccel.torch": {"4": s([50e-6, 70e-6])}},
+             "check_seconds_per_call": {"4": s([10e-6, 20e-6])}}
+    lines = report.torch_api_tables({"torch-api-train-mlp25m-1x2": {2: train},
+                                     "torch-api-allreduce-1x2": {2: calls}}).splitlines()
+    assert lines[2] == ("| 1x2 | mlp25m | 140.0 (130.0-150.0) | 100.0 (100.0-100.0) | - | "
+                        "1.40 (1.30-1.50) | - | yes |")
+    assert lines[6] == "| 1x2 | 4 B | 2.0 us | 60.0 (50.0-70.0) us | - | - | 15.0 (10.0-20.0) |"
+    assert report.torch_api_tables({}) == ""
