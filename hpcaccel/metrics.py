@@ -13,6 +13,7 @@ import sys
 import torch
 
 from .fsutil import atomic_write
+from .terminal import terminal_behind
 
 
 class RunLog:
@@ -75,15 +76,13 @@ class NullProgress:
         pass
 
 
-def bar_wanted(choice: str, stream=None) -> bool:
+def bar_wanted(choice: str, stream=None, env=None) -> bool:
     """Local. Whether --progress `choice` (auto, true, false) shows the bar on `stream`
-    (default stderr): auto only on a terminal, so Slurm logs and pipes get no '\\r' fragments."""
+    (default stderr): auto only where the user's terminal is behind it, directly or through
+    mpirun (terminal.py), so Slurm logs and pipes get no '\\r' fragments."""
     if choice in ("auto", None):
-        stream = sys.stderr if stream is None else stream
-        try:
-            return bool(stream.isatty())
-        except (AttributeError, ValueError):  # closed or not a file
-            return False
+        return terminal_behind(sys.stderr if stream is None else stream,
+                               os.environ if env is None else env)
     return choice in (True, "true")
 
 

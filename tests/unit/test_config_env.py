@@ -106,3 +106,50 @@ def test_progress_auto_shows_the_bar_only_on_a_terminal(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text("progress = false\n")
     assert parse_args(["--config", str(toml)]).progress == "false"
+
+
+@pytest.mark.parametrize("own,hint,launcher,want", [
+    (True, None, None, True),     # typed in a terminal, or srun --pty
+    (True, "0", False, True),     # its own terminal wins over a hint handed down
+    (False, "1", None, True),     # scripts/mpirun.sh (make train) in a terminal
+    (False, "0", True, False),    # scripts/mpirun.sh into a pipe or a Slurm log
+    (False, None, True, True),    # Open MPI's mpirun in a terminal, on rank 0's host
+    (False, None, False, False),  # mpirun into a pipe or file
+    (False, None, None, False),   # srun, sbatch, another host: nothing says terminal
+    (False, "yes", None, False),  # a hint that is not 0 or 1 says nothing
+])
+def test_progress_auto_decides_from_what_the_launcher_says(own, hint, launcher, want):
+    from hpcaccel.terminal import decide
+    assert decide(own, hint, launcher) is want
+
+
+def test_mpirun_stderr_is_read_from_the_launching_process():
+    """A stand-in launcher (bash) names its process id as Open MPI's session directory does;
+    the process it starts reads the launcher's stderr: a terminal, a pipe, or (a process that
+    did not start it) unknown."""
+    import os
+    import subprocess
+    import sys
+
+    from hpcaccel.terminal import mpirun_stderr_is_tty
+
+    child = "import os; from hpcaccel.terminal import mpirun_stderr_is_tty; print(mpirun_stderr_is_tty(os.environ))"
+    launcher = 'OMPI_MCA_orte_jobfam_session_dir=/tmp/ompi.h.0/pid.${PID:-$$} "$PY" -c "$CHILD" 2>/dev/null; true'
+
+    def run(stderr, **env):
+        return subprocess.run(["bash", "-c", launcher], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=stderr, text=True, timeout=60, check=True,
+                              env={**os.environ, "PY": sys.executable, "CHILD": child, **env}).stdout.strip()
+
+    master, slave = os.openpty()
+    try:
+        assert run(slave) == "True"
+        assert run(subprocess.PIPE) == "False"
+        with subprocess.Popen(["sleep", "30"], stderr=slave) as other:  # on a terminal, not ours
+            assert run(slave, PID=str(other.pid)) == "None"
+            other.kill()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert mpirun_stderr_is_tty({}) is None  # not started by Open MPI's mpirun
+    assert mpirun_stderr_is_tty({"OMPI_MCA_orte_jobfam_session_dir": "/tmp/elsewhere"}) is None
