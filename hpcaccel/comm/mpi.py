@@ -1,13 +1,16 @@
 """hpcaccel's own reducer over mpi4py: bucketed, overlapped, zero-copy gradient allreduce.
 
 How a step flows:
-  zero_grad()   every .grad set to None (no memset); the buckets are reused.
+  zero_grad()   every .grad set to None (no memset); the buckets are reused. The
+                optimizer's own zero_grad() (to None, or zeroing in place) does as well.
   backward()    a post-accumulate hook copies each fresh gradient into its bucket slice,
                 makes .grad a view of that slice and marks the parameter ready; when a
                 bucket is complete, its in-place allreduce is started (buckets strictly in
                 index order, see below). Further backward passes in the same step
                 (accumulation) add into the views in place.
-  synchronize() starts any bucket not yet started, waits for all, divides by world size.
+  synchronize() starts any bucket not yet started, waits for all, divides by world size
+                (op "average"; "sum" leaves the sum), and ends the step: the next backward
+                starts a new one, whichever zero_grad() came between.
 
 How a bucket's allreduce runs (`overlap`; the sum itself is the `algorithm`'s, see
 algorithms.py, by default MPI_Allreduce in slices):
@@ -22,7 +25,13 @@ algorithms.py, by default MPI_Allreduce in slices):
   none         every bucket's blocking allreduce runs inside synchronize(), no overlap.
 
 Gradient accumulation: backward passes inside no_sync() only accumulate into the buckets;
-the first backward outside it communicates as above.
+the first backward outside it communicates as above. Or, as Horovod counts it
+(backward_passes_per_step = N): a parameter is ready after its N-th gradient of the step;
+the earlier ones accumulate locally.
+
+A parameter without a gradient from this step's backward passes sends what its .grad holds
+(Horovod's rule): nothing (zeros, flag 0) when .grad is None, as after zero_grad(); its
+current value when the caller kept one (zero_grad(set_to_none=False), no zero_grad at all).
 
 Compression (fp16/bf16): the buckets stay full precision. When its allreduce starts (in the
 communication thread with overlap=thread) a bucket is rounded into a 16-bit wire buffer,
@@ -39,9 +48,11 @@ Cross-rank invariants:
     started in index order on every rank, so nonblocking collectives always match even
     when autograd finishes buckets in a different order on different ranks.
   * Each bucket carries one "used" flag per parameter after the gradients. A parameter
-    that got no gradient on this rank contributes zeros and flag 0; after the sum, a
-    parameter is updated on every rank iff some rank produced a gradient for it, and
+    that has no gradient on this rank (.grad None) contributes zeros and flag 0; after the
+    sum, a parameter is updated on every rank iff some rank had a gradient for it, and
     .grad is None on every rank otherwise. No rank waits for a gradient that never comes.
+  * The scaling after the sum (op, predivide factor) is the same on every rank, and every
+    rank reduces the same buckets per synchronize(), so ranks stay bit-for-bit identical.
 """
 from __future__ import annotations
 
@@ -63,6 +74,13 @@ _FIRST_BUCKET_BYTES = 1 << 20  # small first bucket: communication starts early 
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 WIRE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _wire_sums = {}  # torch dtype -> MPI.Op, created once per process
+REDUCE_OPS = ("average", "sum")
+
+
+class TooManyBackwardPasses(RuntimeError, AssertionError):
+    """A parameter got more gradients in one step than the reducer expects (more backward
+    passes than backward_passes_per_step, outside no_sync()). A RuntimeError, and the
+    AssertionError Horovod's DistributedOptimizer raises in this case."""
 
 
 def wire_sum_op(dtype: torch.dtype):
@@ -111,6 +129,7 @@ class _Bucket:
         self.pending = len(params)
         self.ready = [False] * len(params)
         self.touched = [False] * len(params)  # got a gradient on this rank this step
+        self.passes = [0] * len(params)       # gradients counted toward ready this step
         self.psgd = None          # compression powersgd: the PowerSGD group of this bucket
         self.request = None       # overlap=nonblocking: the MPI request
         self.done = threading.Event()  # overlap=thread: set by the communication thread
@@ -120,7 +139,8 @@ class _Bucket:
         return self.flat[start:start + p.numel()].view_as(p)
 
     def is_view(self, i: int, grad) -> bool:
-        return (grad is not None and grad.data_ptr() == self.flat[self.offsets[i]:].data_ptr()
+        return (grad is not None and not grad.is_sparse
+                and grad.data_ptr() == self.flat[self.offsets[i]:].data_ptr()
                 and grad.shape == self.params[i].shape and grad.is_contiguous())
 
 
@@ -151,14 +171,20 @@ class MPIReducer(Reducer):
 
     def __init__(self, comm=None, bucket_bytes: int | None = None, overlap: str = "thread",
                  compression: str = "none", chunk_bytes: int = CHUNK_BYTES, algorithm=None,
-                 timeline=None, powersgd_rank: int = 4, powersgd_start_step: int = 0):
+                 timeline=None, powersgd_rank: int = 4, powersgd_start_step: int = 0,
+                 op: str = "average", predivide_factor: float = 1.0,
+                 backward_passes_per_step: int = 1):
         """bucket_bytes: the bucket size; None: chosen from the link at attach()
         (bucket_size.py, --bucket-mb auto). compression: none, fp16/bf16 on the wire (gradients rounded to 16 bits), or
         powersgd (rank-`powersgd_rank` factors after `powersgd_start_step` exact steps).
         algorithm: sums one flat buffer in place over `comm`: an object (algorithms.py) or
         a --allreduce name (allreduce_choice.py; None = auto: the library's allreduce in slices of
         chunk_bytes on one host, ring or hierarchical across hosts; collective).
-        timeline: records each bucket's allreduce."""
+        timeline: records each bucket's allreduce. op: "average" (the mean over ranks) or
+        "sum". predivide_factor (average only): gradients are scaled by 1/f before the sum
+        and by f/size after it, as Horovod's gradient_predivide_factor; 1.0 divides the sum
+        by the size. backward_passes_per_step: gradients a parameter gets per step before its
+        allreduce may start (set_backward_passes_per_step)."""
         from mpi4py import MPI
 
         if overlap not in self.OVERLAP:
@@ -168,6 +194,17 @@ class MPIReducer(Reducer):
         if compression == "powersgd" and overlap == "nonblocking":
             raise ValueError("powersgd needs two allreduces with compute between: "
                              "overlap thread or none")
+        if op not in REDUCE_OPS:
+            raise ValueError(f"op must be one of {REDUCE_OPS}, got {op!r}")
+        if float(predivide_factor) != 1.0 and op != "average":
+            raise ValueError("predivide_factor applies to op average only")
+        if not float(predivide_factor) > 0:
+            raise ValueError(f"predivide_factor must be positive, got {predivide_factor}")
+        self.op = op
+        self.predivide_factor = float(predivide_factor)
+        self.backward_passes_per_step = self._passes(backward_passes_per_step)
+        # what the error of a surplus gradient tells the caller to do
+        self.too_many_passes_hint = "wrap all but the last backward in reducer.no_sync()"
         self.wire_dtype = WIRE_DTYPES.get(compression)
         self._wire_op = None if self.wire_dtype is None else wire_sum_op(self.wire_dtype)
         self._MPI = MPI
@@ -196,6 +233,7 @@ class MPIReducer(Reducer):
         self._params: list[torch.nn.Parameter] = []  # attached, in bucket order
         self._where = {}          # parameter -> (bucket, index in bucket)
         self._next_launch = 0     # buckets [0, _next_launch) have been started this step
+        self._any_grad = False    # a gradient arrived since the step began (pending)
         self._sync = True
         self._handles = []
         self._queue = None  # overlap=thread: buckets waiting for the communication thread
@@ -214,9 +252,16 @@ class MPIReducer(Reducer):
                     t.copy_(host)
 
     def attach(self, model, optimizer):
+        """model: a Module, or the parameters themselves (an iterable, in the order a
+        module would register them; repeats are taken once). Collective. Gradients a
+        parameter already has count as gradients of the first step."""
         self.optimizer = optimizer
+        if isinstance(model, torch.nn.Module):
+            registered = list(model.parameters())
+        else:
+            registered = list({id(p): p for p in model}.values())  # first occurrence kept
         # Reverse registration order approximates the order autograd produces gradients.
-        params = [p for p in reversed(list(model.parameters())) if p.requires_grad]
+        params = [p for p in reversed(registered) if p.requires_grad]
         for p in params:
             if p.dtype not in (torch.float32, torch.float64):
                 raise NotImplementedError(f"the mpi reducer handles float32/float64 "
@@ -225,7 +270,6 @@ class MPIReducer(Reducer):
         if self.size == 1:
             # Nothing to average: no buckets, no hooks, no copies. Gradients stay autograd's
             # own tensors and a parameter without one keeps .grad None, as the contract says.
-            self.zero_grad()
             return
         if self.bucket_bytes is None:  # collective: every rank measures, all get one size
             from . import bucket_size
@@ -241,7 +285,7 @@ class MPIReducer(Reducer):
         for b in self.buckets:
             for p in b.params:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
-        self.zero_grad()
+        self._reset_step()
 
     def _plan(self, params):
         """(Re)build the buckets of `params` at self.bucket_bytes. Local; the same on every
@@ -281,33 +325,67 @@ class MPIReducer(Reducer):
             for p in self._params:
                 p.grad = None
             return
+        if any(b.request is not None for b in self.buckets):
+            raise RuntimeError("zero_grad() while gradients are being reduced: "
+                               "call synchronize() first")
+        self._reset_step()
+        # No memset of the buckets: autograd hands each parameter a fresh gradient and
+        # _on_grad copies it in (one pass), instead of zeroing the bucket and having
+        # autograd add into it (three). Slices of parameters without one are zeroed at launch.
+        for p in self._params:
+            p.grad = None
+
+    def _reset_step(self):
+        """Local. Forget this step's bookkeeping (no bucket in flight): nothing started,
+        nothing ready, no gradient counted. Gradients themselves are left as they are."""
         for b in self.buckets:
-            if b.request is not None:
-                raise RuntimeError("zero_grad() while gradients are being reduced: "
-                                   "call synchronize() first")
             b.pending = len(b.params)
             b.ready = [False] * len(b.params)
             b.touched = [False] * len(b.params)
-            # No memset of the buckets: autograd hands each parameter a fresh gradient and
-            # _on_grad copies it in (one pass), instead of zeroing the bucket and having
-            # autograd add into it (three). Slices of untouched parameters are zeroed at launch.
-            for p in b.params:
-                p.grad = None
+            b.passes = [0] * len(b.params)
         self._next_launch = 0
+        self._any_grad = False
+
+    @property
+    def pending(self) -> bool:
+        """Local. Gradients arrived since the step began (the last synchronize() or
+        zero_grad()) that no synchronize() has reduced yet."""
+        return self._any_grad
+
+    @staticmethod
+    def _passes(n) -> int:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"backward_passes_per_step must be an integer > 0, got {n!r}")
+        return n
+
+    def set_backward_passes_per_step(self, n: int) -> None:
+        """Local. From now on a parameter is ready after its n-th gradient of a step; the
+        count of every parameter not yet ready starts again (Horovod's rule). The same n on
+        every rank, or buckets would start in different steps."""
+        self.backward_passes_per_step = self._passes(n)
+        for b in self.buckets:
+            b.passes = [n if ready else 0 for ready in b.ready]
 
     def _on_grad(self, p):
         b, i = self._where[p]
         if not b.is_view(i, p.grad):
             # A fresh gradient (after zero_grad): move it into the bucket (one copy). Later
             # backward passes of the step (accumulation) add into the bucket in place.
-            b.view(i).copy_(p.grad)
+            # Sparse gradients (embeddings) become dense here: buckets are dense.
+            b.view(i).copy_(p.grad.to_dense() if p.grad.is_sparse else p.grad)
             p.grad = b.view(i)
         b.touched[i] = True
+        self._any_grad = True
         if not self._sync:
             return  # accumulating locally; communication happens on the last micro-step
         if b.ready[i]:
-            raise RuntimeError("a parameter received a gradient twice in one step; wrap "
-                               "all but the last backward in reducer.no_sync()")
+            n = self.backward_passes_per_step
+            got = "a gradient twice" if n == 1 else f"more than {n} gradients"
+            raise TooManyBackwardPasses(f"a parameter received {got} in one step; "
+                                        f"{self.too_many_passes_hint}")
+        b.passes[i] += 1
+        if b.passes[i] < self.backward_passes_per_step:
+            return  # accumulating locally until this parameter's last pass of the step
         b.ready[i] = True
         b.pending -= 1
         if b.pending == 0:
@@ -315,7 +393,10 @@ class MPIReducer(Reducer):
 
     def _on_wire(self, b: _Bucket):
         """(buffer, op) that MPI reduces for bucket b: the bucket, or its 16-bit copy, which
-        this rounds from the bucket now (in whichever thread runs the allreduce)."""
+        this rounds from the bucket now (in whichever thread runs the allreduce). A
+        predivide factor f scales the gradients by 1/f first."""
+        if self.predivide_factor != 1.0:
+            b.flat[:b.numel].mul_(1.0 / self.predivide_factor)
         if b.wire is None:
             return b.array, self._MPI.SUM
         b.wire.copy_(b.flat)
@@ -325,21 +406,36 @@ class MPIReducer(Reducer):
 
     def _average(self, b: _Bucket):
         """After the sum: back from the wire buffer (if any) into the bucket, then divide the
-        gradients (not the flags, which stay counts) by the world size. Buckets exist only
-        on communicators of more than one rank."""
+        gradients (not the flags, which stay counts) by the world size (op average; times
+        f/size with a predivide factor f; op sum: left as they are). Buckets exist only on
+        communicators of more than one rank."""
         if b.wire is not None:
             b.flat.copy_(b.wire)
-        b.flat[:b.numel].div_(self.size)
+        if self.op == "sum":
+            return
+        if self.predivide_factor == 1.0:
+            b.flat[:b.numel].div_(self.size)
+        else:
+            b.flat[:b.numel].mul_(self.predivide_factor / self.size)
 
     def _launch(self, b: _Bucket):
         """Start bucket b's allreduce. Training thread, in bucket order."""
         self._next_launch = b.index + 1
         TRACKER.enter("bucket allreduce", b.flat.numel() * b.flat.element_size(), "gradients")
-        # Parameters without a gradient on this rank contribute zeros and an unset flag.
+        # Parameters without a gradient this step send what .grad holds: None -> zeros and
+        # an unset flag; a gradient kept from before (not zeroed by the caller) -> its value.
+        used = list(b.touched)
         for i, touched in enumerate(b.touched):
             if not touched:
-                b.view(i).zero_()
-        b.flags.copy_(torch.tensor(b.touched, dtype=b.flags.dtype))
+                grad = b.params[i].grad
+                if grad is None:
+                    b.view(i).zero_()
+                    continue
+                used[i] = True
+                if not b.is_view(i, grad):
+                    b.view(i).copy_(grad.to_dense() if grad.is_sparse else grad)
+                    b.params[i].grad = b.view(i)
+        b.flags.copy_(torch.tensor(used, dtype=b.flags.dtype))
         if self.overlap == "nonblocking":
             buf, op = self._on_wire(b)
             b.request = self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=op)
@@ -356,6 +452,8 @@ class MPIReducer(Reducer):
         t0 = time.perf_counter()
         if b.psgd is not None and self.powersgd.active:
             self._powersgd_mean(b)
+            if self.op == "sum":  # PowerSGD approximates the mean; the sum is size times it
+                b.flat[:b.numel].mul_(self.size)
             nbytes = self.powersgd.wire_numel(b.psgd) * b.flat.element_size()
         else:
             buf, op = self._on_wire(b)
@@ -429,7 +527,9 @@ class MPIReducer(Reducer):
                         p.grad = b.view(i)
                 else:
                     p.grad = None  # no rank produced a gradient: skip it everywhere
-            b.pending = 0
+        # The step ends here, on every rank alike: the next backward starts a new one, so a
+        # loop that clears gradients with optimizer.zero_grad() (or not at all) works too.
+        self._reset_step()
         TRACKER.leave("gradients")
         if self.powersgd is not None:
             self.powersgd.end_step()
