@@ -1,0 +1,388 @@
+"""hvd.DistributedOptimizer: Horovod 0.28.1's, with the gradients averaged by hpcaccel's
+MPIReducer (hpcaccel/comm/mpi.py), the reducer `python -m hpcaccel.train --backend mpi`
+uses: buckets, allreduce overlapped with backward on a communication thread, the
+allreduce algorithm and bucket size chosen for the job's hosts, 16-bit wire and PowerSGD.
+One reducer, two front doors: the training CLI, and Horovod scripts through this module.
+
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()     # allreduces start as gradients become ready
+        optimizer.step()                    # waits for them, then the wrapped step
+
+Cross-rank invariants:
+  * Every rank wraps an optimizer over the same parameters (same shapes, dtypes, order)
+    with the same options; construction checks it (one allgather) and fails on every rank
+    otherwise, so buckets are laid out alike everywhere (see hpcaccel/comm/mpi.py).
+  * synchronize() and step() are called by every rank in the same order (as in Horovod).
+    The one vote it may take (a second synchronize() before step()) is decided by flags
+    that change only in those calls, hence the same on every rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import warnings
+import weakref
+
+import torch
+
+from ..timeline import NullTimeline
+from . import basics
+from .basics import Adasum, Average, OP_NAMES, Sum, runtime
+from .compression import (BF16Compressor, Compression, FP16Compressor, NoneCompressor,
+                          PowerSGDCompressor)
+from .process_sets import check_process_set, global_process_set
+
+_WIRE = ((NoneCompressor, "none"), (FP16Compressor, "fp16"), (BF16Compressor, "bf16"))
+_CLASSES: dict[type, type] = {}  # wrapped optimizer class -> its distributed subclass
+
+
+def _reducer_compression(compression) -> tuple[str, dict]:
+    """The reducer's compression name and options for a Compression choice (the class or an
+    instance of it). Only hpcaccel's own compressors: the reducer compresses whole buckets
+    (16-bit wire, PowerSGD across steps), which a compressor of any other kind, written for
+    one tensor at a time, cannot be turned into."""
+    if compression is PowerSGDCompressor:
+        compression = PowerSGDCompressor()  # the class itself: its default rank and start
+    if type(compression) is PowerSGDCompressor:
+        return "powersgd", {"powersgd_rank": compression.rank,
+                            "powersgd_start_step": compression.start_step}
+    for cls, wire in _WIRE:
+        if compression is cls or type(compression) is cls:
+            return wire, {}
+    raise ValueError(
+        f"DistributedOptimizer(compression={compression!r}): hpcaccel reduces gradients in "
+        f"buckets and supports hvd.Compression.none, fp16, bf16 and powersgd(rank) there; a "
+        f"compressor of your own works per tensor with hvd.allreduce(tensor, compression=...)")
+
+
+def _check_op(op, size: int) -> str:
+    """The reducer's op for Horovod's op (an int), or the error saying why not."""
+    if op not in OP_NAMES:
+        raise ValueError(f"op must be one of hvd.Average, Sum, Adasum, Min, Max, Product; "
+                         f"got {op!r}")
+    from .unsupported import not_supported
+    if op == Adasum:
+        if size > 1:
+            not_supported("op=hvd.Adasum in DistributedOptimizer at more than one rank",
+                          instead="op=hvd.Average")
+        return "average"  # one rank: nothing to combine, the gradients stay as they are
+    if op not in (Average, Sum):
+        not_supported(f"op=hvd.{OP_NAMES[op]} in DistributedOptimizer (the reducer sums "
+                      f"gradients)", instead="op=hvd.Average or hvd.Sum (hvd.allreduce "
+                      f"reduces tensors with Min, Max and Product)")
+    return "average" if op == Average else "sum"
+
+
+def _named(optimizer, named_parameters) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) pairs with Horovod's checks: tuples, unique names, and every
+    parameter of the optimizer named; unnamed optimizers get generated names."""
+    if named_parameters is not None:
+        named = list(named_parameters)
+    else:
+        named = [(f"allreduce.noname.{i}.{j}", p) for i, group in enumerate(optimizer.param_groups)
+                 for j, p in enumerate(group["params"])]
+    if any(not isinstance(item, tuple) for item in named):
+        raise ValueError("named_parameters must be a sequence of (name, parameter) tuples, "
+                         "as model.named_parameters() gives")
+    seen, dups = set(), set()
+    for name, _ in named:
+        (dups if name in seen else seen).add(name)
+    if dups:
+        raise ValueError(f"Parameter names in named_parameters must be unique; these appear "
+                         f"more than once: {', '.join(sorted(map(str, dups)))}")
+    named_ids = {id(p) for _, p in named}
+    unnamed = [p for group in optimizer.param_groups for p in group["params"]
+               if id(p) not in named_ids]
+    if unnamed:
+        raise ValueError(f"named_parameters was given but does not name {len(unnamed)} of "
+                         f"the optimizer's parameters (Python object ids: "
+                         f"{', '.join(str(id(p)) for p in unnamed)})")
+    return named
+
+
+def _check_groups(groups) -> None:
+    """Horovod's checks of `groups`: a positive int, or lists of tensors, each at most once."""
+    if groups is None:
+        return
+    if not isinstance(groups, list):
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+            raise ValueError("groups must be a positive integer or a list of lists of "
+                             "torch.Tensor")
+        return
+    seen = set()
+    for group in groups:
+        for p in group:
+            if not isinstance(p, torch.Tensor):
+                raise ValueError("groups must consist of torch.Tensor")
+            if id(p) in seen:
+                raise ValueError("A parameter can only appear once in groups")
+            seen.add(id(p))
+
+
+def _bucket_bytes() -> int | None:
+    """The bucket size: Horovod's fusion threshold (HOROVOD_FUSION_THRESHOLD, bytes: the
+    most gradient data reduced in one operation) where the job sets it; else None, the
+    reducer's choice (25 MiB on one host, from the measured link across hosts)."""
+    value = os.environ.get("HOROVOD_FUSION_THRESHOLD")
+    if value is None or value.strip() == "":
+        return None
+    try:
+        nbytes = int(value)
+    except ValueError:
+        raise ValueError(f"HOROVOD_FUSION_THRESHOLD={value!r}: expected a number of "
+                         f"bytes") from None
+    if nbytes < 0:
+        raise ValueError(f"HOROVOD_FUSION_THRESHOLD={value!r}: must not be negative")
+    return nbytes
+
+
+class _ScriptTimeline(NullTimeline):
+    """The reducer's timeline: hvd.start_timeline()'s while one records, else nothing."""
+
+    def add(self, *args, **kwargs):
+        rt = basics._runtime
+        if rt is not None and rt.timeline is not None:
+            rt.timeline.add(*args, **kwargs)
+
+
+def _close(reducer) -> None:
+    """Remove the reducer's hooks and free its communicator (when the optimizer goes away
+    or at exit)."""
+    from mpi4py import MPI
+
+    if MPI.Is_finalized():
+        return
+    reducer.close()
+
+
+class _DistributedMethods:
+    """What a distributed optimizer adds to the optimizer it wraps. Not a base class: each
+    wrapped optimizer class gets a subclass of its own with these functions in it
+    (_subclass), so `super(type(opt), opt).step()` still reaches the wrapped step."""
+
+    _hpcaccel_distributed = True
+
+    def synchronize(self):
+        """Wait until every gradient is reduced over the ranks: .grad then holds the mean
+        (or sum) over ranks, identical on every rank; a parameter without a gradient on any
+        rank keeps .grad None. Collective. Call it before changing gradients in place
+        (clipping, unscaling), then step() inside skip_synchronize()."""
+        reducer = self._hvd_reducer
+        if reducer.size > 1:
+            # Called again before step(): reduce only if some rank got gradients since the
+            # last reduction (a vote), else .grad already holds the result. The flag is the
+            # same on every rank (see the module's invariants), so all vote or none does.
+            again = self._hvd_synchronized
+            if not again or runtime().control.any(reducer.pending):
+                reducer.synchronize()
+        self._hvd_synchronized = True
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        """step() inside this context does not synchronize: for a step after an explicit
+        synchronize(), e.g.
+
+            optimizer.synchronize()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            with optimizer.skip_synchronize():
+                optimizer.step()
+        """
+        self._hvd_should_synchronize = False
+        try:
+            yield
+        finally:
+            self._hvd_should_synchronize = True
+
+    def step(self, closure=None):
+        """synchronize() (unless inside skip_synchronize()), then the wrapped optimizer's
+        step. A closure goes to the wrapped step, as in Horovod: the backward it runs there
+        counts toward the next step's reduction."""
+        if self._hvd_should_synchronize:
+            if self._hvd_synchronized:
+                warnings.warn("optimizer.step() after optimizer.synchronize() outside "
+                              "optimizer.skip_synchronize(): step() synchronizes again (at "
+                              "least a vote of all ranks), which can slow training down. "
+                              "Wrap step() in `with optimizer.skip_synchronize():` after an "
+                              "explicit synchronize().")
+            self.synchronize()
+        self._hvd_synchronized = False
+        base = self._hvd_base
+        return base.step(self) if closure is None else base.step(self, closure)
+
+    # torch wraps an optimizer class's step for its profiler and step hooks when an instance
+    # is made or loads a state; the wrapped class's step already is, so the hooks run once.
+    step.hooked = True
+
+    def zero_grad(self, set_to_none: bool = True):
+        """The wrapped zero_grad(); an AssertionError (Horovod's) after backward() and
+        before step() or synchronize(), while gradients are being reduced."""
+        if self._hvd_reducer.pending:
+            raise AssertionError("optimizer.zero_grad() was called after loss.backward() and "
+                                 "before optimizer.step() or optimizer.synchronize(): this "
+                                 "step's gradients are not reduced yet, and zeroing them would "
+                                 "race with their allreduce. Call step() or synchronize() "
+                                 "first.")
+        base = self._hvd_base
+        return base.zero_grad(self) if set_to_none is True else base.zero_grad(self, set_to_none)
+
+    def set_backward_passes_per_step(self, passes):
+        """From now on each parameter's allreduce starts after its `passes`-th backward of
+        the step (counts restart, as in Horovod). The same value on every rank."""
+        self._hvd_reducer.set_backward_passes_per_step(passes)
+        self.backward_passes_per_step = passes
+
+    def load_state_dict(self, state_dict):
+        """The wrapped load_state_dict(); the backward passes counted so far start again
+        (as in Horovod). Local: rank 0 alone may load, then broadcast_optimizer_state()."""
+        self._hvd_should_synchronize = True
+        self._hvd_reducer.set_backward_passes_per_step(self.backward_passes_per_step)
+        return self._hvd_base.load_state_dict(self, state_dict)
+
+    def add_param_group(self, param_group):
+        """Not after wrapping: the new parameters' gradients would not be reduced and the
+        ranks would drift apart silently (Horovod ignores them so)."""
+        from .unsupported import not_supported
+        not_supported("add_param_group() on a DistributedOptimizer",
+                      instead="add the group to the optimizer before wrapping it")
+
+
+_METHODS = {name: value for name, value in vars(_DistributedMethods).items()
+            if not name.startswith("__")}
+
+
+def _subclass(base: type) -> type:
+    """The distributed subclass of optimizer class `base` (one per class, cached): its
+    instances pass isinstance(opt, base) and keep base's name, as Horovod's do."""
+    cls = _CLASSES.get(base)
+    if cls is None:
+        cls = type(base.__name__, (base,), {**_METHODS, "_hvd_base": base,
+                                            "__module__": base.__module__,
+                                            "__doc__": base.__doc__})
+        cls.__qualname__ = base.__qualname__
+        _CLASSES[base] = cls
+    return cls
+
+
+def DistributedOptimizer(optimizer, named_parameters=None, compression=Compression.none,
+                         backward_passes_per_step=1, op=Average, gradient_predivide_factor=1.0,
+                         num_groups=0, groups=None, sparse_as_dense=False, process_set=None):
+    """Wrap `optimizer` so that its step() applies gradients averaged over all ranks.
+
+    Collective: every rank wraps an optimizer over the same parameters with the same
+    arguments. Returns an instance of a subclass of the optimizer's class (isinstance
+    holds) that shares the optimizer's state and param_groups; keep using the returned one.
+
+    As Horovod's: during backward each parameter's gradient is reduced as soon as it is
+    ready (after its `backward_passes_per_step`-th backward pass of the step; earlier ones
+    accumulate locally). step() waits for the reductions (synchronize()) and then runs the
+    wrapped step. synchronize(), skip_synchronize() and set_backward_passes_per_step(n) are
+    there; zero_grad() raises while reductions are pending. A parameter without a gradient
+    on some rank contributes zeros there (its .grad, if the script kept one).
+
+    optimizer: a torch.optim.Optimizer over float32/float64 parameters.
+    named_parameters: (name, parameter) pairs naming every parameter of the optimizer,
+        usually model.named_parameters(); names must be unique. None: generated names.
+    compression: hvd.Compression.none (default), fp16 or bf16 (gradients travel as 16-bit
+        floats, summed in 16 bits), or powersgd(rank, start_step) (low-rank factors with
+        error feedback). Other compressors: ValueError.
+    backward_passes_per_step: backward passes per step (gradient accumulation).
+    op: hvd.Average (the mean over ranks) or hvd.Sum. hvd.Adasum only at one rank (where it
+        changes nothing); Min, Max and Product are not supported for gradients.
+    gradient_predivide_factor: with op Average, gradients are scaled by 1/f before the sum
+        and by f/size after it.
+    num_groups, groups: accepted and checked as Horovod does (num_groups is deprecated for
+        groups), and otherwise unused: the reducer fuses gradients into buckets of its own
+        size (HOROVOD_FUSION_THRESHOLD bytes where set).
+    sparse_as_dense: accepted; sparse gradients (nn.Embedding(sparse=True)) are always
+        made dense at more than one rank, whatever its value, and stay dense after the step
+        (optimizers that need sparse gradients, such as SparseAdam, do not fit).
+    process_set: only the global one (None or hvd.global_process_set).
+
+    Where it differs from Horovod: a parameter that has no gradient on any rank keeps .grad
+    None, so the wrapped optimizer skips it (Horovod gives it zeros, which momentum and
+    weight decay then apply); a second synchronize() before step() reduces again only if
+    some rank got new gradients since the first; add_param_group() after wrapping raises.
+    """
+    rt = runtime()
+    # Horovod's checks first, in Horovod's order, then what hpcaccel adds.
+    if gradient_predivide_factor != 1.0 and op != Average:
+        raise ValueError("gradient_predivide_factor not supported with op != Average")
+    if num_groups != 0:
+        warnings.warn("Parameter `num_groups` has been replaced by `groups` and will be "
+                      "removed in v0.23.0.", DeprecationWarning)
+        if groups is None:
+            groups = num_groups
+    if (isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int)
+            or backward_passes_per_step <= 0):
+        raise ValueError(f"backward_passes_per_step must be an integer > 0, "
+                         f"got {backward_passes_per_step!r}")
+    if getattr(type(optimizer), "_hpcaccel_distributed", False):
+        raise ValueError("the optimizer is a DistributedOptimizer already; wrap the plain one")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"DistributedOptimizer wraps a torch.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    check_process_set(process_set)
+    reduce_op = _check_op(op, rt.size)
+    wire, wire_options = _reducer_compression(compression)
+    named = _named(optimizer, named_parameters)
+    _check_groups(groups)
+    bucket_bytes = _bucket_bytes()
+
+    params = list({id(p): p for group in optimizer.param_groups for p in group["params"]
+                   if p.requires_grad}.values())
+    # Collective: the same parameters and options everywhere, or an error on every rank
+    # (different buckets would mix one rank's gradients with another's).
+    layout = repr(([(tuple(p.shape), str(p.dtype), p.device.type) for p in params], wire,
+                   wire_options, reduce_op, float(gradient_predivide_factor),
+                   backward_passes_per_step, bucket_bytes))
+    digest = hashlib.sha256(layout.encode()).hexdigest()
+    digests = rt.control.allgather(digest)
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise ValueError(f"DistributedOptimizer: rank(s) {differ[:8]} wrap parameters (shapes, "
+                         f"dtypes, order) or options other than rank 0's; every rank must wrap "
+                         f"the same model's optimizer with the same arguments")
+
+    from ..comm.mpi import MPIReducer
+    reducer = MPIReducer(comm=rt.comm, bucket_bytes=bucket_bytes, compression=wire,
+                         timeline=_ScriptTimeline(), op=reduce_op,
+                         predivide_factor=gradient_predivide_factor,
+                         backward_passes_per_step=backward_passes_per_step, **wire_options)
+    reducer.too_many_passes_hint = (
+        f"Gradients were computed more than backward_passes_per_step="
+        f"{backward_passes_per_step} times before step(); raise backward_passes_per_step "
+        f"to accumulate gradients locally")
+
+    cls = _subclass(type(optimizer))
+    opt = cls.__new__(cls)
+    # The same state and param_groups objects as the wrapped optimizer (no copy); an
+    # instance-level step (an LR scheduler's counter around the wrapped object's step)
+    # would bypass synchronization and is left behind.
+    opt.__dict__.update({k: v for k, v in vars(optimizer).items()
+                         if k not in ("step", "zero_grad")})
+    opt._compression = compression
+    opt._parameter_names = {p: name for name, p in sorted(named, key=lambda item: item[0])}
+    opt.backward_passes_per_step = backward_passes_per_step
+    opt.op = op
+    opt.gradient_predivide_factor = gradient_predivide_factor
+    opt.sparse_as_dense = sparse_as_dense
+    opt.process_set = global_process_set if process_set is None else process_set
+    opt._groups = groups
+    opt._hvd_reducer = reducer
+    opt._hvd_synchronized = False
+    opt._hvd_should_synchronize = True
+    try:
+        # the reducer refers to the optimizer weakly: the hooks on the parameters keep the
+        # reducer alive, not the optimizer, whose end closes the reducer
+        reducer.attach(params, weakref.proxy(opt))
+    except BaseException:
+        reducer.close()
+        raise
+    opt._hvd_finalizer = weakref.finalize(opt, _close, reducer)
+    return opt
+
+
+__all__ = ["DistributedOptimizer"]
