@@ -28,8 +28,4 @@ from .mpi_ops import (allgather, allgather_async, allreduce, allreduce_, allredu
                       reducescatter_async, sparse_allreduce_async, synchronize)
 from .process_sets import ProcessSet, add_process_set, global_process_set, remove_process_set
 from .unsupported import SyncBatchNorm, elastic
-
-try:  # written by another engineer in parallel; present once it lands
-    from .optimizer import DistributedOptimizer
-except ImportError:  # pragma: no cover
-    pass
+from .optimizer import DistributedOptimizer
