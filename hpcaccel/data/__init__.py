@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .files import COUNTERS
-from .hdf5 import H5Dataset, open_dataset, scan, write_blocks, write_file, write_index
+from .hdf5 import H5Dataset, Target, open_dataset, scan, write_blocks, write_file, write_index
 from .reader import RankReader, eval_batches
 from .sources import BUILTINS, pack_builtin
 
@@ -47,16 +47,19 @@ def _open_both(data, test_data, samples, shape, classes, seed):
         test = None
     if test_data is not None:
         test = open_dataset(test_data, "--test-data")
-    if test is not None and (test.sample_shape != train.sample_shape or test.classes != train.classes):
+    if test is not None and (test.sample_shape != train.sample_shape or test.target != train.target):
         raise_mismatch(train, test)
     return train, test
 
 
 def raise_mismatch(train: H5Dataset, test: H5Dataset):
     from ..errors import UsageError
+    if test.sample_shape == train.sample_shape and test.target.kind != train.target.kind:
+        raise UsageError(f"--test-data {test.files[0]}: y holds {test.target.describe()}, the "
+                         f"training data {train.target.describe()}")
     raise UsageError(f"--test-data {test.files[0]}: sample shape {test.sample_shape} / "
-                     f"{test.classes} classes differ from the training data "
-                     f"({train.sample_shape} / {train.classes})")
+                     f"{test.target.describe()} differ from the training data "
+                     f"({train.sample_shape} / {train.target.describe()})")
 
 
 __all__ = ["COUNTERS", "H5Dataset", "RankReader", "eval_batches", "open_dataset", "scan",

@@ -4,13 +4,18 @@
   python -m hpcaccel.data pack --source synthetic --samples 100000 --shape 3,32,32 \\
       --classes 10 --shards 8 --out /scratch/synth          # 8 files + index.json
   python -m hpcaccel.data pack --source arrays.npz --out data.h5   # keys x and y
+  python -m hpcaccel.data pack --source fields.npz --out fields.h5  # float y of any shape
+  python -m hpcaccel.data pack --source diabetes --split test --out diabetes-test.h5
   python -m hpcaccel.data pack --source x.npy --labels y.npy --out data.h5
   python -m hpcaccel.data pack --source images.npz --normalize --out data.h5  # uint8 -> [0, 1]
   python -m hpcaccel.data pack --source arrays.npz --label-offset 1 --out data.h5  # 1..K -> 0..K-1
   python -m hpcaccel.data info data.h5
 
-An existing output is replaced only with --overwrite. Integer samples (8-bit images, say)
-are packed as float32 unchanged unless --normalize scales them into [0, 1].
+y may hold one integer class label per sample, integer labels per element (a class per
+pixel), or float targets of any shape (regression; stored as float32); --y-dtype float32
+packs integer y as float targets. An existing output is replaced only with --overwrite.
+Integer samples (8-bit images, say) are packed as float32 unchanged unless --normalize
+scales them into [0, 1].
 """
 from __future__ import annotations
 
@@ -22,19 +27,20 @@ import numpy as np
 
 from ..cli import Parser, usage_error
 from ..errors import UsageError
-from .hdf5 import open_dataset, write_blocks, write_index
-from .sources import digits_split, synthetic_blocks
+from .hdf5 import Target, open_dataset, target_of, write_blocks, write_index
+from .sources import diabetes_split, digits_split, synthetic_blocks
 
 BLOCK_ROWS = 4096  # samples converted to float32 at a time
 
 
 def _load_arrays(args):
     src = args.source
-    if src == "digits":
-        train, test = digits_split()
+    if src in ("digits", "diabetes"):
+        train, test = digits_split() if src == "digits" else diabetes_split()
         return train if args.split == "train" else test
     if not os.path.exists(src):
-        raise UsageError(f"--source {src}: no such file (or built-in source: digits, synthetic)")
+        raise UsageError(f"--source {src}: no such file (or built-in source: digits, "
+                         f"diabetes, synthetic)")
     try:
         if src.endswith(".npz"):
             with np.load(src) as z:
@@ -49,16 +55,26 @@ def _load_arrays(args):
         raise UsageError(f"--source {src}: cannot read ({e})") from None
 
 
-def _check_arrays(x, y, source):
-    if len(x) != len(y):
-        raise UsageError(f"--source {source}: x has {len(x)} samples but y has {len(y)}")
+def _check_arrays(x, y, source, y_dtype: str = "auto"):
+    """x as (N, ...) and y as packed: integer y (labels, one per sample or per element)
+    unchanged, float y (or any y with --y-dtype float32) as float32 targets."""
+    if y.ndim < 1 or len(x) != len(y):
+        raise UsageError(f"--source {source}: x has {len(x)} samples but y has "
+                         f"{len(y) if y.ndim else 'none (a scalar)'}")
     if len(x) == 0:
         raise UsageError(f"--source {source}: no samples")
     if x.ndim < 2:
         x = x.reshape(len(x), 1)
-    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
-        raise UsageError(f"--source {source}: labels must be a 1-d integer array, got {y.dtype} {y.shape}")
-    if y.min() < 0:
+    integer = np.issubdtype(y.dtype, np.integer)
+    if not (integer or np.issubdtype(y.dtype, np.floating)):
+        raise UsageError(f"--source {source}: y must hold integer labels or float targets, "
+                         f"got {y.dtype} {y.shape}")
+    if y_dtype == "float32" or not integer:
+        y = y.astype(np.float32)
+        if not np.all(np.isfinite(y)):
+            i = int(np.argmax(~np.isfinite(y.reshape(len(y), -1)).all(axis=1)))
+            raise UsageError(f"--source {source}: the target of sample {i} is NaN or inf")
+    elif y.min() < 0:
         raise UsageError(f"--source {source}: negative label {int(y.min())}")
     if not np.all(np.isfinite(x)):
         raise UsageError(f"--source {source}: x contains NaN or inf")
@@ -148,22 +164,34 @@ def pack(args) -> list[str]:
             raise UsageError("--normalize: the synthetic source is already float")
         if args.label_offset:
             raise UsageError("--label-offset: the synthetic source's labels already start at 0")
+        if args.y_dtype != "auto":
+            raise UsageError("--y-dtype: the synthetic source holds class labels")
         shape = tuple(int(s) for s in args.shape.split(","))
         n, classes = args.samples, args.classes
         blocks = lambda start, count: _slice_blocks(
             synthetic_blocks(n, shape, classes, args.seed, 0), start, count)
         source = f"synthetic (seed {args.seed})"
+        target = Target(classes=classes)
     else:
-        x, y = _check_arrays(*_load_arrays(args), args.source)
-        y = shift_labels(y, args.label_offset, args.source)
+        x, y = _check_arrays(*_load_arrays(args), args.source, args.y_dtype)
         n, shape = len(x), x.shape[1:]
         scale = x_scale(x, args.source, args.normalize)
-        check_labels(y, args.classes, args.source)
-        classes = args.classes or int(y.max()) + 1
-        if int(y.max()) >= classes:
-            raise UsageError(f"--classes {classes}: label {int(y.max())} out of range")
+        if np.issubdtype(y.dtype, np.integer):
+            y = shift_labels(y, args.label_offset, args.source)
+            check_labels(y, args.classes, args.source)
+            classes = args.classes or int(y.max()) + 1
+            if int(y.max()) >= classes:
+                raise UsageError(f"--classes {classes}: label {int(y.max())} out of range")
+        else:
+            for flag, value in (("--classes", args.classes), ("--label-offset", args.label_offset)):
+                if value:
+                    raise UsageError(f"{flag}: y of --source {args.source} holds float targets, "
+                                     f"not class labels")
+            classes = 0
+        target = target_of(y.dtype, y.shape[1:], classes)
         blocks = lambda start, count: _array_blocks(x, y, start, count, scale)
-        source = f"{args.source}" + (f" ({args.split} split)" if args.source == "digits" else "")
+        builtin = args.source in ("digits", "diabetes")
+        source = f"{args.source}" + (f" ({args.split} split)" if builtin else "")
         if scale != 1.0:
             source += f" (x scaled by {scale:.6g})"
     if n < shards:
@@ -172,11 +200,11 @@ def pack(args) -> list[str]:
     for i, path in enumerate(paths):
         count = bounds[i + 1] - bounds[i]
         write_blocks(path, blocks(bounds[i], count), count, shape, classes, source,
-                     chunk_rows=args.chunk_rows, compression=args.compression)
+                     chunk_rows=args.chunk_rows, compression=args.compression, target=target)
     if shards > 1:
         # the index last, once every shard it lists is complete
         paths.append(write_index(args.out, paths, [bounds[i + 1] - bounds[i] for i in range(shards)],
-                                 shape, classes, source))
+                                 shape, classes, source, target))
         for path in stale:  # shards of an earlier, larger pack (--overwrite)
             os.unlink(path)
     return paths
@@ -206,8 +234,11 @@ def _slice_blocks(gen, start, count):
 
 def info(path: str) -> str:
     ds = open_dataset(path, "info")
+    target = ds.target
+    what = (f"{ds.classes} classes" if target.kind == "class labels" else
+            f"y: {target.describe()}")
     return (f"{path}: {ds.samples} samples in {len(ds.files)} file(s), sample shape "
-            f"{ds.sample_shape}, {ds.classes} classes, chunk {ds.chunk} samples")
+            f"{ds.sample_shape}, {what}, chunk {ds.chunk} samples")
 
 
 def main(argv=None) -> int:
@@ -215,13 +246,18 @@ def main(argv=None) -> int:
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pack", help="pack arrays into HDF5 (one file or N shards + index.json)")
-    p.add_argument("--source", required=True, help="digits, synthetic, FILE.npz or FILE.npy")
+    p.add_argument("--source", required=True, help="digits, diabetes, synthetic, FILE.npz or "
+                   "FILE.npy")
     p.add_argument("--out", required=True, help="output .h5 file, or directory when --shards > 1")
     p.add_argument("--shards", type=int, default=1, help="number of files")
-    p.add_argument("--split", choices=("train", "test"), default="train", help="digits split")
-    p.add_argument("--labels", help="labels .npy (with a .npy --source)")
+    p.add_argument("--split", choices=("train", "test"), default="train",
+                   help="digits or diabetes split")
+    p.add_argument("--labels", help="y .npy: labels or targets (with a .npy --source)")
     p.add_argument("--x-key", default="x", help="npz key of the samples")
-    p.add_argument("--y-key", default="y", help="npz key of the labels")
+    p.add_argument("--y-key", default="y", help="npz key of y (labels or targets)")
+    p.add_argument("--y-dtype", choices=("auto", "float32"), default="auto",
+                   help="auto: integer y as labels (one per sample, or per element), float y "
+                   "as float32 targets; float32: integer y as float targets too (regression)")
     p.add_argument("--samples", type=int, default=8192, help="synthetic: number of samples")
     p.add_argument("--shape", default="1,28,28", help="synthetic: sample shape")
     p.add_argument("--classes", type=int, default=None, help="number of classes "

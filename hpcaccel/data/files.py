@@ -83,21 +83,25 @@ class Handles:
         return h
 
     def read(self, ranges) -> tuple[np.ndarray, np.ndarray]:
-        """Samples of the global `ranges`, concatenated in order, as float32 / int64.
+        """Samples of the global `ranges`, concatenated in order: x as float32, y as int64
+        (labels, of any shape) or float32 (float targets).
 
         Read straight into the result (HDF5 converts the types while reading): no
         concatenation or conversion copies, which cost as much as the read itself."""
         parts = locate(ranges, self.lengths)
         n = sum(b - a for _, a, b in parts)
-        shape = self.get(parts[0][0])[1].shape[1:]
-        x, y = np.empty((n, *shape), dtype=np.float32), np.empty(n, dtype=np.int64)
+        _, xd, yd = self.get(parts[0][0])
+        shape, y_shape = xd.shape[1:], yd.shape[1:]
+        y_dtype = np.int64 if yd.dtype.kind in "iu" else np.float32
+        x, y = np.empty((n, *shape), dtype=np.float32), np.empty((n, *y_shape), dtype=y_dtype)
         pos = 0
         for f, a, b in parts:
             _, xd, yd = self.get(f)
             xd.read_direct(x, np.s_[a:b], np.s_[pos:pos + b - a])
             yd.read_direct(y, np.s_[a:b], np.s_[pos:pos + b - a])
             pos += b - a
-        COUNTERS.read(n * (xd.dtype.itemsize * int(np.prod(shape)) + yd.dtype.itemsize))
+        COUNTERS.read(n * (xd.dtype.itemsize * int(np.prod(shape))
+                           + yd.dtype.itemsize * int(np.prod(y_shape))))
         return x, y
 
     def close(self) -> None:

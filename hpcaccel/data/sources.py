@@ -4,6 +4,10 @@ digits: scikit-learn's bundled handwritten digits (1,797 real 8x8 images, 10 cla
         no download); fixed split of 1,437 train / 360 test samples.
 synthetic: any number of samples of any shape; labels come from a fixed random linear
         teacher, so the task is learnable and accuracy means something.
+diabetes: regression, embedded in the package (diabetes.csv.gz, BSD-3-Clause, see
+        diabetes-NOTICE.txt): 442 patients, 10 baseline variables, and disease progression
+        a year later as the target; fixed split of 353 train / 89 test samples; features
+        and target standardised with the training split's mean and standard deviation.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import numpy as np
 from .hdf5 import write_blocks, write_file
 
 DIGITS_TEST = 360
-BUILTINS = ("digits", "synthetic")
+DIABETES_TEST = 89
+BUILTINS = ("digits", "synthetic", "diabetes")
 
 
 def cache_dir() -> str:
@@ -36,6 +41,29 @@ def digits_split():
     return (x[train], y[train]), (x[test], y[test])
 
 
+def diabetes_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The embedded diabetes data as measured: x (442, 10) float64, y (442,) float64."""
+    import gzip
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "diabetes.csv.gz")
+    with gzip.open(path, "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", skiprows=1, dtype=np.float64)
+    return table[:, :10], table[:, 10]
+
+
+def diabetes_split():
+    """((x, y) train, (x, y) test): x (N, 10) and y (N,) float32, both standardised with the
+    training split's mean and standard deviation (so a model's RMSE is in units of the
+    target's spread; before, y's are about 152 and 77)."""
+    x, y = diabetes_arrays()
+    perm = np.random.default_rng(20240442).permutation(len(x))  # fixed forever: same split
+    test, train = perm[:DIABETES_TEST], perm[DIABETES_TEST:]
+    x_mean, x_std = x[train].mean(axis=0), x[train].std(axis=0)
+    y_mean, y_std = y[train].mean(), y[train].std()
+    x, y = ((x - x_mean) / x_std).astype(np.float32), ((y - y_mean) / y_std).astype(np.float32)
+    return (x[train], y[train]), (x[test], y[test])
+
+
 def synthetic_blocks(n: int, shape, classes: int, seed: int, stream: int, rows: int = 4096):
     """Yield (x, y) blocks of a synthetic dataset. Deterministic in (seed, stream, block):
     any block can be regenerated alone, so data of any size is written in bounded memory."""
@@ -50,8 +78,8 @@ def synthetic_blocks(n: int, shape, classes: int, seed: int, stream: int, rows: 
 
 
 def builtin_paths(name: str, samples: int, shape, classes: int, seed: int) -> tuple[str, str]:
-    if name == "digits":
-        key = "digits-v1"
+    if name in ("digits", "diabetes"):
+        key = f"{name}-v1"
     else:
         key = f"synthetic-v1-n{samples}-s{'x'.join(map(str, shape))}-c{classes}-seed{seed}"
     base = os.path.join(cache_dir(), key)
@@ -88,6 +116,11 @@ def _write_builtin(name, samples, shape, classes, seed, directory) -> None:
         (xt, yt), (xv, yv) = digits_split()
         write_file(train, [xt], [yt], len(xt), (1, 8, 8), 10, "sklearn digits (train split)")
         write_file(test, [xv], [yv], len(xv), (1, 8, 8), 10, "sklearn digits (test split)")
+    elif name == "diabetes":
+        for path, (xs, ys), split in zip((train, test), diabetes_split(), ("train", "test")):
+            write_file(path, [xs], [ys], len(xs), (10,), 0,
+                       f"diabetes (Efron et al. 2004, via scikit-learn; {split} split; "
+                       f"standardised)")
     else:
         n_test = max(1, samples // 8)
         for path, n, stream in ((train, samples, 0), (test, n_test, 1)):

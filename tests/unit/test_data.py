@@ -7,6 +7,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from hpcaccel.data import RankReader, eval_batches, open_dataset, scan, write_file
 from hpcaccel.data.sources import digits_split, pack_builtin
@@ -121,7 +122,8 @@ def bad_file(path, **datasets):
     (lambda p: p.write_text("hello"), "not an HDF5 file"),
     (lambda p: bad_file(p, x=np.zeros((3, 2))), "no dataset 'y'"),
     (lambda p: bad_file(p, x=np.zeros((3, 2)), y=np.zeros(4, int)), "x has 3 samples but y has 4"),
-    (lambda p: bad_file(p, x=np.zeros((3, 2)), y=np.zeros(3)), "integer labels"),
+    (lambda p: bad_file(p, x=np.zeros((3, 2)), y=np.array([b"a"] * 3)), "integer labels or float"),
+    (lambda p: bad_file(p, x=np.zeros((3, 2)), y=np.float64(1)), "y must be"),
     (lambda p: bad_file(p, x=np.zeros((0, 2)), y=np.zeros(0, int)), "empty"),
     (lambda p: bad_file(p, x=np.array([b"a", b"b"]), y=np.zeros(2, int)), "x must be"),
 ])
@@ -276,3 +278,94 @@ def test_write_blocks_takes_a_stream_of_blocks(tmp_path):
     with pytest.raises(ValueError, match="expected 21 samples, got 20"):
         write_blocks(str(tmp_path / "h.h5"), iter([(np.zeros((20, 2)), np.zeros(20))]), 21, (2,), 4, "t")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.h5"]  # no temp file left behind
+
+
+# -- targets other than one class label per sample -------------------------------------------
+
+@pytest.mark.parametrize("y,kind,shape,classes", [
+    (np.arange(12) % 3, "class labels", (), 3),
+    (np.linspace(0, 1, 12, dtype=np.float64), "float targets", (), 0),
+    (np.arange(36, dtype=np.float32).reshape(12, 3), "float targets", (3,), 0),
+    (np.arange(12 * 8).reshape(12, 2, 4) % 4, "labels per element", (2, 4), 4),
+])
+def test_targets_of_any_shape_are_written_read_and_described(tmp_path, y, kind, shape, classes):
+    x = np.random.default_rng(0).standard_normal((12, 2, 4)).astype(np.float32)
+    write_file(str(tmp_path / "t.h5"), [x], [y], 12, (2, 4), classes, "t", chunk_rows=5)
+    ds = open_dataset(str(tmp_path / "t.h5"))
+    assert (ds.target.kind, ds.target_shape, ds.classes) == (kind, shape, classes)
+    (bx, by), = list(RankReader(ds, 0, 1, batch=12, shuffle=False, seed=0).epoch(0))
+    assert by.dtype == (torch.int64 if ds.target.integer else torch.float32)
+    np.testing.assert_array_equal(by.numpy(), y.astype(by.numpy().dtype))
+    np.testing.assert_array_equal(bx.numpy(), x)
+    stats = scan(ds)
+    assert ("min_label" in stats) == ds.target.integer
+
+
+def test_scan_checks_what_fits_the_target(tmp_path):
+    x = np.zeros((6, 2), np.float32)
+    y = np.ones((6, 3), np.float32)
+    y[4, 1] = np.nan
+    write_file(str(tmp_path / "f.h5"), [x], [y], 6, (2,), 0, "t")
+    with pytest.raises(UsageError, match="the target of sample 4 contains NaN or inf"):
+        scan(open_dataset(str(tmp_path / "f.h5")))
+    y = np.zeros((6, 2, 2), np.int64)
+    y[3, 1, 0] = 5
+    write_file(str(tmp_path / "s.h5"), [x], [y], 6, (2,), 4, "t")
+    with pytest.raises(UsageError, match=r"label 5 of sample 3 \(an element\) out of range \[0, 4\)"):
+        scan(open_dataset(str(tmp_path / "s.h5")))
+    # float targets have no range: any finite value fits
+    write_file(str(tmp_path / "ok.h5"), [x], [np.full(6, -1e3, np.float32)], 6, (2,), 0, "t")
+    assert scan(open_dataset(str(tmp_path / "ok.h5")))["y_count"] == 6
+
+
+def test_pack_float_and_per_element_targets_and_info(tmp_path, capsys):
+    from hpcaccel.data.__main__ import main as data_main  # in process: the CLI is tested above
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((40, 3)).astype(np.float32)
+    np.savez(tmp_path / "reg.npz", x=x, y=rng.standard_normal((40, 2)))
+    np.savez(tmp_path / "seg.npz", x=rng.standard_normal((40, 1, 4, 4)), y=rng.integers(0, 3, (40, 4, 4)))
+    np.savez(tmp_path / "cnt.npz", x=x, y=np.arange(40) % 7)
+    for args in (["--source", "reg.npz", "--out", "reg", "--shards", "2"],
+                 ["--source", "seg.npz", "--out", "seg.h5"],
+                 ["--source", "cnt.npz", "--out", "cnt.h5", "--y-dtype", "float32"]):
+        assert data_main(["pack", *(str(tmp_path / a) if a.endswith(("npz", "h5", "reg")) else a
+                                    for a in args)]) == 0
+    reg = open_dataset(str(tmp_path / "reg" / "index.json"))
+    assert reg.target.kind == "float targets" and reg.target_shape == (2,) and reg.classes == 0
+    index = json.loads((tmp_path / "reg" / "index.json").read_text())
+    assert index["target_shape"] == [2] and index["target_dtype"] == "float32"
+    seg = open_dataset(str(tmp_path / "seg.h5"))
+    assert seg.target.kind == "labels per element" and seg.target_shape == (4, 4) and seg.classes == 3
+    assert open_dataset(str(tmp_path / "cnt.h5")).target.kind == "float targets"
+    capsys.readouterr()
+    assert data_main(["info", str(tmp_path / "reg" / "index.json")]) == 0
+    assert data_main(["info", str(tmp_path / "seg.h5")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "y: float targets of shape (2,)" in lines[0]
+    assert "y: labels per element of shape (4, 4), 3 classes" in lines[1]
+    # float targets have no classes or label offset; NaN targets are refused
+    np.savez(tmp_path / "nan.npz", x=x, y=np.where(np.arange(40) == 9, np.nan, 1.0))
+    for extra, source, needle in ((["--classes", "3"], "reg.npz", "holds float targets"),
+                                  (["--label-offset", "1"], "reg.npz", "holds float targets"),
+                                  ([], "nan.npz", "target of sample 9 is NaN")):
+        code = data_main(["pack", "--source", str(tmp_path / source), "--out",
+                          str(tmp_path / "bad.h5"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and err.count("\n") == 1, err
+
+
+def test_diabetes_is_embedded_split_and_standardised(tmp_path, monkeypatch):
+    from sklearn.datasets import load_diabetes
+
+    from hpcaccel.data.sources import diabetes_arrays, diabetes_split
+    x, y = diabetes_arrays()
+    reference = load_diabetes(scaled=False)  # the embedded copy is scikit-learn's data
+    np.testing.assert_array_equal(x, reference.data)
+    np.testing.assert_array_equal(y, reference.target)
+    (xt, yt), (xv, yv) = diabetes_split()
+    assert (len(xt), len(xv)) == (353, 89) and xt.shape[1] == 10
+    assert abs(float(yt.mean())) < 1e-6 and abs(float(yt.std()) - 1) < 1e-5
+    monkeypatch.setenv("HPCACCEL_DATA", str(tmp_path))
+    train, test = (open_dataset(p) for p in pack_builtin("diabetes", 0, (), 0, 0))
+    assert (train.samples, test.samples, train.sample_shape) == (353, 89, (10,))
+    assert train.target.kind == "float targets" and train.target_shape == ()
