@@ -12,6 +12,8 @@ files x ranks-per-host / ranks of them.
 
 One rank per host (local rank 0) copies while the others wait; the outcome is agreed
 collectively, so a full disk or an unwritable directory fails every rank with one line.
+Before copying it removes the copies of earlier versions of the same files that no live
+run reads (copies.py), so changing a shard does not leave a full copy behind each time.
 
 Cross-rank invariant: `stage` and `stage_run` are collective (every rank calls them, in the
 same order).
@@ -19,32 +21,21 @@ same order).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 import tempfile
 import time
 
 from ..errors import UsageError
+from . import copies
 from .hdf5 import H5Dataset
 from .sharding import eval_files, files_read
 
 HEADROOM = 0.95  # never fill node-local storage beyond this fraction of its free space
 
 
-def source_tag(ds: H5Dataset) -> str:
-    """A name for this version of the data: its paths, sizes and modification times (one
-    stat per file; called on one rank), so a changed source is staged anew."""
-    h = hashlib.sha256()
-    for p in ds.files:
-        st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return h.hexdigest()[:16]
-
-
-def staged_paths(ds: H5Dataset, stage_dir: str, tag: str) -> tuple[str, ...]:
-    """Where each file of `ds` lives under `stage_dir`."""
-    target = os.path.join(stage_dir, f"hpcaccel-{tag}")
+def staged_paths(ds: H5Dataset, target: str) -> tuple[str, ...]:
+    """Where each file of `ds` lives in its copy directory `target`."""
     return tuple(os.path.join(target, f"{i:05d}-{os.path.basename(p)}") for i, p in enumerate(ds.files))
 
 
@@ -99,17 +90,24 @@ def copy_files(sources, targets, stage_dir: str, flag: str = "--stage-dir") -> i
 def stage(ds: H5Dataset, stage_dir: str, control, local_rank: int, flag: str = "--stage-dir",
           needed=None, stats: dict | None = None) -> H5Dataset:
     """Collective: `ds` with the files `needed` (indices; None: all) copied under `stage_dir`
-    on every host, one copier per host (local rank 0); the other files keep their paths. A
-    failure on any host fails every rank (control.agree). `stats`, when given, receives this
-    rank's files staged, bytes copied (0 on ranks that do not copy) and seconds."""
+    on every host, one copier per host (local rank 0), which first removes superseded
+    copies of these files; the other files keep their paths. A failure on any host fails
+    every rank (control.agree). `stats`, when given, receives this rank's files staged,
+    bytes copied and superseded copies removed (0 on ranks that do not copy) and seconds."""
     t0 = time.perf_counter()
-    tag = control.broadcast(control.collectively(lambda: source_tag(ds) if control.is_main else None))
+    # one stat per file, on one rank: the version of the data, and so the copy's name
+    record = control.broadcast(control.collectively(
+        lambda: copies.source_record(ds.files) if control.is_main else None))
     needed = list(range(len(ds.files))) if needed is None else sorted(set(needed))
     chosen = set(needed)
     files, copied, error = ds.files, 0, None
+    superseded = {"removed": 0, "bytes": 0, "in_use": 0}
     try:
-        targets = staged_paths(ds, stage_dir, tag)
-        if local_rank == 0:
+        target = copies.copy_dir(stage_dir, record)
+        targets = staged_paths(ds, target)
+        if local_rank == 0 and needed:
+            _claim(target, record, stage_dir, flag)
+            superseded = copies.remove_superseded(stage_dir, record)
             copied = copy_files([ds.files[i] for i in needed], [targets[i] for i in needed],
                                 stage_dir, flag)
         files = tuple(targets[i] if i in chosen else p for i, p in enumerate(ds.files))
@@ -117,8 +115,19 @@ def stage(ds: H5Dataset, stage_dir: str, control, local_rank: int, flag: str = "
         error = e
     control.agree(error)
     if stats is not None:
-        stats.update(files=len(needed), bytes_copied=copied, seconds=time.perf_counter() - t0)
+        stats.update(files=len(needed), bytes_copied=copied, seconds=time.perf_counter() - t0,
+                     superseded_removed=superseded["removed"],
+                     superseded_bytes=superseded["bytes"], superseded_in_use=superseded["in_use"])
     return dataclasses.replace(ds, files=files)
+
+
+def _claim(target: str, record, stage_dir: str, flag: str) -> None:
+    """This run's hold on its copy (copies.hold), as one line naming the flag on failure."""
+    try:
+        copies.hold(target, record)
+    except OSError as e:
+        raise UsageError(f"{flag} {stage_dir}: cannot make or lock a copy there "
+                         f"({e.strerror or e})") from None
 
 
 def stage_run(cfg, control, world, train_ds: H5Dataset, test_ds: H5Dataset | None,
@@ -135,9 +144,15 @@ def stage_run(cfg, control, world, train_ds: H5Dataset, test_ds: H5Dataset | Non
     if test_ds is not None:
         test_ds = stage(test_ds, cfg.stage_dir, control, world.local_rank,
                         needed=host_eval_files(test_ds, ranks, world.size), stats=test_stats)
+    def both(key):
+        return train_stats[key] + test_stats.get(key, 0)
+
     most = control.allreduce([train_stats["files"], test_stats.get("files", 0),
-                              train_stats["bytes_copied"] + test_stats.get("bytes_copied", 0),
-                              train_stats["seconds"] + test_stats.get("seconds", 0.0)], "max")
+                              both("bytes_copied"), both("seconds"), both("superseded_removed"),
+                              both("superseded_bytes"), both("superseded_in_use")], "max")
     summary = {"train_files_per_host_max": int(most[0]), "test_files_per_host_max": int(most[1]),
-               "bytes_copied_per_host_max": int(most[2]), "seconds_max": float(most[3])}
+               "bytes_copied_per_host_max": int(most[2]), "seconds_max": float(most[3]),
+               "superseded_copies_removed_per_host_max": int(most[4]),
+               "superseded_bytes_freed_per_host_max": int(most[5]),
+               "superseded_copies_in_use_per_host_max": int(most[6])}
     return train_ds, test_ds, summary

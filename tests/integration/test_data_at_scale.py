@@ -115,6 +115,29 @@ def test_stage_dir_copies_once_and_trains_from_there(tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == (4 * 64) // 16
 
 
+def test_a_changed_shard_replaces_the_superseded_copy_instead_of_piling_up(tmp_path):
+    """Two runs on the same --stage-dir with a shard rewritten between them: the second
+    stages the new version and removes the first run's copy (no run holds it any more)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    index = make_shards(str(src), shards=4, per_shard=64)
+    stage = tmp_path / "local"
+    args = ["--data", index, "--model", "mlp", "--epochs", "1", "--batch-size", "8",
+            "--threads", "1", "--stage-dir", str(stage)]
+    r = train_cli(2, *args, "--out", str(tmp_path / "first"), timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (first,) = [p.name for p in stage.iterdir()]
+    x = np.full((64, 4), 7, np.float32)  # shard 1 rewritten with other samples
+    write_file(str(src / "part-001.h5"), [x], [np.arange(64) % 2], 64, (4,), 2, "test", chunk_rows=4)
+    r = train_cli(2, *args, "--out", str(tmp_path / "second"), timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (second,) = [p.name for p in stage.iterdir()]
+    assert second != first and second.startswith("hpcaccel-")
+    staging = json.loads((tmp_path / "second" / "summary.json").read_text())["staging"]
+    assert staging["superseded_copies_removed_per_host_max"] == 1
+    assert staging["superseded_bytes_freed_per_host_max"] > 0
+
+
 def test_staged_run_continued_equals_one_uninterrupted_run_in_place(tmp_path):
     """A run continued with --stage-dir stages from the epoch it resumes at and gives the
     model of one uninterrupted run reading in place, to the bit."""

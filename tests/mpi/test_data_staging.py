@@ -15,6 +15,11 @@ from hpcaccel.errors import UsageError
 pytestmark = pytest.mark.mpi(min_size=1)
 
 
+def data_files(directory):
+    """The copied files in a copy directory (not its lock and source record)."""
+    return sorted(n for n in os.listdir(directory) if not n.startswith("."))
+
+
 @pytest.fixture
 def sharded(comm, tmp_path_factory):
     index = None
@@ -39,7 +44,7 @@ def test_staged_copy_is_read_from_the_stage_dir_with_the_same_samples(comm, shar
     staged = stage(sharded, stage_dir, control, local.Get_rank())
     assert all(p.startswith(stage_dir) and os.path.getsize(p) == os.path.getsize(s)
                for p, s in zip(staged.files, sharded.files))
-    assert len(os.listdir(os.path.dirname(staged.files[0]))) == len(sharded.files)  # one copy
+    assert len(data_files(os.path.dirname(staged.files[0]))) == len(sharded.files)  # one copy
     rank, size = comm.Get_rank(), comm.Get_size()
 
     def samples(ds):
@@ -59,7 +64,7 @@ def test_only_the_needed_files_are_staged_the_others_read_in_place(comm, sharded
     staged = stage(sharded, stage_dir, control, local.Get_rank(), needed=[3, 1], stats=stats)
     assert [p.startswith(stage_dir) for p in staged.files] == [False, True, False, True]
     assert staged.files[0] == sharded.files[0] and staged.files[2] == sharded.files[2]
-    assert sorted(os.listdir(os.path.dirname(staged.files[1]))) == \
+    assert data_files(os.path.dirname(staged.files[1])) == \
         sorted(os.path.basename(staged.files[i]) for i in (1, 3))
     assert stats["files"] == 2
     assert stats["bytes_copied"] == (sum(os.path.getsize(sharded.files[i]) for i in (1, 3))
