@@ -7,6 +7,15 @@ run that owns OUT (`run`: run id, model digest, data, global batch, epochs; rund
 resume can tell whose checkpoint it is. Files live in OUT/checkpoints/step-XXXXXXXX.pt, are
 written atomically by rank 0, and the newest K are kept (never deleting the one just written).
 
+What a start must match to continue a checkpoint (`Requirements`, checked by `header` and
+`load` before anything is loaded): the model (parameter names and shapes), the optimizer
+(`--optimizer`: its state, momentum buffers or Adam moments, means nothing to another), the
+trainable parameters (`--freeze`: the optimizer's parameter groups), and, where both
+compress with PowerSGD at the same world size, the matrices it compresses (the per-rank
+error feedback is kept per matrix). Hyperparameters (--lr, --momentum, --weight-decay, ...)
+may change: the optimizer keeps this start's (`load_optimizer`). Another --compression
+drops PowerSGD's error feedback, as another world size does.
+
 Cross-rank invariant: model and optimizer state are identical on every rank (same start,
 same averaged gradients), so rank 0's copy stands for all; RNG states differ per rank and
 are gathered.
@@ -16,6 +25,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -39,12 +49,41 @@ def rng_state() -> torch.Tensor:
     return torch.get_rng_state()
 
 
+def optimizer_name(optimizer) -> str:
+    """The optimizer as --optimizer names it (sgd, adamw, lars: its class name, lower case)."""
+    return type(optimizer).__name__.lower()
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a checkpoint must match for this start to continue it (see the module
+    docstring); a field left None is not checked."""
+    fingerprint: list
+    optimizer: str | None = None
+    group_sizes: tuple | None = None   # trainable tensors per optimizer parameter group
+    powersgd: tuple | None = None      # (rank, keys of the matrices it compresses)
+    world_size: int | None = None
+
+
+def requirements(model, optimizer, reducer_state: dict, world_size: int) -> Requirements:
+    """This start's requirements: `reducer_state` is the attached reducer's state_dict()
+    (PowerSGD's, where it compresses, lists the matrices by key)."""
+    psgd = (reducer_state or {}).get("powersgd")
+    return Requirements(
+        fingerprint(model), optimizer_name(optimizer), _group_sizes(optimizer.state_dict()),
+        (psgd["rank"], frozenset(psgd["params"])) if psgd else None, world_size)
+
+
+def _group_sizes(optimizer_state: dict) -> tuple:
+    return tuple(len(g["params"]) for g in optimizer_state["param_groups"])
+
+
 def build(model, optimizer, epoch: int, step_in_epoch: int, global_step: int,
           rng_states: list, extra: dict | None = None) -> dict:
     return {"format": FORMAT, "version": VERSION, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-            "global_step": global_step, "rng": rng_states, "fingerprint": fingerprint(model),
-            **(extra or {})}
+            "optimizer": optimizer.state_dict(), "optimizer_name": optimizer_name(optimizer),
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "rng": rng_states, "fingerprint": fingerprint(model), **(extra or {})}
 
 
 def save(out: str, state: dict, keep: int) -> str:
@@ -78,19 +117,31 @@ def list_checkpoints(out: str) -> list[str]:
     return sorted(found, key=_step)
 
 
-def header(path: str, model_fingerprint: list) -> dict:
+def header(path: str, required: Requirements | None = None) -> dict:
     """A checkpoint's fields other than tensors (epoch, step_in_epoch, global_step, run),
-    checked against the model's fingerprint. Memory-maps the file: cheap at any size."""
+    checked against `required` (None: only that it is an hpcaccel checkpoint). Memory-maps
+    the file: cheap at any size."""
     state = _read(path, mmap=True)
-    _check(state, path, model_fingerprint)
+    _check(state, path, required)
     return {k: state.get(k) for k in ("epoch", "step_in_epoch", "global_step", "run")}
 
 
-def load(path: str, model: torch.nn.Module) -> dict:
-    """Load and check a checkpoint against `model`. Bad input -> UsageError naming the file."""
+def load(path: str, required: Requirements) -> dict:
+    """Load a checkpoint, checked against `required` first. Bad input -> UsageError naming
+    the file or the flag."""
     state = _read(path)
-    _check(state, path, fingerprint(model))
+    _check(state, path, required)
     return state
+
+
+def load_optimizer(optimizer, saved: dict) -> None:
+    """Restore a checkpoint's optimizer state (momentum buffers, Adam moments, step counts)
+    keeping this start's hyperparameters: torch's load_state_dict would put the checkpoint's
+    --momentum, --weight-decay, ... back in place of the flags given now."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, mine in zip(optimizer.param_groups, settings):
+        group.update(mine)
 
 
 def _read(path: str, mmap: bool = False) -> dict:
@@ -101,15 +152,46 @@ def _read(path: str, mmap: bool = False) -> dict:
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _check(state, path: str, model_fingerprint: list) -> None:
+def _check(state, path: str, required: Requirements | None) -> None:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"--resume {path}: not an hpcaccel checkpoint")
     if state.get("version") != VERSION:
         raise UsageError(f"--resume {path}: checkpoint version {state.get('version')}, "
                          f"this hpcaccel reads version {VERSION}")
-    if state["fingerprint"] != model_fingerprint:
-        mine = {n for n, _ in model_fingerprint}
+    if required is None:
+        return
+    if state["fingerprint"] != required.fingerprint:
+        mine = {n for n, _ in required.fingerprint}
         theirs = {n for n, _ in state["fingerprint"]}
         diff = sorted(mine ^ theirs)[:3] or ["parameter shapes"]
         raise UsageError(f"--resume {path}: checkpoint is from a different model "
                          f"(differs in {', '.join(diff)})")
+    why = _cannot_continue(state, path, required)
+    if why:
+        raise UsageError(why)
+
+
+def _cannot_continue(state, path: str, required: Requirements) -> str | None:
+    """Why this start cannot continue the checkpoint's training state; None if it can.
+    (Checkpoints written before the optimizer's name was recorded are not checked for it.)"""
+    theirs = state.get("optimizer_name")
+    if required.optimizer and theirs and theirs != required.optimizer:
+        return (f"--optimizer {required.optimizer}: the checkpoint {path} was trained with "
+                f"--optimizer {theirs}, whose state another optimizer cannot continue; continue "
+                f"with --optimizer {theirs}, or start a new run from its weights (--init-from "
+                f"{path}, in a new --out)")
+    sizes = _group_sizes(state["optimizer"])
+    if required.group_sizes is not None and sizes != required.group_sizes:
+        return (f"--freeze: the checkpoint {path} was trained with {sum(sizes)} trainable "
+                f"parameter tensors, this start has {sum(required.group_sizes)} (another "
+                f"--freeze); continue with the --freeze it was trained with")
+    per_rank = state.get("reducer") or []
+    saved = per_rank[0].get("powersgd") if per_rank else None
+    if (required.powersgd and saved and len(per_rank) == required.world_size
+            and not set(saved["params"]) <= required.powersgd[1]):
+        # the same world size restores each rank's error feedback per compressed matrix
+        return (f"--powersgd-rank {required.powersgd[0]}: the checkpoint {path} was trained "
+                f"with --powersgd-rank {saved['rank']}, which compresses other matrices, so "
+                f"its error feedback cannot carry over; continue with --powersgd-rank "
+                f"{saved['rank']}")
+    return None

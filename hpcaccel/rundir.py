@@ -3,7 +3,7 @@
 OUT/run.json records the run that owns the directory: a run id, and what makes a resume
 valid (model fingerprint digest, data, global batch) plus its epochs. Checkpoints carry the
 same record (checkpoint.save copies it in), so `--resume auto` takes only this run's own
-checkpoints. OUT/run.lock is held while a run is running; see Lock.
+checkpoints. OUT/run.lock is held while a run is running (runlock.py).
 
 Decisions at start-up (rank 0, after every flag and file was checked), by --resume:
   none  OUT holds no run outputs -> a new run. Otherwise exit 2, unless --overwrite: the
@@ -13,31 +13,29 @@ Decisions at start-up (rank 0, after every flag and file was checked), by --resu
         outputs of another run -> exit 2 naming the difference (or --overwrite, as above).
   PATH  the checkpoint must match the model, data and global batch; OUT must be empty or
         hold the checkpoint's own run (or --overwrite).
+The rules that need no model or data (the lock, outputs under --resume none, outputs
+without run.json, a finished run whose checkpoints are gone, another run's checkpoint) are
+`refusal`'s, which the doctor asks as well. Output paths are checked (`check_paths`) before
+the claim, so a bad one leaves OUT untouched.
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import os
 import shutil
 import socket
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import checkpoint
 from .errors import UsageError
 from .fsutil import atomic_write
+from .runlock import LOCK, Lock, in_use
 
 RECORD = "run.json"
-LOCK = "run.lock"
 OUTPUTS = (RECORD, "summary.json", "metrics.jsonl", "model.pt", "checkpoints")
-HEARTBEAT_S = 30.0
-# A lock from another host is taken over once its heartbeat is this old (its holder's pid
-# cannot be checked from here). HPCACCEL_LOCK_STALE_S overrides.
-STALE_AFTER_S = 600.0
 
 
 # -- identity ------------------------------------------------------------------------------
@@ -90,174 +88,61 @@ def write_record(out: str, record: dict) -> None:
     atomic_write(os.path.join(out, RECORD), lambda fh: fh.write(data))
 
 
-def outputs_in(out: str) -> list[str]:
-    """Run outputs present in `out` (an empty checkpoints/ does not count)."""
+def outputs_in(out: str, extra=()) -> list[str]:
+    """Run outputs present in `out` (an empty checkpoints/ does not count); `extra`: other
+    files of the run inside `out` (a --timeline there), relative to it."""
     found = [n for n in OUTPUTS if n != "checkpoints" and os.path.exists(os.path.join(out, n))]
     if checkpoint.list_checkpoints(out):
         found.append("checkpoints")
-    return found
+    return found + [n for n in extra if n not in found and os.path.isfile(os.path.join(out, n))]
 
 
-# -- the lock ------------------------------------------------------------------------------
-def _proc_start(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot), to tell a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+def inside(out: str, path: str | None) -> str | None:
+    """`path` relative to `out` if it lies inside it, else None."""
+    if not path:
         return None
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
+    return None if rel == "." or rel.split(os.sep)[0] == ".." else rel
 
 
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    now = _proc_start(pid)
-    return start is None or now is None or now == start
+def check_paths(out: str, files: dict) -> None:
+    """Before the claim, without writing anything: --out must be a directory or creatable,
+    and each output file (`files`: flag -> path or None, e.g. --timeline) writable, in a
+    directory that exists or is --out itself (the claim creates it). UsageError naming the
+    flag otherwise."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    existing = os.path.abspath(out)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--out {out}: cannot create it ({existing} is not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: " + ("not writable" if existing == os.path.abspath(out)
+                                             else f"cannot create it ({existing} is not writable)"))
+    for flag, path in files.items():
+        if path:
+            _check_file(flag, path, out)
 
 
-@dataclass
-class Lock:
-    """OUT/run.lock: created with O_CREAT|O_EXCL (atomic on local file systems, NFSv3+ and
-    Lustre), holding host, pid, the pid's start time and the Slurm job id and restart count;
-    rank 0 refreshes its mtime every HEARTBEAT_S seconds. A lock is stale when its holder is
-    an earlier run (restart) of this same Slurm job, or on this host and its process is
-    gone, or on another host and the heartbeat is older than STALE_AFTER_S."""
-
-    path: str
-    token: str
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    @classmethod
-    def acquire(cls, out: str, info=print) -> "Lock":
-        os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, LOCK)
-        token = uuid.uuid4().hex
-        content = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                              "pid_start": _proc_start(os.getpid()), "token": token,
-                              "since": time.time(), **_slurm_job()}).encode()
-        for _ in range(5):
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                holder, raw = _read_lock(path)
-                if raw is None:
-                    continue  # released meanwhile
-                why = stale_reason(holder, path)
-                if why is None:
-                    raise UsageError(f"--out {out}: in use by a running hpcaccel run "
-                                     f"({describe_holder(holder, path)}); wait for it to end "
-                                     f"or use another --out")
-                if _break(path, raw):
-                    info(f"hpcaccel: --out {out}: took over the lock of a run that is gone "
-                         f"({why})")
-                continue
-            try:
-                os.write(fd, content)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            lock = cls(path, token)
-            lock._start_heartbeat()
-            atexit.register(lock.release)
-            return lock
-        raise UsageError(f"--out {out}: could not take {path} (other runs keep starting on it)")
-
-    def _start_heartbeat(self) -> None:
-        def beat():
-            while not self._stop.wait(HEARTBEAT_S):
-                try:
-                    os.utime(self.path)
-                except OSError:
-                    pass
-        threading.Thread(target=beat, daemon=True, name="hpcaccel-lock-heartbeat").start()
-
-    def release(self) -> None:
-        """Remove the lock if it is still ours. Idempotent."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        holder, _ = _read_lock(self.path)
-        if holder and holder.get("token") == self.token:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-
-
-def _read_lock(path: str):
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except FileNotFoundError:
-        return None, None
-    try:
-        holder = json.loads(raw)
-        return (holder if isinstance(holder, dict) else {}), raw
-    except ValueError:
-        return {}, raw
-
-
-def _age(path: str) -> float | None:
-    try:
-        return max(0.0, time.time() - os.stat(path).st_mtime)
-    except OSError:
-        return None
-
-
-def describe_holder(holder: dict, path: str) -> str:
-    age = _age(path)
-    return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}"
-            + (f", heartbeat {age:.0f} s ago" if age is not None else ""))
-
-
-def _slurm_job() -> dict:
-    job = os.environ.get("SLURM_JOB_ID")
-    return {"slurm_job": job, "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0")} if job else {}
-
-
-def stale_reason(holder: dict, path: str) -> str | None:
-    """Why the lock's holder is gone; None while it may be running."""
-    limit = float(os.environ.get("HPCACCEL_LOCK_STALE_S", STALE_AFTER_S))
-    age = _age(path) or 0.0
-    mine = _slurm_job()
-    if (mine and holder.get("slurm_job") == mine["slurm_job"]
-            and holder.get("slurm_restart") != mine["slurm_restart"]):
-        # a requeued job (its earlier run killed, maybe with its node) may start on another
-        # node at once; an earlier run of the same job cannot still be running
-        return (f"{describe_holder(holder, path)}: an earlier run of this Slurm job "
-                f"{mine['slurm_job']} (restart {holder.get('slurm_restart')}, now "
-                f"{mine['slurm_restart']})")
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        if not _alive(holder["pid"], holder.get("pid_start")):
-            return f"host {holder['host']}, pid {holder['pid']}: no such process"
-        return None
-    if age > limit:
-        return (f"{describe_holder(holder, path)}: no heartbeat for more than {limit:.0f} s "
-                f"(HPCACCEL_LOCK_STALE_S)")
-    return None
-
-
-def _break(path: str, raw: bytes) -> bool:
-    """Move a stale lock aside; False if another starter replaced it meanwhile."""
-    aside = f"{path}.stale-{uuid.uuid4().hex[:8]}"
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return False
-    _, moved = _read_lock(aside)
-    if moved != raw:  # a racing starter's fresh lock: put it back if nobody took the place
-        try:
-            os.link(aside, path)
-        except FileExistsError:
-            pass
-        os.unlink(aside)
-        return False
-    os.unlink(aside)
-    return True
+def _check_file(flag: str, path: str, out: str) -> None:
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory; give a file name")
+    rel = inside(out, path)
+    if rel is not None and rel.split(os.sep)[0] in OUTPUTS + (LOCK, "previous"):
+        raise UsageError(f"{flag} {path}: inside --out {out}, where the run keeps its own "
+                         f"{rel.split(os.sep)[0]}; choose another name")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path}: not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if parent == os.path.abspath(out) and not os.path.isdir(out):
+        return  # the claim creates --out
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: no such directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot create it ({parent} is not writable)")
 
 
 # -- the decision --------------------------------------------------------------------------
@@ -277,13 +162,15 @@ class Claim:
             self.lock.release()
 
 
-def claim(out: str, resume: str, overwrite: bool, mine: dict, fingerprint: list,
-          info=print) -> Claim:
-    """Rank 0: lock `out` and decide (see the module docstring). UsageError for a refusal;
-    the lock is released again then."""
+def claim(out: str, resume: str, overwrite: bool, mine: dict,
+          required: checkpoint.Requirements, info=print, extra=()) -> Claim:
+    """Rank 0: lock `out` and decide (see the module docstring). `required`: what a
+    checkpoint must match (checkpoint.requirements); `extra`: this start's other output
+    files inside `out` (relative), kept in run.json and moved aside with the rest.
+    UsageError for a refusal; the lock is released again then."""
     lock = Lock.acquire(out, info)
     try:
-        c = _decide(out, resume, overwrite, mine, fingerprint, info)
+        c = _decide(out, resume, overwrite, mine, required, tuple(extra), info)
     except BaseException:
         lock.release()
         raise
@@ -291,84 +178,131 @@ def claim(out: str, resume: str, overwrite: bool, mine: dict, fingerprint: list,
     return c
 
 
-def _refuse(out: str, why: str, record: dict | None) -> UsageError:
-    where = os.path.join(out, "previous", (record or {}).get("run_id", "<time>"))
-    return UsageError(f"--out {out}: {why}; use a new --out, or --overwrite true to move its "
-                      f"outputs to {where}/ and start a new run there")
+def refusal(out: str, resume: str = "none", overwrite: bool = False) -> str | None:
+    """Why hpcaccel.train with these --resume and --overwrite flags would stop at once on
+    `out`, whatever its model and data: a live run's lock, or one of the rules that read
+    only OUT and the checkpoint (module docstring); None if training may start there (it
+    then compares model, data and global batch with the run's). The doctor asks this."""
+    try:
+        held = in_use(out)
+        if held or not os.path.isdir(out):
+            return held
+        record = read_record(out)
+        return _refusal(out, resume, overwrite, outputs_in(out, _extra(record)), record)
+    except UsageError as e:  # an unreadable --resume checkpoint
+        return str(e)
 
 
-def _decide(out, resume, overwrite, mine, fingerprint, info) -> Claim:
-    present = outputs_in(out)
-    record = read_record(out)
+def _extra(record: dict | None, extra=()) -> tuple:
+    """Output files inside OUT besides OUTPUTS: the run's recorded ones and this start's."""
+    return tuple(dict.fromkeys([*((record or {}).get("outputs") or []), *extra]))
+
+
+def _refusal(out, resume, overwrite, present, record) -> str | None:
+    if resume not in ("none", "auto") and not os.path.exists(resume):
+        return f"--resume {resume}: no such file"
+    if not present or overwrite:
+        return None
+    if record is None:
+        return _unowned(out, present, resume)
     if resume == "none":
-        if present and not overwrite:
-            what = (f"run {record['run_id']}" if record else "a run") + f" ({', '.join(present)})"
-            raise UsageError(f"--out {out}: holds the outputs of {what}; to continue it pass "
-                             f"--resume auto, or use a new --out, or --overwrite true to move them to "
-                             f"{os.path.join(out, 'previous', (record or {}).get('run_id', '<time>'))}/"
-                             f" and start a new run")
-        return _new_run(out, mine, present, record, info)
+        auto = _refusal(out, "auto", False, present, record) is None
+        return (f"--out {out}: holds the outputs of run {record['run_id']} ({', '.join(present)}); "
+                + ("to continue it pass --resume auto, or " if auto else "")
+                + f"use a new --out, or --overwrite true to move them to {_aside(out, record)}/ "
+                  f"and start a new run")
     if resume == "auto":
-        if not present:
-            return _new_run(out, mine, present, record, info)
-        if record is None:
-            why = ("holds outputs without a run record (run.json: from an older hpcaccel or "
-                   "another program), so --resume auto cannot tell whose they are; resume a "
-                   "checkpoint explicitly with --resume PATH")
-        else:
-            why = mismatch(record, mine)
-            why = why and f"--resume auto: run {record['run_id']} there cannot be continued: {why}"
+        if not checkpoint.list_checkpoints(out) and "summary.json" in present:
+            return _refuse(out, f"--resume auto: run {record['run_id']} there finished but its "
+                                f"checkpoints are gone", record)
+        return None
+    theirs = checkpoint.header(resume).get("run") or {}
+    if theirs.get("run_id") != record["run_id"]:
+        return _refuse(out, "holds the outputs of another run than the checkpoint's", record)
+    return None
+
+
+def _unowned(out, present, resume) -> str:
+    """Outputs without run.json: no start can continue them in place."""
+    found = checkpoint.list_checkpoints(out)
+    path = resume if resume not in ("none", "auto") else (found[-1] if found else None)
+    hint = f" (with --resume {path} there to continue that checkpoint)" if path else ""
+    return (f"--out {out}: holds outputs without a run record ({', '.join(present)}; no run.json: "
+            f"from an older hpcaccel or another program), so no start can tell whose they are; "
+            f"use a new --out{hint}, or --overwrite true to move them to {_aside(out, None)}/ "
+            f"and start a new run")
+
+
+def _aside(out: str, record: dict | None) -> str:
+    return os.path.join(out, "previous", (record or {}).get("run_id", "<time>"))
+
+
+def _refuse(out: str, why: str, record: dict | None) -> str:
+    return (f"--out {out}: {why}; use a new --out, or --overwrite true to move its outputs to "
+            f"{_aside(out, record)}/ and start a new run there")
+
+
+def _decide(out, resume, overwrite, mine, required, extra, info) -> Claim:
+    record = read_record(out)
+    extra = _extra(record, extra)
+    present = outputs_in(out, extra)
+    why = _refusal(out, resume, overwrite, present, record)
+    if why:
+        raise UsageError(why)
+    if resume == "none" or (resume == "auto" and (not present or record is None)):
+        return _new_run(out, mine, present, record, extra, info)  # (--overwrite if present)
+    if resume == "auto":
+        why = mismatch(record, mine)
         if why is None:
             found = checkpoint.list_checkpoints(out)
             if found:
-                return _continue(out, found[-1], record, mine, fingerprint)
+                return _continue(out, found[-1], record, mine, required, extra)
             if "summary.json" not in present:  # ended before its first checkpoint
                 info(f"hpcaccel: run {record['run_id']} in {out} has no checkpoint yet: "
                      f"starting it again")
-                write_record(out, dict(record, epochs=mine["epochs"]))
+                write_record(out, dict(record, epochs=mine["epochs"], outputs=list(extra)))
                 return Claim(record["run_id"])
-            why = (f"--resume auto: run {record['run_id']} there finished but its checkpoints "
-                   f"are gone")
-        if not overwrite:
-            raise _refuse(out, why, record)
-        return _new_run(out, mine, present, record, info)
+        elif not overwrite:
+            raise UsageError(_refuse(out, f"--resume auto: run {record['run_id']} there cannot "
+                                          f"be continued: {why}", record))
+        return _new_run(out, mine, present, record, extra, info)
     # an explicit checkpoint file
-    if not os.path.exists(resume):
-        raise UsageError(f"--resume {resume}: no such file")
-    head = checkpoint.header(resume, fingerprint)
+    head = checkpoint.header(resume, required)
     theirs = head.get("run")
     why = theirs and mismatch(theirs, mine)
     if why:
         raise UsageError(f"--resume {resume}: checkpoint cannot be continued: {why}")
     if present and record is not None and theirs and record["run_id"] == theirs["run_id"]:
-        return _continue(out, resume, record, mine, fingerprint, head)
-    if present:
-        if not overwrite:
-            raise _refuse(out, "holds the outputs of another run than the checkpoint's", record)
-        _move_aside(out, present, record, info)
+        return _continue(out, resume, record, mine, required, extra, head)
+    if present:  # --overwrite (else refused above); the checkpoint may be among them
+        dest = _move_aside(out, present, record, info)
+        rel = inside(out, resume)
+        if rel and any(rel == e or rel.startswith(e + os.sep) for e in present):
+            resume = os.path.join(dest, rel)
     run = dict(theirs or {}, **mine, run_id=(theirs or {}).get("run_id") or uuid.uuid4().hex[:12])
-    write_record(out, _stamp(run))
+    write_record(out, _stamp(dict(run, outputs=list(extra))))
     return Claim(run["run_id"], resume)
 
 
-def _continue(out, path, record, mine, fingerprint, head=None) -> Claim:
-    head = head or checkpoint.header(path, fingerprint)
+def _continue(out, path, record, mine, required, extra, head=None) -> Claim:
+    head = head or checkpoint.header(path, required)
     theirs = head.get("run") or {}
     if theirs.get("run_id") != record["run_id"]:
-        raise _refuse(out, f"--resume auto: the newest checkpoint {path} belongs to run "
-                      f"{theirs.get('run_id', '(none recorded)')}, not to this directory's run "
-                      f"{record['run_id']}", record)
+        raise UsageError(_refuse(out, f"--resume auto: the newest checkpoint {path} belongs to "
+                                      f"run {theirs.get('run_id', '(none recorded)')}, not to "
+                                      f"this directory's run {record['run_id']}", record))
     done = head["step_in_epoch"] == 0 and head["epoch"] >= mine["epochs"]
     complete = done and os.path.exists(os.path.join(out, "summary.json"))
-    if not complete and record.get("epochs") != mine["epochs"]:
-        write_record(out, dict(record, epochs=mine["epochs"]))  # extended (or shortened)
+    if not complete and (record.get("epochs") != mine["epochs"]
+                         or list(extra) != (record.get("outputs") or [])):
+        write_record(out, dict(record, epochs=mine["epochs"], outputs=list(extra)))  # extended
     return Claim(record["run_id"], path, complete)
 
 
-def _new_run(out, mine, present, record, info) -> Claim:
+def _new_run(out, mine, present, record, extra, info) -> Claim:
     if present:
         _move_aside(out, present, record, info)
-    run = _stamp(dict(mine, run_id=uuid.uuid4().hex[:12]))
+    run = _stamp(dict(mine, run_id=uuid.uuid4().hex[:12], outputs=list(extra)))
     write_record(out, run)
     return Claim(run["run_id"])
 
@@ -377,9 +311,9 @@ def _stamp(run: dict) -> dict:
     return dict(run, host=socket.gethostname(), started=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
 
-def _move_aside(out, present, record, info) -> None:
-    """--overwrite: move the previous run's outputs to OUT/previous/<run id>/; nothing is
-    deleted (rename within one directory tree: atomic per file, no copy)."""
+def _move_aside(out, present, record, info) -> str:
+    """--overwrite: move the previous run's outputs to OUT/previous/<run id>/ (returned);
+    nothing is deleted (rename within one directory tree: atomic per file, no copy)."""
     name = (record or {}).get("run_id") or time.strftime("%Y%m%d-%H%M%S")
     dest = os.path.join(out, "previous", name)
     n = 1
@@ -388,18 +322,24 @@ def _move_aside(out, present, record, info) -> None:
         dest = os.path.join(out, "previous", f"{name}-{n}")
     os.makedirs(dest)
     for entry in present:
+        os.makedirs(os.path.dirname(os.path.join(dest, entry)), exist_ok=True)
         shutil.move(os.path.join(out, entry), os.path.join(dest, entry))
     info(f"hpcaccel: --overwrite: moved the previous run's outputs to {dest}/")
+    return dest
 
 
-def claim_collectively(cfg, control, model, train_ds, world_size: int, info=print) -> Claim:
+def claim_collectively(cfg, control, model, train_ds, world_size: int,
+                       required: checkpoint.Requirements, info=print) -> Claim:
     """Every rank: rank 0 claims cfg.out; the decision (not the lock) reaches all ranks.
-    A refusal is a UsageError on every rank (exit 2, one line from rank 0)."""
+    A refusal is a UsageError on every rank (exit 2, one line from rank 0). A --timeline
+    inside cfg.out belongs to the run's outputs."""
     def on_main():
         if not control.is_main:
             return None
         mine = identity(model, train_ds, cfg.batch_size * world_size, cfg.epochs)
-        return claim(cfg.out, cfg.resume, cfg.overwrite, mine, checkpoint.fingerprint(model), info)
+        timeline = inside(cfg.out, cfg.timeline)
+        return claim(cfg.out, cfg.resume, cfg.overwrite, mine, required, info,
+                     extra=[timeline] if timeline else [])
 
     mine = control.collectively(on_main)
     shared = control.broadcast(mine.shared() if mine is not None else None)

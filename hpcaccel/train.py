@@ -77,9 +77,10 @@ def setup(cfg, control, timeline):
     return world, reducer, model, optimizer, train_ds, test_ds
 
 
-def restore(cfg, control, world, model, optimizer, reducer, path) -> dict | None:
-    """Load checkpoint `path` (rank 0 chose it: rundir.claim) on every rank and restore the
-    model, optimizer, reducer state (PowerSGD) and this rank's RNG; None for a fresh start."""
+def restore(cfg, control, world, model, optimizer, reducer, path, required) -> dict | None:
+    """Load checkpoint `path` (rank 0 chose it: rundir.claim) on every rank, checked against
+    `required` first, and restore the model, optimizer state, reducer state (PowerSGD) and
+    this rank's RNG; None for a fresh start."""
     import torch
     from . import checkpoint
 
@@ -87,9 +88,9 @@ def restore(cfg, control, world, model, optimizer, reducer, path) -> dict | None
         # Per-rank RNG streams (dropout, augmentation); initialisation came from rank 0.
         torch.manual_seed(cfg.seed * 1_000_003 + 1 + world.rank)
         return None
-    state = control.collectively(checkpoint.load, path, model)
+    state = control.collectively(checkpoint.load, path, required)
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    checkpoint.load_optimizer(optimizer, state["optimizer"])
     if "reducer" in state:  # per rank; from another world size only what all ranks share
         same = len(state["reducer"]) == world.size
         reducer.load_state_dict(state["reducer"][world.rank if same else 0], exact=same)
@@ -102,7 +103,7 @@ def restore(cfg, control, world, model, optimizer, reducer, path) -> dict | None
 
 
 def run(argv, control) -> dict:
-    from . import advice, config, rundir
+    from . import advice, checkpoint, config, rundir
     from .data import RankReader
     from .env import describe_hosts
     from .metrics import NullRunLog, RunLog, bar_wanted, progress_bar
@@ -112,17 +113,22 @@ def run(argv, control) -> dict:
     from .timeline import NullTimeline, Timeline
     from .trainer import LoopHooks, Trainer
     from .watchdog import Watchdog
+    from .wording import mib, plural
 
     t_start = time.perf_counter()
     stop = StopRequest()  # from the start: a signal during set-up is honoured at step 1
     cfg = control.collectively(config.parse_args, argv, quiet=not control.is_main)
+    # every output path, before set-up and the claim write anything (rank 0 writes them)
+    control.collectively(lambda: control.is_main and rundir.check_paths(
+        cfg.out, {"--timeline": cfg.timeline}))
     # one timeline for the reader, the reducer and the loop; its file is created in start()
     timeline = Timeline(cfg.timeline, control) if cfg.timeline else NullTimeline()
     world, reducer, model, optimizer, train_ds, test_ds = setup(cfg, control, timeline)
     if world.is_main:
         for line in advice.flag_warnings(config.given_values(argv, quiet=True)[0], reducer.name):
             print(f"hpcaccel: warning: {line}", file=sys.stderr, flush=True)
-    claim = rundir.claim_collectively(cfg, control, model, train_ds, world.size,
+    required = checkpoint.requirements(model, optimizer, reducer.state_dict(), world.size)
+    claim = rundir.claim_collectively(cfg, control, model, train_ds, world.size, required,
                                       info=print if world.is_main else lambda line: None)
     if claim.complete:  # outputs stay untouched
         if world.is_main:
@@ -130,7 +136,7 @@ def run(argv, control) -> dict:
                   f"epochs or more); nothing to do (a larger --epochs continues it)", flush=True)
         reducer.close()
         return {"already_complete": True}
-    resumed = restore(cfg, control, world, model, optimizer, reducer, claim.checkpoint)
+    resumed = restore(cfg, control, world, model, optimizer, reducer, claim.checkpoint, required)
     staging = None
     if cfg.stage_dir:  # the files this host reads from here on, copied to node-local storage
         from .data.staging import stage_run
@@ -143,10 +149,11 @@ def run(argv, control) -> dict:
         log.info(f"hpcaccel: resuming from {resumed['path']} (epoch {resumed['epoch'] + 1}, "
                  f"step {resumed['global_step']})")
     device = next(model.parameters()).device
-    log.info(f"hpcaccel: {world.size} ranks on {world.nodes} node(s) ({describe_hosts(world.hosts)}), "
-             f"{world.threads} thread(s) "
+    log.info(f"hpcaccel: {plural(world.size, 'rank')} on {world.nodes} node(s) "
+             f"({describe_hosts(world.hosts)}), {world.threads} thread(s) "
              f"per rank, device {device}, precision {cfg.precision}, "
-             f"backend {backend_phrase(reducer)}, {world.mpi_library}; data {train_ds.samples} "
+             f"backend {backend_phrase(reducer)}, compression {compression_phrase(cfg)}, "
+             f"{world.mpi_library}; data {train_ds.samples} "
              f"samples in {len(train_ds.files)} file(s), {reader.steps} steps/epoch")
     if staging is not None:
         log.info(f"hpcaccel: --stage-dir {cfg.stage_dir}: each host reads at most "
@@ -154,7 +161,7 @@ def run(argv, control) -> dict:
                  + (f" and {staging['test_files_per_host_max']} of {len(test_ds.files)} test "
                     f"file(s)" if test_ds is not None else "")
                  + f", staged there in {staging['seconds_max']:.1f} s "
-                 f"({staging['bytes_copied_per_host_max'] / 2**20:.1f} MiB copied at most per host)")
+                 f"({mib(staging['bytes_copied_per_host_max'])} copied at most per host)")
     watchdog = Watchdog(cfg.stall_timeout, world.rank, abort=control.abort,
                         report=HangReport(cfg.out, world.rank, world.size,
                                           grace=min(5.0, max(2.0, cfg.stall_timeout / 2)))).start()
@@ -176,7 +183,7 @@ def run(argv, control) -> dict:
         return result
     summary = {"world_size": world.size, "resumed_from": resumed and resumed["path"],
                "nodes": world.nodes, "threads_per_rank": world.threads, "device": str(device),
-               "backend": reducer.name, "mpi_library": world.mpi_library, "epochs": cfg.epochs,
+               **exchange(reducer, cfg), "mpi_library": world.mpi_library, "epochs": cfg.epochs,
                # the bucket size the mpi reducer used (--bucket-mb auto's choice included)
                **({"bucket_mib": reducer.bucket_bytes / 2**20}
                   if getattr(reducer, "bucket_bytes", None) else {}),
@@ -184,11 +191,31 @@ def run(argv, control) -> dict:
                "wall_seconds": time.perf_counter() - t_start, "config": cfg.to_dict()}
     log.model(model.state_dict())
     log.summary(summary)
-    log.info(f"done: test accuracy {summary['test_accuracy']}, "
-             f"{summary['samples_per_second']:.0f} samples/s, outputs in {cfg.out}")
+    accuracy = summary["test_accuracy"]
+    log.info("done: " + (f"test accuracy {accuracy:.4f}" if accuracy is not None else
+                         "no test set (--test-data)")
+             + f", {summary['samples_per_second']:.0f} samples/s, outputs in {cfg.out}")
     log.close()
     reducer.close()
     return summary
+
+
+def exchange(reducer, cfg) -> dict:
+    """summary.json's record of how gradients were exchanged, as it ran: the backend, the
+    allreduce algorithm (the mpi reducer's, --allreduce auto resolved; Horovod's own) and
+    --compression."""
+    algorithm = getattr(reducer, "algorithm", None)
+    return {"backend": reducer.name, "allreduce": getattr(algorithm, "name", reducer.name),
+            "compression": cfg.compression}
+
+
+def compression_phrase(cfg) -> str:
+    """The start-up line's --compression."""
+    if cfg.compression != "powersgd":
+        return cfg.compression
+    return (f"powersgd (rank {cfg.powersgd_rank}"
+            + (f", exact for the first {cfg.powersgd_start_step} steps)"
+               if cfg.powersgd_start_step else ")"))
 
 
 def format_failure(rank: int, e: BaseException) -> str:
@@ -225,6 +252,8 @@ def main(argv=None) -> int:
     except BaseException as e:  # noqa: BLE001 - one rank failing must end every rank
         sys.stderr.write(format_failure(rank, e))
         sys.stderr.flush()
+        from .runlock import release_held
+        release_held()  # MPI_Abort skips exit handlers: OUT's lock would stay behind
         control.abort(1)
         return 1
 

@@ -92,6 +92,8 @@ def test_finished_run_stays_finished_and_a_larger_epochs_extends_it(finished):
     assert summary["epochs"] == 3 and summary["steps"] == 3 * steps_per_epoch
     assert summary["samples_per_second"] > 0
     assert json.loads((out / "run.json").read_text())["epochs"] == 3
+    # what ran, not what was asked for: --allreduce auto's choice on one host
+    assert (summary["allreduce"], summary["compression"]) == ("sliced", "none")
 
 
 def test_resume_auto_refuses_another_runs_state(finished, tmp_path):
@@ -120,6 +122,61 @@ def test_resume_auto_refuses_another_runs_state(finished, tmp_path):
     (line,) = errors(r)
     other_id = json.loads((other / "run.json").read_text())["run_id"]
     assert f"belongs to run {other_id}" in line
+
+
+def test_resume_under_settings_its_checkpoint_cannot_continue_under_exits_2(finished):
+    """Another --optimizer (its state means nothing to another) or --freeze (other parameter
+    groups): one line naming the flag and the checkpoint's setting, checked before anything
+    is loaded; OUT untouched and its lock released."""
+    out = finished
+    before = snapshot(out)
+    r = train(out, "--epochs", "3", "--resume", "auto", "--optimizer", "adamw")
+    assert r.returncode == 2, r.stdout + r.stderr
+    (line,) = errors(r)
+    newest = checkpoint.list_checkpoints(str(out))[-1]
+    assert line.startswith(f"hpcaccel: error: --optimizer adamw: the checkpoint {newest} was "
+                           f"trained with --optimizer sgd"), line
+    assert "failed" not in r.stderr and not (out / "run.lock").exists()
+    r = train(out, "--epochs", "3", "--resume", "auto", "--freeze", "1")
+    assert r.returncode == 2, r.stdout + r.stderr
+    (line,) = errors(r)
+    assert line.startswith(f"hpcaccel: error: --freeze: the checkpoint {newest} was trained "
+                           f"with 6 trainable parameter tensors, this start has 4"), line
+    assert snapshot(out) == before
+
+
+def test_output_paths_are_checked_before_out_is_claimed(tmp_path):
+    """An --out that is a file or cannot be created, a --timeline in no directory: one line
+    naming the flag, exit 2, nothing written."""
+    (tmp_path / "file").write_text("not a directory")
+    for args, needle in [
+            (["--out", str(tmp_path / "file")], f"--out {tmp_path / 'file'}: exists and is not a "
+                                                f"directory"),
+            (["--out", "/proc/hpcaccel-x"], "--out /proc/hpcaccel-x: cannot create it"),
+            (["--out", str(tmp_path / "run"), "--timeline", "/nonexistent/x.json"],
+             "--timeline /nonexistent/x.json: no such directory /nonexistent")]:
+        r = train_cli(NP, *SMALL, "--epochs", "1", *args, timeout=120)
+        assert r.returncode == 2, r.stdout + r.stderr
+        (line,) = errors(r)
+        assert line.startswith(f"hpcaccel: error: {needle}"), line
+        assert "set-up failed" not in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_a_timeline_inside_out_moves_aside_with_the_run(tmp_path):
+    """The corrected command of a bad --timeline runs (nothing was claimed); an --overwrite
+    start moves the trace with the run's other outputs."""
+    out = tmp_path / "run"
+    r = train(out, "--epochs", "1", "--timeline", "/nonexistent/x.json")
+    assert r.returncode == 2 and not out.exists(), r.stdout + r.stderr
+    r = train(out, "--epochs", "1", "--timeline", str(out / "trace.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    trace = (out / "trace.json").read_bytes()
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    r = train(out, "--epochs", "1", "--overwrite", "true")  # run.json knows the trace
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "previous" / run_id / "trace.json").read_bytes() == trace
+    assert not (out / "trace.json").exists()
 
 
 def test_pruning_keeps_the_checkpoint_just_written(tmp_path):

@@ -41,6 +41,28 @@ def test_user_model_and_synthetic_data_at_2_ranks(tmp_path):
     assert summary["config"]["model"] == "mymodels:tiny" and summary["steps"] == 2 * (512 // 32)
 
 
+def test_what_ran_at_one_rank_without_a_test_set(tmp_path):
+    """The start-up line and summary.json name the compression and the allreduce that ran;
+    one rank reads "1 rank"; without a test set the last line says so."""
+    import numpy as np
+    from hpcaccel.data import write_file
+
+    data = str(tmp_path / "d.h5")
+    rng = np.random.default_rng(0)
+    write_file(data, [rng.standard_normal((256, 16)).astype(np.float32)],
+               [rng.integers(0, 4, 256)], 256, (16,), 4, "test")
+    out = tmp_path / "run"
+    r = mpirun(1, "--data", data, "--model", "mlp", "--epochs", "1", "--compression", "bf16",
+               "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (start,) = [l for l in r.stdout.splitlines() if l.startswith("hpcaccel: 1 rank on 1 node(s)")]
+    assert "backend mpi (allreduce: sliced MPI_Allreduce)" in start and "compression bf16" in start
+    assert r.stdout.splitlines()[-1].startswith("done: no test set (--test-data), ")
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["allreduce"], summary["compression"]) == ("sliced", "bf16")
+    assert summary["test_accuracy"] is None
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--data", "/nonexistent/data.h5"], "--data /nonexistent/data.h5: no such file"),
     (["--lr", "-0.1"], "--lr must not be negative"),

@@ -11,12 +11,13 @@ from hpcaccel import checkpoint, rundir
 from hpcaccel.errors import UsageError
 
 FP = [["w", [2, 2]]]
+REQ = checkpoint.Requirements(FP)
 MINE = {"model": rundir.model_digest(FP), "global_batch": 32, "epochs": 2,
         "data": {"samples": 256, "sample_shape": [16], "classes": 10, "head": "abc"}}
 
 
 def claim(out, resume="auto", overwrite=False, mine=MINE):
-    c = rundir.claim(str(out), resume, overwrite, mine, FP, info=lambda line: None)
+    c = rundir.claim(str(out), resume, overwrite, mine, REQ, info=lambda line: None)
     c.release()
     return c
 
@@ -70,8 +71,8 @@ def test_a_reused_pid_does_not_keep_a_stale_lock(tmp_path):
 
 def test_resume_path_of_another_run_into_a_used_out_is_refused(tmp_path):
     model = torch.nn.Linear(2, 2, bias=False)
-    fp = checkpoint.fingerprint(model)
-    mine = dict(MINE, model=rundir.model_digest(fp))
+    fp = checkpoint.Requirements(checkpoint.fingerprint(model))
+    mine = dict(MINE, model=rundir.model_digest(fp.fingerprint))
     a, b = tmp_path / "a", tmp_path / "b"
     rundir.claim(str(a), "none", False, mine, fp, info=lambda line: None).release()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -97,3 +98,113 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock(tmp_path, monkeyp
     said = []
     rundir.Lock.acquire(str(tmp_path), info=said.append).release()
     assert "an earlier run of this Slurm job 77 (restart 0, now 1)" in said[0]
+
+
+def finished_run(out):
+    """A finished run's outputs: run.json, a checkpoint of its own, summary.json."""
+    model = torch.nn.Linear(2, 2, bias=False)
+    req = checkpoint.Requirements(checkpoint.fingerprint(model))
+    mine = dict(MINE, model=rundir.model_digest(req.fingerprint))
+    rundir.claim(str(out), "none", False, mine, req, info=lambda line: None).release()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = checkpoint.save(str(out), checkpoint.build(model, opt, 2, 0, 16, []), keep=2)
+    (out / "summary.json").write_text("{}")
+    return mine, req, path
+
+
+def test_refusal_is_what_claim_refuses(tmp_path):
+    """The doctor asks rundir.refusal; training's claim raises the same line."""
+    mine, req, _ = finished_run(tmp_path)
+    why = rundir.refusal(str(tmp_path), "none", False)
+    assert why.startswith(f"--out {tmp_path}: holds the outputs of run ") and "--resume auto" in why
+    with pytest.raises(UsageError) as e:
+        rundir.claim(str(tmp_path), "none", False, mine, req, info=lambda line: None)
+    assert str(e.value) == why
+    assert rundir.refusal(str(tmp_path), "auto", False) is None  # continued or complete
+    assert rundir.refusal(str(tmp_path), "none", True) is None  # moved aside
+    assert rundir.refusal(str(tmp_path / "new"), "none", False) is None
+    assert rundir.refusal(str(tmp_path), "/nonexistent.pt", False) == \
+        "--resume /nonexistent.pt: no such file"
+
+
+def test_refusal_names_a_live_lock(tmp_path):
+    held = rundir.Lock.acquire(str(tmp_path), info=lambda line: None)
+    try:
+        why = rundir.refusal(str(tmp_path), "auto", True)
+        assert f"in use by a running hpcaccel run (host {socket.gethostname()}, pid " \
+               f"{os.getpid()}" in why
+    finally:
+        held.release()
+    assert rundir.refusal(str(tmp_path), "auto", True) is None
+
+
+def test_outputs_without_a_run_record_offer_only_what_works(tmp_path):
+    """No --resume auto (it cannot tell whose they are): a new --out, where --resume of
+    their checkpoint continues it, or --overwrite true."""
+    out = tmp_path / "old"
+    out.mkdir()
+    mine, req, path = finished_run(out)
+    (out / "run.json").unlink()
+    for resume in ("none", "auto"):
+        with pytest.raises(UsageError) as e:
+            rundir.claim(str(out), resume, False, mine, req, info=lambda line: None)
+        line = str(e.value)
+        assert "no run.json" in line and "--resume auto" not in line, line
+        assert f"use a new --out (with --resume {path} there" in line and "--overwrite true" in line
+    c = rundir.claim(str(tmp_path / "new"), path, False, mine, req, info=lambda line: None)
+    c.release()
+    assert c.checkpoint == path
+    c = rundir.claim(str(out), "none", True, mine, req, info=lambda line: None)
+    c.release()
+    assert c.checkpoint is None and rundir.read_record(str(out))["run_id"] == c.run_id
+
+
+def test_overwrite_follows_a_resumed_checkpoint_that_moves_aside(tmp_path):
+    """--resume OUT/checkpoints/X --overwrite true on outputs without run.json: they move to
+    previous/, and the run continues from the checkpoint where it now lies."""
+    mine, req, path = finished_run(tmp_path)
+    os.unlink(tmp_path / "run.json")
+    c = rundir.claim(str(tmp_path), path, True, mine, req, info=lambda line: None)
+    c.release()
+    assert c.checkpoint != path and os.path.exists(c.checkpoint)
+    assert c.checkpoint.startswith(str(tmp_path / "previous")) and not os.path.exists(path)
+
+
+def test_a_file_of_the_run_inside_out_moves_aside_with_the_rest(tmp_path):
+    say = []
+    c = rundir.claim(str(tmp_path), "none", False, MINE, REQ, info=say.append,
+                     extra=["trace.json"])
+    c.release()
+    (tmp_path / "trace.json").write_text("[")
+    assert rundir.read_record(str(tmp_path))["outputs"] == ["trace.json"]
+    with pytest.raises(UsageError, match=r"\(run.json, trace.json\)"):
+        rundir.claim(str(tmp_path), "none", False, MINE, REQ, info=say.append)
+    rundir.claim(str(tmp_path), "none", True, MINE, REQ, info=say.append).release()
+    assert (tmp_path / "previous" / c.run_id / "trace.json").read_text() == "["
+    assert not (tmp_path / "trace.json").exists()
+
+
+@pytest.mark.parametrize("make,flag,needle", [
+    (lambda d: (d / "f", {}), "--out", "exists and is not a directory"),
+    (lambda d: (d / "f" / "out", {}), "--out", f"is not a directory)"),
+    (lambda d: (d / "out", {"--timeline": "/nonexistent/x.json"}), "--timeline",
+     "no such directory /nonexistent"),
+    (lambda d: (d / "out", {"--timeline": str(d)}), "--timeline", "is a directory"),
+    (lambda d: (d / "out", {"--timeline": str(d / "out" / "metrics.jsonl")}), "--timeline",
+     "where the run keeps its own metrics.jsonl"),
+])
+def test_output_paths_are_checked_without_writing(tmp_path, make, flag, needle):
+    (tmp_path / "f").write_text("a file")
+    out, files = make(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(UsageError) as e:
+        rundir.check_paths(str(out), files)
+    assert str(e.value).startswith(flag + " ") and needle in str(e.value), str(e.value)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_output_paths_inside_an_out_still_to_be_created_are_fine(tmp_path):
+    out = tmp_path / "a" / "b"
+    rundir.check_paths(str(out), {"--timeline": str(out / "trace.json")})
+    rundir.check_paths(str(out), {"--timeline": str(tmp_path / "trace.json"), "--x": None})
+    assert os.listdir(tmp_path) == []
