@@ -37,6 +37,16 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def boolean(text: str) -> bool:
+    """A flag's true/false value (also 1/0, yes/no, on/off)."""
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def usage_error(prog: str, error: UsageError) -> int:
     """Report bad input the one way: a single line naming the flag or file; exit code 2."""
     print(f"{prog}: error: {error}", file=sys.stderr)

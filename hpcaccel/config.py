@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .cli import Parser
+from .cli import Parser, boolean
 from .errors import UsageError
 
 # the one tomllib import (the standard library's from Python 3.11, tomli before)
@@ -98,7 +98,7 @@ class TrainConfig:
                         "mpi (hpcaccel's mpi4py reducer); auto: the faster one for the device, mpi "
                         "on CPU, horovod on CUDA where it has GPU operations (docs/backends.md)",
                         choices=BACKENDS)
-    bucket_mb: str = _opt("auto", "mpi backend: gradient bucket size in MB; each bucket's "
+    bucket_mb: str = _opt("auto", "mpi backend: gradient bucket size in MiB; each bucket's "
                           "allreduce starts as soon as its gradients are ready during backward; "
                           "auto: from the link's latency and bandwidth, measured at start-up, "
                           "and the model's gradient size (shown on the start-up line)",
@@ -109,7 +109,7 @@ class TrainConfig:
                           "then within); auto: sliced on one host, across hosts hierarchical "
                           "with several ranks per host, else ring (see docs/backends.md)",
                           choices=ALLREDUCES)
-    fusion_mb: Optional[float] = _opt(None, "horovod backend: tensor fusion threshold in MB "
+    fusion_mb: Optional[float] = _opt(None, "horovod backend: tensor fusion threshold in MiB "
                                       "(HOROVOD_FUSION_THRESHOLD; 0 disables fusion); unset: "
                                       "Horovod's (128) or the environment's")
     cycle_time_ms: Optional[float] = _opt(None, "horovod backend: milliseconds between Horovod's "
@@ -186,7 +186,7 @@ class TrainConfig:
             except ValueError:
                 mb = float("nan")
             if not (math.isfinite(mb) and mb > 0):
-                raise UsageError(f"--bucket-mb must be auto or a positive number of MB, got "
+                raise UsageError(f"--bucket-mb must be auto or a positive number of MiB, got "
                                  f"{self.bucket_mb!r}")
             self.bucket_mb = mb
         if self.fusion_mb is not None and self.fusion_mb < 0:
@@ -211,15 +211,6 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def build_parser(prog: str = "python -m hpcaccel.train", description: str = "",
                  quiet: bool = False) -> Parser:
     parser = Parser(prog=prog, description=description, quiet=quiet,
@@ -229,7 +220,7 @@ def build_parser(prog: str = "python -m hpcaccel.train", description: str = "",
     for f in dataclasses.fields(TrainConfig):
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         if "bool" in kind:
-            argtype, metavar = _bool, "{true,false}"
+            argtype, metavar = boolean, "{true,false}"
         elif "int" in kind:
             argtype, metavar = int, "N"
         elif "float" in kind:
