@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import traceback
 
-from ..cli import Parser, usage_error
+from ..cli import Parser, boolean, usage_error
 from ..errors import UsageError
 from . import __doc__ as DOC
 
@@ -14,9 +14,16 @@ PROG = "hpcaccel.doctor"
 def parse_args(argv, quiet: bool):
     p = Parser(prog="python -m hpcaccel.doctor", description=DOC.splitlines()[0], quiet=quiet)
     p.add_argument("--data", help="training data to check: every rank opens it and must see "
-                   "the same samples (an HDF5 file or a shard index.json)")
+                   "the same samples (an HDF5 file or a shard index.json); the built-in "
+                   "sources (digits, synthetic) are valid as they are")
     p.add_argument("--out", help="output directory to check: rank 0 writes a file there and "
-                   "every host must see it (resume needs a shared --out); removed afterwards")
+                   "every host must see it (resume needs a shared --out); removed afterwards. "
+                   "Also whether hpcaccel.train would start there under --resume and "
+                   "--overwrite (a live run's lock, another run's outputs)")
+    p.add_argument("--resume", default="none", help="with --out: the --resume you give "
+                   "hpcaccel.train (none, auto or a checkpoint path)")
+    p.add_argument("--overwrite", type=boolean, default=False, metavar="{true,false}",
+                   help="with --out: the --overwrite you give hpcaccel.train")
     p.add_argument("--threads", type=int, help="intra-op threads per rank, as you would give "
                    "hpcaccel.train (default: from CPU affinity)")
     p.add_argument("--grad-mb", type=float, help="gradient size per step (MiB): predict step "

@@ -63,11 +63,14 @@ def auto_backend(comm) -> tuple[str, str]:
     return gather_auto(comm, "auto")
 
 
-def open_data(comm, path: str) -> list[tuple[str | None, int | None]]:
-    """Collective. (error, samples) per rank as each rank opens --data itself."""
-    from ..data import open_dataset
+def open_data(comm, path: str) -> list[tuple[str | None, int | None]] | None:
+    """Collective. (error, samples) per rank as each rank opens --data itself; None for a
+    built-in source (digits, synthetic), which training packs on first use."""
+    from ..data import BUILTINS, open_dataset
     from ..errors import UsageError
 
+    if path in BUILTINS:  # the same answer on every rank, no file to open
+        return None
     try:
         result = (None, open_dataset(path, "--data").samples)
     except UsageError as e:  # names the file already
@@ -75,6 +78,15 @@ def open_data(comm, path: str) -> list[tuple[str | None, int | None]]:
     except Exception as e:  # noqa: BLE001 - reported, judged on rank 0
         result = (f"--data {path}: {type(e).__name__}: {e}", None)
     return comm.allgather(result)
+
+
+def out_refusal(comm, path: str, resume: str, overwrite: bool) -> str | None:
+    """Collective. Why hpcaccel.train would refuse --out at once (rundir.refusal: the lock
+    and the ownership rules training applies), judged on rank 0 (which writes the outputs);
+    None elsewhere and where it would start."""
+    from ..rundir import refusal
+
+    return refusal(path, resume, overwrite) if comm.Get_rank() == 0 else None
 
 
 def shared_out(comm, path: str, host: str, wait_s: float = 3.0) -> tuple[str | None, list[str]]:

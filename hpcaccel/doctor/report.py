@@ -22,6 +22,7 @@ def run(args, comm, write=print) -> int:
     reasons = facts.horovod_reasons(comm)
     auto, why = facts.auto_backend(comm)
     data = facts.open_data(comm, args.data) if args.data else None
+    refused = facts.out_refusal(comm, args.out, args.resume, args.overwrite) if args.out else None
     out = facts.shared_out(comm, args.out, world.node_name) if args.out else None
     links = probe.run(comm, world.local_rank, world.nodes)
     if comm.Get_rank() != 0:
@@ -36,13 +37,18 @@ def run(args, comm, write=print) -> int:
     verdicts += horovod
     usable = "usable on every rank" if all(r is None for r in reasons) else "not usable"
     lines.append(f"horovod: {usable}; --backend auto picks {auto} ({why})")
-    if data is not None:
+    if args.data and data is None:
+        from ..data.sources import cache_dir
+        lines.append(f"data: {args.data}: a built-in source; training packs it on first use "
+                     f"into {cache_dir()} (once per host)")
+    elif data is not None:
         found = data_verdicts(args.data, data)
         verdicts += found
         lines.append(f"data: {args.data}: " + ("see problems below" if found else
                                                 f"{data[0][1]} samples, seen alike by every rank"))
     if out is not None:
-        found = out_verdicts(args.out, *out)
+        flags = f"--resume {args.resume} --overwrite {str(args.overwrite).lower()}"
+        found = out_verdicts(args.out, *out, refused=refused, flags=flags)
         verdicts += found
         lines.append(f"out: {args.out}: " + ("see problems below" if found else
                                               "rank 0 writes there and every host sees it"))

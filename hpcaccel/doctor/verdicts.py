@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from ..wording import plural
+
 
 @dataclass(frozen=True)
 class RankRow:
@@ -77,7 +79,8 @@ def layout_verdicts(rows: list[RankRow], threads_flag: int | None) -> list[Verdi
         threads = sum(r.threads for r in ranks)
         if len(ranks) > len(cores):
             # mpirun and srun refuse this unless told to (--oversubscribe, --overcommit)
-            out.append(note(f"{host}: {len(ranks)} ranks on {len(cores)} cores time-share them",
+            out.append(note(f"{host}: {len(ranks)} ranks on {plural(len(cores), 'core')} "
+                            f"time-share them",
                             "fine for testing, meaningless for speed: use at most one rank "
                             "per core (one per socket is usual)"))
         if threads > max(len(cores), len(ranks)):
@@ -85,8 +88,9 @@ def layout_verdicts(rows: list[RankRow], threads_flag: int | None) -> list[Verdi
             how = (f"use --threads {fair} or leave --threads unset (hpcaccel then shares "
                    f"each rank's cores evenly)") if threads_flag else \
                   "bind ranks to disjoint cores (mpirun --bind-to core|socket, srun --cpu-bind)"
-            out.append(problem(f"{host}: {len(ranks)} ranks x threads = {threads} threads on "
-                               f"{len(cores)} cores (oversubscribed)", how))
+            out.append(problem(f"{host}: {plural(len(ranks), 'rank')} x threads = "
+                               f"{plural(threads, 'thread')} on {plural(len(cores), 'core')} "
+                               f"(oversubscribed)", how))
         out += _overlaps(host, ranks)
         if 1 < ranks[0].host_sockets == len(ranks):
             spanning = [r for r in ranks if len(r.sockets) > 1]
@@ -164,8 +168,14 @@ def data_verdicts(path: str, results: list[tuple[str | None, int | None]]) -> li
     return []
 
 
-def out_verdicts(path: str, write_error: str | None, unseen_hosts: list[str]) -> list[Verdict]:
-    """rank 0 wrote a file into --out (or failed: write_error); hosts that did not see it."""
+def out_verdicts(path: str, write_error: str | None, unseen_hosts: list[str],
+                 refused: str | None = None, flags: str = "") -> list[Verdict]:
+    """rank 0 wrote a file into --out (or failed: write_error); hosts that did not see it;
+    why hpcaccel.train `flags` (its --resume and --overwrite) would refuse --out at once
+    (rundir.refusal), if it would: its own line says what to do."""
+    if refused and not write_error:
+        train = "hpcaccel.train" + (f" {flags}" if flags else "")
+        return [problem(f"{train} would stop with exit 2: {refused}", "")]
     if write_error:
         return [problem(f"--out {path}: rank 0 cannot write there ({write_error})",
                         "choose a writable directory on shared storage")]

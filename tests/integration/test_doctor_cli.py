@@ -1,7 +1,11 @@
 """`python -m hpcaccel.doctor` under real mpirun: a healthy set-up passes (exit 0) at 2 and
 4 ranks; an oversubscribed layout, a missing --data and an unwritable --out each get their
-verdict (exit 1); bad usage is one line and exit 2; a launcher/MPI size mismatch is found."""
+verdict (exit 1); an --out training would refuse (another run's outputs, a live run's lock)
+is a problem, training's built-in --data is not; bad usage is one line and exit 2; a
+launcher/MPI size mismatch is found."""
+import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -9,7 +13,7 @@ import numpy as np
 import pytest
 
 from hpcaccel.data import write_file
-from support import mpirun_python
+from support import mpirun_python, train_cli
 
 
 def doctor(np_, *args, env=None):
@@ -77,3 +81,36 @@ def test_ranks_started_without_mpi_connection_are_reported():
     assert r.returncode == 1, r.stdout + r.stderr
     (p,) = problem_lines(r.stdout)
     assert "MPI reports 1 rank(s) but srun" in p and "--mpi=pmix" in p
+
+
+def test_out_is_judged_by_trains_own_ownership_and_lock_rules(tmp_path):
+    out = tmp_path / "run"
+    small = ["--data", "synthetic", "--synthetic-samples", "256", "--synthetic-shape", "16",
+             "--model", "mlp", "--epochs", "1", "--out", str(out)]
+    r = train_cli(2, *small)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # a finished run: train's default --resume none refuses it, and so does the doctor
+    d = doctor(2, "--out", str(out))
+    assert d.returncode == 1, d.stdout + d.stderr
+    (p,) = problem_lines(d.stdout)
+    t = train_cli(2, *small)
+    assert t.returncode == 2, t.stdout + t.stderr
+    (refused,) = [l for l in t.stderr.splitlines() if l.startswith("hpcaccel: error:")]
+    assert p == ("PROBLEM: hpcaccel.train --resume none --overwrite false would stop with exit "
+                 "2: " + refused[len("hpcaccel: error: "):])
+    # with the flags that continue it: ready
+    d = doctor(2, "--out", str(out), "--resume", "auto")
+    assert d.returncode == 0 and "ready to train" in d.stdout, d.stdout + d.stderr
+    # a live run holds the lock (this test's own process stands for it)
+    (out / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    d = doctor(2, "--out", str(out), "--resume", "auto", "--overwrite", "true")
+    assert d.returncode == 1, d.stdout + d.stderr
+    (p,) = problem_lines(d.stdout)
+    assert f"in use by a running hpcaccel run (host {socket.gethostname()}, pid {os.getpid()}" in p
+    assert (out / "run.lock").exists()  # the doctor never takes or breaks a lock
+
+
+def test_builtin_data_is_valid(tmp_path):
+    r = doctor(2, "--data", "digits")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "data: digits: a built-in source" in r.stdout and problem_lines(r.stdout) == []

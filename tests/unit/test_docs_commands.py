@@ -127,6 +127,23 @@ def test_documented_digits_pack_runs(tmp_path):
     assert len(os.listdir(tmp_path)) == 1
 
 
+def test_the_doctor_accepts_trains_data_defaults():
+    """`--data` as training takes it by default (the built-in sources): the doctor, run as
+    the docs show it, must not call it a problem."""
+    from hpcaccel.data import BUILTINS
+
+    sources = {config.TrainConfig.data, *BUILTINS}
+    shown = {a[a.index("--data") + 1] for _, m, a in COMMANDS
+             if m == "hpcaccel.doctor" and "--data" in a[:-1]}
+    assert sources & shown, "the docs show no doctor command with a built-in --data"
+    for source in sorted(sources):
+        r = subprocess.run([sys.executable, "-m", "hpcaccel.doctor", "--data", source],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode in (0, 1) and "hpcaccel doctor:" in r.stdout, r.stderr
+        assert f"data: {source}: a built-in source" in r.stdout
+        assert not [l for l in r.stdout.splitlines() if l.startswith("PROBLEM: --data")], r.stdout
+
+
 def test_make_train_command_matches_the_makefile():
     makefile = open(os.path.join(ROOT, "Makefile")).read()
     (line,) = [l for l in makefile.splitlines() if "-m hpcaccel.train" in l]

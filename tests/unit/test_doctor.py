@@ -97,6 +97,17 @@ def test_out_verdicts():
     assert "rank 0 cannot write" in p.text
     (p,) = out_verdicts("o", None, ["node2"])
     assert "node2" in p.text and "--resume" in p.text
+    (p,) = out_verdicts("o", None, [], refused="--out o: holds the outputs of run x; ...",
+                        flags="--resume none --overwrite false")
+    assert p.line() == ("PROBLEM: hpcaccel.train --resume none --overwrite false would stop "
+                        "with exit 2: --out o: holds the outputs of run x; ...")
+
+
+def test_one_core_and_one_rank_read_in_the_singular():
+    (v,) = layout_verdicts([row(0, {0}), row(1, {0})], None)
+    assert v.text.startswith("n1: 2 ranks on 1 core time-share")
+    (p,) = problems(layout_verdicts([row(0, {0}, threads=2)], 2))
+    assert "1 rank x threads = 2 threads on 1 core (oversubscribed)" in p.text
 
 
 def test_table_and_cpulists():
@@ -128,3 +139,10 @@ def test_cpu_topology_from_sysfs(tmp_path):
 def test_bad_usage_names_the_flag(argv, flag):
     with pytest.raises(UsageError, match=flag):
         parse_args(argv, quiet=True)
+
+
+def test_resume_and_overwrite_default_to_trains():
+    args = parse_args(["--out", "o"], quiet=True)
+    assert (args.resume, args.overwrite) == ("none", False)
+    args = parse_args(["--out", "o", "--resume", "auto", "--overwrite", "true"], quiet=True)
+    assert (args.resume, args.overwrite) == ("auto", True)
