@@ -5,13 +5,15 @@
   python -m hpcaccel.slurm render cpu --nodes 2 --time 02:00:00 --partition cpu \\
       --set cores_per_socket=32 --set venv=/path/venv -- --data /scratch/ds/index.json
   python -m hpcaccel.slurm submit cpu ...same...              # prints the job id
+  python -m hpcaccel.slurm render cpu --set cores_per_socket=32 --script train.py -- --epochs 20
   python -m hpcaccel.slurm submit sweep --sweep lr.toml -- --epochs 20
   python -m hpcaccel.slurm collect runs/hpcaccel-sweep-1234 [--format md|csv]
 
 Templates are slurm/NAME.sbatch (or any path to one; `templates` lists the installed ones); `--set KEY=VALUE` sets a template
 parameter (`params` lists them), `--env NAME=VALUE` exports a variable in the job,
 `--sbatch FLAG=VALUE` adds a directive, and everything after `--` goes to
-`python -m hpcaccel.train`. Bad input: one line naming the flag, exit code 2.
+`python -m hpcaccel.train`, or with `--script PATH` (cpu, gpu) to your own training script,
+which then runs instead. Bad input: one line naming the flag, exit code 2.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def _template_dir() -> str:
 
 TEMPLATE_DIR = os.environ.get("HPCACCEL_SLURM_TEMPLATES") or _template_dir()
 # shortcuts for common parameters: --nodes N is --set nodes=N
-SHORTCUTS = ("nodes", "time", "partition", "account", "job_name")
+SHORTCUTS = ("nodes", "time", "partition", "account", "job_name", "script")
 
 
 def template_path(name: str) -> str:
@@ -154,10 +156,23 @@ def render_from_args(args) -> str:
         settings[key] = (value, f"--set {key}")
     sweep = slurm_sweep.load(args.sweep) if args.sweep else None
     train_args = list(args.train_args)
-    script = slurm_template.render(tpl, settings, train_args, dict(_pairs(args.env, "--env")),
-                                   args.sbatch or (), sweep)
-    check_train_flags(train_args, sweep, args.sweep)
-    return script
+    rendered = slurm_template.render(tpl, settings, train_args, dict(_pairs(args.env, "--env")),
+                                     args.sbatch or (), sweep)
+    if settings.get("script"):  # the arguments after -- are the script's own
+        check_script(*settings["script"], (settings.get("chdir") or ("", ""))[0])
+    else:
+        check_train_flags(train_args, sweep, args.sweep)
+    return rendered
+
+
+def check_script(path: str, flag: str, chdir: str = "") -> None:
+    """The script must exist where the job starts (--set chdir, or where sbatch runs), so a
+    typo fails now rather than after the queue."""
+    where = os.path.join(chdir, path) if chdir else path
+    if not os.path.isfile(where):
+        raise UsageError(f"{flag}: {path}: no such file" + (f" in --set chdir {chdir}" if chdir
+                                                             else "") +
+                         " (the job starts the script from there)")
 
 
 def submit(script: str, sbatch: str = "sbatch") -> str:
@@ -185,6 +200,8 @@ def build_parser() -> Parser:
         p.add_argument("--partition", help="partition (--set partition=...)")
         p.add_argument("--account", help="account (--set account=...)")
         p.add_argument("--job-name", dest="job_name", help="job name (--set job_name=...)")
+        p.add_argument("--script", help="your own training script (--set script=PATH): runs "
+                       "instead of hpcaccel.train, with the arguments after --")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a template parameter")
         p.add_argument("--env", action="append", metavar="NAME=VALUE", help="export in the job")
         p.add_argument("--sbatch", action="append", metavar="FLAG=VALUE", help="an extra sbatch directive")
@@ -204,7 +221,7 @@ def build_parser() -> Parser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # everything after the first -- is for hpcaccel.train, untouched by this parser
+    # everything after the first -- is for hpcaccel.train (or --script), untouched here
     cut = argv.index("--") if "--" in argv else len(argv)
     try:
         args = build_parser().parse_args(argv[:cut])

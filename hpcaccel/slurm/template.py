@@ -19,7 +19,8 @@ written. The rendered script is: the shebang, the directives sorted, then the bo
 
 Computed placeholders (not settable): template, requeue_exit_code, site_setup (module
 loads, environment activation, exports: generated, each value quoted), train_args (the
-train flags, shlex-joined), and for sweeps array and sweep_json.
+arguments after --, shlex-joined: hpcaccel.train's flags, or a --script's own), and for
+sweeps array and sweep_json.
 """
 from __future__ import annotations
 
@@ -210,8 +211,9 @@ def render(tpl: Template, settings: dict | None = None, train_args=(), env: dict
            extra_directives=(), sweep: list | None = None) -> str:
     """The ready sbatch script.
 
-    settings: {param: (value, flag)}; train_args: flags for hpcaccel.train, inserted as
-    given (commands.check_train_flags checks them: what the template owns, a sweep's keys);
+    settings: {param: (value, flag)}; train_args: flags for hpcaccel.train (or a script's
+    arguments), inserted as given (commands.check_train_flags checks train flags: what the
+    template owns, a sweep's keys);
     env: exports;
     extra_directives: further "--flag=value" strings; sweep: a list of config dicts (one
     per array task) for templates that run sweeps.

@@ -14,6 +14,7 @@ from hpcaccel.slurm import template as slurm_template
 from hpcaccel.errors import REQUEUE_EXIT_CODE, UsageError
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SWEEP = os.path.join(GOLDEN, "sweep-lr.toml")
 
 CASES = {
@@ -32,6 +33,10 @@ CASES = {
         "render", "cpu", "--partition", "gpu,gpu-long", "--set", "constraint=[rack1|rack2]&ib",
         "--set", "cores_per_socket=8", "--set", "output=logs/my run %j.out",
         "--sbatch", "comment=it's \"quoted\" #1 \\ $(not run)"],
+    # your own script (a path from the checkout's root) with its own arguments after --
+    "cpu-script": ["render", "cpu", "--set", "cores_per_socket=8", "--script",
+                   "examples/horovod_script.py", "--set", "script_runner=horovod", "--",
+                   "--epochs", "5", "--fp16-allreduce"],
     "sweep": ["render", "sweep", "--sweep", SWEEP, "--set", "max_parallel=2", "--set", "cpus_per_rank=8",
               "--time", "00:30:00", "--", "--data", "digits", "--epochs", "5"],
 }
@@ -44,7 +49,8 @@ def render(capsys, argv):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_golden(case, capsys):
+def test_golden(case, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # where a relative --script is found
     rc, out, err = render(capsys, CASES[case])
     assert rc == 0, err
     path = os.path.join(GOLDEN, f"{case}.sbatch")
@@ -123,6 +129,14 @@ def test_requeue_exit_code_is_the_trainers():
     (["render", "sweep"], "--sweep FILE is required by template sweep"),
     (["render", "sweep", "--sweep", SWEEP, "--", "--lr", "0.3"], "--lr (after --): the sweep file sets lr per task"),
     (["render", "nosuch"], "template nosuch: no such template (known: cpu, gpu, sweep)"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--script", "/nonexistent/train.py"],
+     "--script: /nonexistent/train.py: no such file"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--set", "chdir=/nonexistent", "--script",
+      "train.py"], "--script: train.py: no such file in --set chdir /nonexistent"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--script", __file__, "--set",
+      "script_runner=bash"], "--set script_runner: script_runner must be one of python, horovod"),
+    (["render", "sweep", "--sweep", SWEEP, "--script", __file__],
+     "--script: template sweep has no parameter 'script'"),
     (["collect", "/nonexistent/sweep"], "collect /nonexistent/sweep: no such directory"),
     (["collect", "x", "--", "--lr", "1"], "collect: takes no train flags"),
 ])
@@ -132,6 +146,18 @@ def test_bad_input_is_one_line_naming_the_flag(argv, needle, capsys):
     assert out == ""
     assert len(err.splitlines()) == 1 and err.startswith("hpcaccel.slurm: error: "), err
     assert needle in err, err
+
+
+def test_a_script_runs_instead_of_train_with_the_arguments_after_dashes(capsys):
+    """--script: the arguments after -- are the script's own (not checked as train flags,
+    --out included), and its output directory comes from the template (HPCACCEL_RUN_DIR)."""
+    rc, out, err = render(capsys, ["render", "gpu", "--set", "gpus_per_node=2", "--script",
+                                   __file__, "--", "--out", "x", "--my-flag"])
+    assert rc == 0, err
+    assert f"SCRIPT={__file__}\n" in out and "export HPCACCEL_RUN_DIR=$RUN_DIR" in out
+    assert 'hpcaccel_run "${launch[@]}" "${program[@]}" --out x --my-flag\n' in out
+    assert "case python in" in out
+    subprocess.run(["bash", "-n"], input=out, text=True, check=True)
 
 
 @pytest.mark.parametrize("key,value", [("out", '"/elsewhere"'), ("resume", '"none"')])
