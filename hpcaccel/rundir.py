@@ -126,7 +126,7 @@ def check_paths(out: str, files: dict) -> None:
 
 
 def _check_file(flag: str, path: str, out: str) -> None:
-    if os.path.isdir(path):
+    if os.path.isdir(path) or os.path.abspath(path) == os.path.abspath(out):
         raise UsageError(f"{flag} {path}: is a directory; give a file name")
     rel = inside(out, path)
     if rel is not None and rel.split(os.sep)[0] in OUTPUTS + (LOCK, "previous"):

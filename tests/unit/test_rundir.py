@@ -190,6 +190,7 @@ def test_a_file_of_the_run_inside_out_moves_aside_with_the_rest(tmp_path):
     (lambda d: (d / "out", {"--timeline": "/nonexistent/x.json"}), "--timeline",
      "no such directory /nonexistent"),
     (lambda d: (d / "out", {"--timeline": str(d)}), "--timeline", "is a directory"),
+    (lambda d: (d / "out", {"--timeline": str(d / "out")}), "--timeline", "is a directory"),
     (lambda d: (d / "out", {"--timeline": str(d / "out" / "metrics.jsonl")}), "--timeline",
      "where the run keeps its own metrics.jsonl"),
 ])
