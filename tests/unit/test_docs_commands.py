@@ -95,7 +95,19 @@ def _help(module, sub):
     return r.stdout
 
 
-OTHERS = [(f, m, a) for f, m, a in COMMANDS if m not in ("hpcaccel.train", "hpcaccel")]
+# hpcaccel.horovod's arguments are the user's script and its own arguments
+OTHERS = [(f, m, a) for f, m, a in COMMANDS
+          if m not in ("hpcaccel.train", "hpcaccel", "hpcaccel.horovod")]
+
+
+def test_documented_horovod_launches_name_a_script_or_module():
+    launches = [(f, a) for f, m, a in COMMANDS if m == "hpcaccel.horovod"]
+    assert launches, "the docs show no python -m hpcaccel.horovod command"
+    assert "usage:" in _help("hpcaccel.horovod", None)
+    for doc, args in launches:
+        placeholder = args and args[0].isupper()  # SCRIPT, as in a usage line
+        assert args and (placeholder or args[0] == "-m" and len(args) > 1
+                         or args[0].endswith(".py")), (doc, args)
 
 
 @pytest.mark.parametrize("doc,module,args", OTHERS,
