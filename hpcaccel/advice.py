@@ -22,11 +22,20 @@ def flag_warnings(given: dict, backend: str) -> list[str]:
 
 def merge_stats(per_rank: list[dict]) -> dict:
     """The data scan's per-rank statistics (hdf5.scan) as one: the smallest label over all
-    ranks, x's from the first rank that saw samples."""
+    ranks, float targets' count, sum and sum of squares added up, x's from the first rank
+    that saw samples."""
     labels = [s["min_label"] for s in per_rank if s.get("min_label") is not None]
     first_x = next((s for s in per_rank if "x_min" in s), {})
-    return {"min_label": min(labels) if labels else None,
-            **{k: first_x[k] for k in ("x_integer", "x_whole", "x_min", "x_max") if k in first_x}}
+    merged = {"min_label": min(labels) if labels else None,
+              **{k: first_x[k] for k in ("x_integer", "x_whole", "x_min", "x_max") if k in first_x}}
+    if any("y_count" in s for s in per_rank):
+        merged.update({k: sum(s.get(k, 0) for s in per_rank) for k in ("y_count", "y_sum", "y_sumsq")})
+    return merged
+
+
+# Float targets whose root mean square exceeds this give losses of its square and gradients
+# that the default --lr of 0.05 cannot take.
+TARGET_RMS_WARN = 100.0
 
 
 def data_warnings(stats: dict, classes: int, flag: str, path: str) -> list[str]:
@@ -37,6 +46,15 @@ def data_warnings(stats: dict, classes: int, flag: str, path: str) -> list[str]:
                      f"{stats['x_max']:g} (unscaled integer data: expect huge losses); scale "
                      f"it, e.g. pack 8-bit images with `python -m hpcaccel.data pack "
                      f"--normalize` (into [0, 1])")
+    if stats.get("y_count"):
+        mean = stats["y_sum"] / stats["y_count"]
+        rms = (stats["y_sumsq"] / stats["y_count"]) ** 0.5
+        if rms > TARGET_RMS_WARN:
+            spread = max(0.0, rms * rms - mean * mean) ** 0.5
+            lines.append(f"{flag} {path}: the float targets have mean {mean:.4g} and standard "
+                         f"deviation {spread:.4g} (losses of about {rms * rms:.3g} at the start, "
+                         f"large gradients); standardise them (subtract the mean, divide by the "
+                         f"standard deviation) before packing, or lower --lr")
     low = stats.get("min_label")
     if low is not None and low >= 1:
         lines.append(f"{flag} {path}: no sample has label 0 (labels start at {low}), so the "

@@ -22,13 +22,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-# choices of the flags, in one place (optim.py, augment.py and comm/ implement them)
+# choices of the flags, in one place (optim.py, augment.py, tasks.py and comm/ implement them)
 OPTIMIZERS = ("sgd", "adamw", "lars")
 SCHEDULES = ("constant", "cosine", "step")
 AUGMENTATIONS = ("none", "shift", "flip", "shift+flip")
 BACKENDS = ("auto", "horovod", "mpi")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 PROGRESS = ("auto", "true", "false")
+TASKS = ("auto", "classify", "regress", "segment")  # or package.module:factory
+LOSSES = ("auto", "mse", "l1", "huber")
 ALLREDUCES = ("auto", "sliced", "ring", "hierarchical")
 
 
@@ -56,8 +58,18 @@ class TrainConfig:
                                     "$SLURM_TMPDIR) before training and read them from there; "
                                     "default: read in place")
     # model and optimisation
-    model: str = _opt("cnn", "built-in model (mlp, cnn, resnet) or package.module:factory, "
-                      "called as factory(input_shape, num_classes)")
+    task: str = _opt("auto", "what is learned from y: classify (one integer label per sample; "
+                     "cross-entropy, accuracy), regress (float targets of any shape; --loss; "
+                     "rmse, mae, r2), segment (an integer label per element; per-element "
+                     "cross-entropy, pixel accuracy, mean IoU), or package.module:factory (your "
+                     "own loss and metrics, docs/training.md); auto: from y (labels per sample "
+                     "classify, float targets regress, labels per element segment)")
+    loss: str = _opt("auto", "--task regress: mse, l1 or huber (auto: mse); classify and segment "
+                     "use cross-entropy", choices=LOSSES)
+    model: str = _opt("auto", "built-in model (mlp, cnn, resnet, fcn: a class or value per "
+                      "pixel) or package.module:factory, called as factory(input_shape, "
+                      "output_shape) with the output shape the task needs; auto: fcn for outputs "
+                      "per pixel, cnn for other (channels, height, width) samples, else mlp")
     dropout: float = _opt(0.0, "dropout probability in the built-in models' heads")
     epochs: int = _opt(20, "passes over the training data")
     batch_size: int = _opt(16, "samples per rank per step (global batch = this x ranks)")
@@ -79,7 +91,8 @@ class TrainConfig:
                                "parameters exempt); decoupled for adamw")
     clip_grad_norm: float = _opt(0.0, "clip the global norm of the averaged gradient to this; "
                                  "0: off")
-    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss, in [0, 1)")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss (classify, "
+                                  "segment), in [0, 1)")
     augment: str = _opt("none", "image augmentation per rank, deterministic from --seed: random "
                         "shift by one pixel, left-right flip, or both",
                         choices=AUGMENTATIONS)
@@ -175,6 +188,9 @@ class TrainConfig:
         for name in ("dropout", "label_smoothing"):
             if not 0 <= getattr(self, name) < 1:
                 raise UsageError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.task not in TASKS and ":" not in self.task:
+            raise UsageError(f"--task: unknown task {self.task!r} (choose from "
+                             f"{', '.join(TASKS)}, or package.module:factory)")
         if self.lr_schedule == "step" and self.lr_step_epochs == 0:
             raise UsageError("--lr-schedule step needs --lr-step-epochs (epochs between decays)")
         if self.accum_steps > self.batch_size:

@@ -51,10 +51,12 @@ def data_identity(ds) -> dict:
             "classes": int(ds.classes), "head": ds.head}
 
 
-def identity(model, train_ds, global_batch: int, epochs: int) -> dict:
-    """This start's identity; compared with a run record by `mismatch`."""
+def identity(model, train_ds, global_batch: int, epochs: int, task: str | None = None) -> dict:
+    """This start's identity; compared with a run record by `mismatch`. `task`: the task's
+    name (--task auto resolved)."""
     return {"model": model_digest(checkpoint.fingerprint(model)), "data": data_identity(train_ds),
-            "global_batch": int(global_batch), "epochs": int(epochs)}
+            "global_batch": int(global_batch), "epochs": int(epochs),
+            **({"task": task} if task else {})}
 
 
 def mismatch(record: dict, mine: dict) -> str | None:
@@ -62,6 +64,9 @@ def mismatch(record: dict, mine: dict) -> str | None:
     it can (epochs may differ: a larger --epochs extends the run)."""
     if record.get("model") != mine["model"]:
         return "it trained a different model (parameter names or shapes differ)"
+    # records from before tasks hold none: those runs classified
+    if mine.get("task") and record.get("task", "classify") != mine["task"]:
+        return f"it trained --task {record.get('task', 'classify')}, this run --task {mine['task']}"
     theirs, data = record.get("data") or {}, mine["data"]
     for key, what in (("samples", "samples"), ("sample_shape", "sample shape"),
                       ("classes", "classes"), ("head", "first samples")):
@@ -329,14 +334,15 @@ def _move_aside(out, present, record, info) -> str:
 
 
 def claim_collectively(cfg, control, model, train_ds, world_size: int,
-                       required: checkpoint.Requirements, info=print) -> Claim:
+                       required: checkpoint.Requirements, info=print,
+                       task: str | None = None) -> Claim:
     """Every rank: rank 0 claims cfg.out; the decision (not the lock) reaches all ranks.
     A refusal is a UsageError on every rank (exit 2, one line from rank 0). A --timeline
-    inside cfg.out belongs to the run's outputs."""
+    inside cfg.out belongs to the run's outputs. `task`: the task's name."""
     def on_main():
         if not control.is_main:
             return None
-        mine = identity(model, train_ds, cfg.batch_size * world_size, cfg.epochs)
+        mine = identity(model, train_ds, cfg.batch_size * world_size, cfg.epochs, task)
         timeline = inside(cfg.out, cfg.timeline)
         return claim(cfg.out, cfg.resume, cfg.overwrite, mine, required, info,
                      extra=[timeline] if timeline else [])

@@ -2,6 +2,7 @@
 
   mpirun -np 8 python -m hpcaccel.train                      # digits, built-in CNN
   mpirun -np 4 python -m hpcaccel.train --data /scratch/ds/index.json --model mlp
+  mpirun -np 4 python -m hpcaccel.train --data diabetes --epochs 50   # regression (--task auto)
   srun --mpi=pmix python -m hpcaccel.train --config run.toml
   python -m hpcaccel.train --help
 
@@ -20,7 +21,7 @@ from .errors import REQUEUE_EXIT_CODE, Diverged, SetupFailed, UsageError
 
 def setup(cfg, control, timeline):
     """Every set-up phase, agreed collectively: a failure on any rank fails all of them."""
-    from . import advice, data, env
+    from . import advice, data, env, tasks
     from .comm import make_reducer, reducer_options
     from .models import build_model
     from .optim import make_optimizer
@@ -34,6 +35,9 @@ def setup(cfg, control, timeline):
         data.resolve, cfg.data, cfg.test_data, samples=cfg.synthetic_samples, shape=shape,
         classes=cfg.synthetic_classes, seed=cfg.seed, pack=world.local_rank == 0,
         wait=control.agree, inspect=world.is_main, share=control.broadcast)
+    # the loss, metrics and output shape; a task that does not fit y stops before the scan
+    task = collectively(tasks.resolve, cfg.task, train_ds.target, f"--data {cfg.data}",
+                        loss=cfg.loss, label_smoothing=cfg.label_smoothing)
     scanned = {}
 
     def check_data():
@@ -59,7 +63,7 @@ def setup(cfg, control, timeline):
     dev = collectively(devices.resolve, cfg.device, world.local_rank, world.local_size)
     collectively(devices.check_precision, cfg.precision, dev)
     torch.manual_seed(cfg.seed)
-    model = collectively(build_model, cfg.model, train_ds.sample_shape, train_ds.classes,
+    model = collectively(build_model, cfg.model, train_ds.sample_shape, task.output_shape,
                          dropout=cfg.dropout)
     if cfg.init_from:
         loaded, fresh = collectively(finetune.load_matching, model, cfg.init_from)
@@ -74,7 +78,7 @@ def setup(cfg, control, timeline):
     optimizer = make_optimizer(cfg, model)
     reducer.broadcast_parameters(model)  # all ranks start from rank 0's initialisation
     reducer.attach(model, optimizer)
-    return world, reducer, model, optimizer, train_ds, test_ds
+    return world, reducer, model, optimizer, train_ds, test_ds, task
 
 
 def restore(cfg, control, world, model, optimizer, reducer, path, required) -> dict | None:
@@ -109,6 +113,7 @@ def run(argv, control) -> dict:
     from .metrics import NullRunLog, RunLog, bar_wanted, progress_bar
     from .hang_report import HangReport
     from .comm.backend_choice import backend_phrase
+    from .models import auto_choice
     from .signals import StopRequest
     from .timeline import NullTimeline, Timeline
     from .trainer import LoopHooks, Trainer
@@ -123,13 +128,14 @@ def run(argv, control) -> dict:
         cfg.out, {"--timeline": cfg.timeline}))
     # one timeline for the reader, the reducer and the loop; its file is created in start()
     timeline = Timeline(cfg.timeline, control) if cfg.timeline else NullTimeline()
-    world, reducer, model, optimizer, train_ds, test_ds = setup(cfg, control, timeline)
+    world, reducer, model, optimizer, train_ds, test_ds, task = setup(cfg, control, timeline)
     if world.is_main:
         for line in advice.flag_warnings(config.given_values(argv, quiet=True)[0], reducer.name):
             print(f"hpcaccel: warning: {line}", file=sys.stderr, flush=True)
     required = checkpoint.requirements(model, optimizer, reducer.state_dict(), world.size)
     claim = rundir.claim_collectively(cfg, control, model, train_ds, world.size, required,
-                                      info=print if world.is_main else lambda line: None)
+                                      info=print if world.is_main else lambda line: None,
+                                      task=task.name)
     if claim.complete:  # outputs stay untouched
         if world.is_main:
             print(f"hpcaccel: run {claim.run_id} in {cfg.out} is already complete ({cfg.epochs} "
@@ -154,7 +160,10 @@ def run(argv, control) -> dict:
              f"per rank, device {device}, precision {cfg.precision}, "
              f"backend {backend_phrase(reducer)}, compression {compression_phrase(cfg)}, "
              f"{world.mpi_library}; data {train_ds.samples} "
-             f"samples in {len(train_ds.files)} file(s), {reader.steps} steps/epoch")
+             f"samples in {len(train_ds.files)} file(s), {reader.steps} steps/epoch; "
+             f"task {task_phrase(task)}; model " + (
+                 f"{auto_choice(train_ds.sample_shape, task.output_shape)} (auto)"
+                 if cfg.model == "auto" else cfg.model))
     if staging is not None:
         log.info(f"hpcaccel: --stage-dir {cfg.stage_dir}: each host reads at most "
                  f"{staging['train_files_per_host_max']} of {len(train_ds.files)} training file(s)"
@@ -168,7 +177,7 @@ def run(argv, control) -> dict:
     control.collectively(timeline.start)
     hooks = LoopHooks(log=log, progress=progress_bar(world.is_main and bar_wanted(cfg.progress)),
                       stop=stop, watchdog=watchdog, timeline=timeline)
-    trainer = Trainer(cfg, control, reducer, model, optimizer, reader, test_ds, hooks)
+    trainer = Trainer(cfg, control, reducer, model, optimizer, reader, test_ds, hooks, task)
     try:
         result = trainer.fit(resumed)
     finally:
@@ -184,6 +193,7 @@ def run(argv, control) -> dict:
     summary = {"world_size": world.size, "resumed_from": resumed and resumed["path"],
                "nodes": world.nodes, "threads_per_rank": world.threads, "device": str(device),
                **exchange(reducer, cfg), "mpi_library": world.mpi_library, "epochs": cfg.epochs,
+               "task": task.name,
                # the bucket size the mpi reducer used (--bucket-mb auto's choice included)
                **({"bucket_mib": reducer.bucket_bytes / 2**20}
                   if getattr(reducer, "bucket_bytes", None) else {}),
@@ -191,8 +201,7 @@ def run(argv, control) -> dict:
                "wall_seconds": time.perf_counter() - t_start, "config": cfg.to_dict()}
     log.model(model.state_dict())
     log.summary(summary)
-    accuracy = summary["test_accuracy"]
-    log.info("done: " + (f"test accuracy {accuracy:.4f}" if accuracy is not None else
+    log.info("done: " + (done_phrase(task, summary) if test_ds is not None else
                          "no test set (--test-data)")
              + f", {summary['samples_per_second']:.0f} samples/s, outputs in {cfg.out}")
     log.close()
@@ -207,6 +216,21 @@ def exchange(reducer, cfg) -> dict:
     algorithm = getattr(reducer, "algorithm", None)
     return {"backend": reducer.name, "allreduce": getattr(algorithm, "name", reducer.name),
             "compression": cfg.compression}
+
+
+def task_phrase(task) -> str:
+    """The start-up line's task, and why where --task auto chose it."""
+    return task.describe() + (f", chosen by --task auto from y's {task.target.kind}"
+                              if task.chosen_by_auto else "")
+
+
+def done_phrase(task, summary: dict) -> str:
+    """The last line's test metrics: the task's headline ones, e.g. `test accuracy 0.9806`."""
+    parts = []
+    for name, _ in task.headline:
+        value = summary.get(f"test_{name}")
+        parts.append(f"test {name.replace('_', ' ')} " + ("n/a" if value is None else f"{value:.4f}"))
+    return ", ".join(parts) or "test loss " + f"{summary['test_loss']:.4f}"
 
 
 def compression_phrase(cfg) -> str:

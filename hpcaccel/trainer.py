@@ -1,10 +1,11 @@
 """The training loop: read a batch, forward, backward (gradients averaged as they are
 produced), step; per epoch, average metrics across ranks and evaluate.
 
-It knows the Reducer interface only, never the backend; everything else ranks exchange
-(votes, metric means, checkpoint gathers) goes through the control plane. Cross-rank
-invariant: every rank runs the same number of steps per epoch (the reader guarantees it),
-so collectives in the loop always match.
+It knows the Reducer interface only, never the backend, and the Task interface only, never
+a loss or metric (tasks.py); everything else ranks exchange (votes, metric means,
+checkpoint gathers) goes through the control plane. Cross-rank invariant: every rank runs
+the same number of steps per epoch (the reader guarantees it), so collectives in the loop
+always match.
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import device as devices
-from . import optim
+from . import optim, tasks
 from .augment import augment, generator
 from .data import COUNTERS, eval_batches
 from .errors import Diverged
@@ -45,32 +46,40 @@ class LoopHooks:
 
 
 @torch.no_grad()
-def evaluate(model, ds, control, batch: int, device=None,
-             precision: str = "fp32") -> tuple[float, float]:
-    """(loss, accuracy) over the whole evaluation set; each rank scores its own part."""
+def evaluate(model, ds, control, batch: int, device=None, precision: str = "fp32",
+             task=None) -> dict:
+    """{"loss": ..., the task's metrics} over the whole evaluation set; each rank scores its
+    own part, and the sums and the sample count are reduced before any ratio is taken."""
     model.eval()
     device = device or torch.device("cpu")
-    loss_sum = correct = 0.0
-    count = 0
+    task = task or tasks.Classify(ds.classes)
+    loss_sum, count = 0.0, 0
+    totals = task.zero_sums(device)
     for x, y in eval_batches(ds, control.rank, control.size, batch):
         x, y = x.to(device), y.to(device)
         with devices.autocast(precision, device):
             out = model(x).float()
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
+        loss_sum += task.test_loss_sum(out, y).item()
+        for name, value in task.sums(out, y).items():
+            totals[name] += value
         count += len(y)
-    loss_sum, correct, count = control.allreduce([loss_sum, correct, count])
-    return float(loss_sum / count), float(correct / count)
+    reduced = control.allreduce(np.concatenate([[loss_sum], tasks.flatten(totals), [count]]))
+    count = reduced[-1]
+    return {"loss": float(reduced[0] / count),
+            **task.metrics(tasks.unflatten(reduced[1:-1] / count, totals))}
 
 
 class Trainer:
     def __init__(self, cfg, control, reducer, model, optimizer, reader, test_ds=None,
-                 hooks: LoopHooks | None = None):
+                 hooks: LoopHooks | None = None, task: tasks.Task | None = None):
         """control: the job's ControlPlane; reducer: already attached to model/optimizer;
-        reader: this rank's RankReader; test_ds: evaluated after each epoch (None: not)."""
+        reader: this rank's RankReader; test_ds: evaluated after each epoch (None: not);
+        task: the loss and metrics (default: classify with --label-smoothing)."""
         self.cfg, self.control, self.reducer = cfg, control, reducer
         self.model, self.optimizer, self.reader = model, optimizer, reader
         self.test_ds = test_ds
+        self.task = task or tasks.Classify(getattr(getattr(reader, "ds", None), "classes", 2),
+                                           cfg.label_smoothing)
         hooks = hooks or LoopHooks()
         self.log, self.progress, self.stop = hooks.log, hooks.progress, hooks.stop
         self.watchdog, self.timeline = hooks.watchdog, hooks.timeline
@@ -81,16 +90,18 @@ class Trainer:
         self.schedule = optim.LRSchedule(cfg, control.size, reader.steps)
         self.trainable = [p for g in optimizer.param_groups for p in g["params"]]
         self.timers = {"compute": 0.0, "comm_wait": 0.0}
+        self.zero = self.task.zero_sums(self.device)  # the shapes of the task's statistics
 
-    def train_step(self, x, y, epoch: int = 0) -> tuple[float, int] | None:
-        """One optimizer step; None if it was skipped (non-finite loss, --nonfinite skip)."""
+    def train_step(self, x, y, epoch: int = 0) -> tuple[float, dict] | None:
+        """One optimizer step: (loss, the task's sums over the batch); None if it was
+        skipped (non-finite loss, --nonfinite skip)."""
         t0 = time.perf_counter()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.cfg.augment != "none":  # this rank's own stream, fixed by (seed, epoch, rank, step)
             x = augment(x, self.cfg.augment,
                         generator(self.cfg.seed, epoch, self.control.rank, self.step))
         self.reducer.zero_grad()
-        loss, correct = self.forward_backward(x, y)  # allreduces start in the last backward
+        loss, sums = self.forward_backward(x, y)  # allreduces start in the last backward
         t1 = time.perf_counter()
         self.reducer.synchronize()  # exposed communication: what backward did not hide
         t2 = time.perf_counter()
@@ -114,7 +125,7 @@ class Trainer:
         self.timeline.add("forward_backward", t0, t1, step=self.step)
         self.timeline.add("allreduce_wait", t1, t2, step=self.step)
         self.timeline.add("optimizer_step", t2, t3, step=self.step)
-        return loss_value, int(correct)
+        return loss_value, sums
 
     def apply_update(self) -> None:
         """Clip, set the lr, step. The gradients are already averaged, hence identical on
@@ -130,40 +141,42 @@ class Trainer:
         else:
             self.optimizer.step()
 
-    def forward_backward(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_backward(self, x, y) -> tuple[torch.Tensor, dict]:
         """Gradient of the batch's mean loss in --accum-steps micro-batches: all but the last
         backward accumulate locally (no_sync), the last one starts the allreduces. Each
         micro-batch's mean loss is weighted by its share of the batch, so the sum of their
-        gradients is the gradient of one pass over the batch. Returns (loss, correct)."""
+        gradients is the gradient of one pass over the batch. Returns (loss, the task's
+        sums over the batch)."""
         k = self.cfg.accum_steps
         micro = list(zip(x.tensor_split(k), y.tensor_split(k)))
-        loss_sum, correct = 0.0, 0
+        loss_sum, sums = 0.0, {}
         for i, (xm, ym) in enumerate(micro):
             final = i == len(micro) - 1
             with contextlib.nullcontext() if final else self.reducer.no_sync():
                 with devices.autocast(self.cfg.precision, self.device):
                     out = self.model(xm)
-                    loss = F.cross_entropy(out.float(), ym, label_smoothing=self.cfg.label_smoothing)
+                    loss = self.task.loss(out.float(), ym)
                 loss = loss * (len(ym) / len(y))
                 (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             loss_sum = loss_sum + loss.detach()
-            correct = correct + (out.argmax(1) == ym).sum()
-        return loss_sum, correct
+            for name, value in self.task.sums(out.detach().float(), ym).items():
+                sums[name] = sums[name] + value if name in sums else value
+        return loss_sum, sums
 
     def fit(self, resumed: dict | None = None) -> dict:
         """Train from the start, or from a checkpoint's position. Returns the run's results;
         results["stopped_by"] names the signal if the run stopped early (after checkpointing)."""
         start_epoch, start_step, last = 0, 0, {}
-        partial = (0.0, 0.0)
+        partial = self.fresh_sums()
         if resumed is not None:
             start_epoch, start_step = resumed["epoch"], resumed["step_in_epoch"]
             self.step, last = resumed["global_step"], resumed.get("last_record", {})
             if len(resumed["partial"]) == self.control.size:
-                partial = tuple(resumed["partial"][self.control.rank])
+                partial = self.restored_sums(resumed["partial"][self.control.rank])
         train_seconds = 0.0
         for epoch in range(start_epoch, self.cfg.epochs):
             first = start_step if epoch == start_epoch else 0
-            sums = partial if epoch == start_epoch else (0.0, 0.0)
+            sums = partial if epoch == start_epoch else self.fresh_sums()
             skipped_before = self.skipped_steps
             t0 = time.perf_counter()
             outcome = self.train_epoch(epoch, first, sums, last)
@@ -175,12 +188,26 @@ class Trainer:
                                   seconds)
         return self._results(last, train_seconds, self.step - (resumed or {}).get("global_step", 0))
 
+    def fresh_sums(self) -> tuple[float, dict]:
+        """(loss sum, the task's sums), zero: what an epoch starts adding to."""
+        return 0.0, {name: zero.clone() for name, zero in self.zero.items()}
+
+    def restored_sums(self, saved) -> tuple[float, dict]:
+        """A checkpoint's partial epoch sums of this rank (flattened by `checkpoint`). A
+        checkpoint from before tasks holds (loss sum, correct) of a classifier."""
+        loss_sum, flat = saved
+        if np.ndim(flat) == 0:
+            flat = [flat]
+        values = tasks.unflatten(np.asarray(flat, dtype=np.float64), self.zero)
+        return float(loss_sum), {name: torch.as_tensor(v, device=self.device)
+                                 for name, v in values.items()}
+
     def train_epoch(self, epoch: int, first: int, sums, last: dict):
-        """Steps [first, steps) of `epoch`. Returns this rank's (loss sum, correct) over the
-        steps taken, or, if the ranks agreed to stop, the stopped run's results (a dict)
-        after checkpointing the position."""
+        """Steps [first, steps) of `epoch`. Returns this rank's (loss sum, the task's sums)
+        over the steps taken, or, if the ranks agreed to stop, the stopped run's results
+        (a dict) after checkpointing the position."""
         self.model.train()
-        loss_sum, correct = sums
+        loss_sum, totals = sums
         bar = self.progress(total=self.reader.steps, initial=first,
                             desc=f"epoch {epoch + 1}/{self.cfg.epochs}")
         for done, (x, y) in enumerate(self.reader.epoch(epoch, first), start=first + 1):
@@ -188,46 +215,51 @@ class Trainer:
             self.watchdog.beat(self.step)
             if result is not None:
                 loss_sum += result[0]
-                correct += result[1]
+                for name, value in result[1].items():
+                    totals[name] += value  # float64: exact for counts, and resumable bit for bit
                 bar.set_postfix(loss=f"{result[0]:.4f}", refresh=False)
             bar.update(1)
             if self.stop.stopping is not None:  # agreed by all ranks inside train_step
                 bar.close()
                 self.watchdog.beat(self.step, "checkpoint")
-                path = self.checkpoint(epoch, done, (loss_sum, correct), last)
+                path = self.checkpoint(epoch, done, (loss_sum, totals), last)
                 self.control.barrier()  # nobody exits before rank 0's file is complete
                 return {"stopped_by": self.stop.name, "checkpoint": path, "steps": self.step}
             every = self.cfg.checkpoint_every
             if every and self.step % every == 0 and done < self.reader.steps:
-                self.checkpoint(epoch, done, (loss_sum, correct), last)
+                self.checkpoint(epoch, done, (loss_sum, totals), last)
         bar.close()
-        return loss_sum, correct
+        return loss_sum, totals
 
     def end_epoch(self, epoch: int, first: int, sums, skipped: int, seconds: float) -> dict:
         """Collective: average the epoch's metrics over ranks, evaluate, log, checkpoint.
         Returns the epoch's metrics record."""
         cfg, steps = self.cfg, self.reader.steps
-        loss_sum, correct = sums
-        # every rank ran `steps` steps of equal batches, so the plain mean is exact
-        taken = max(1, steps - skipped)  # skipped steps were agreed: same on every rank
-        train_loss, train_acc = self.control.mean(loss_sum / taken, correct / (taken * cfg.batch_size))
-        last = {"epoch": epoch + 1, "step": self.step, "train_loss": train_loss,
-                "train_accuracy": train_acc, "epoch_seconds": seconds,
+        loss_sum, totals = sums
+        # Every rank ran `steps` steps of equal batches (skipped steps were agreed: the same
+        # on every rank), so the mean over ranks of each rank's mean per sample is the mean
+        # over all samples; the task's ratios are taken from those means only.
+        taken = max(1, steps - skipped)
+        means = self.control.allreduce(np.concatenate(
+            [[loss_sum / taken], tasks.flatten(totals) / (taken * cfg.batch_size)])) / self.control.size
+        metrics = self.task.metrics(tasks.unflatten(means[1:], self.zero))
+        last = {"epoch": epoch + 1, "step": self.step, "train_loss": float(means[0]),
+                **{f"train_{name}": value for name, value in metrics.items()},
+                "epoch_seconds": seconds,
                 "samples_per_second": (steps - first) * cfg.batch_size * self.control.size / seconds}
         if self.test_ds is not None:
             self.watchdog.beat(self.step, "evaluation")
             with self.timeline.span("evaluate", epoch=epoch + 1):
-                last["test_loss"], last["test_accuracy"] = evaluate(
-                    self.model, self.test_ds, self.control, max(cfg.batch_size, 256),
-                    self.device, cfg.precision)
+                tested = evaluate(self.model, self.test_ds, self.control,
+                                  max(cfg.batch_size, 256), self.device, cfg.precision, self.task)
+            last.update({f"test_{name}": value for name, value in tested.items()})
         self.log.metrics(last)
-        self.log.info(f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  "
-                      f"train acc {train_acc:.4f}" + (f"  test acc {last['test_accuracy']:.4f}"
-                      if "test_accuracy" in last else "") +
-                      f"  {last['samples_per_second']:.0f} samples/s")
+        self.log.info("  ".join([f"epoch {epoch + 1}/{cfg.epochs}", f"train loss {means[0]:.4f}",
+                                 *headline(self.task, last),
+                                 f"{last['samples_per_second']:.0f} samples/s"]))
         self.watchdog.beat(self.step, "checkpoint")
         with self.timeline.span("checkpoint"):
-            self.checkpoint(epoch + 1, 0, (0.0, 0.0), last)
+            self.checkpoint(epoch + 1, 0, self.fresh_sums(), last)
         self.timeline.flush()  # collective, once per epoch on every rank
         self.watchdog.beat(self.step)
         return last
@@ -237,7 +269,9 @@ class Trainer:
         (PowerSGD's residuals differ per rank); rank 0 writes."""
         from . import checkpoint
 
-        per_rank = self.control.gather((checkpoint.rng_state(), list(partial),
+        loss_sum, totals = partial
+        per_rank = self.control.gather((checkpoint.rng_state(),
+                                        [loss_sum, tasks.flatten(totals).tolist()],
                                         self.reducer.state_dict()))
         if not self.control.is_main:
             return None
@@ -256,6 +290,9 @@ class Trainer:
         io = COUNTERS.snapshot()  # this rank's whole run: start-up, scan, epochs, evaluation
         io_max = self.control.allreduce([io["files_opened"], io["bytes_read"]], "max")
         io_min = self.control.allreduce([io["files_opened"], io["bytes_read"]], "min")
+        # the task's metrics of the last epoch; accuracy's keys always (None where none)
+        final = {("final_" if k.startswith("train_") else "") + k: v for k, v in last.items()
+                 if k.startswith(("train_", "test_"))}
         return {
             "steps": self.step,
             "skipped_steps": self.skipped_steps,
@@ -263,6 +300,7 @@ class Trainer:
             "final_train_accuracy": last.get("train_accuracy"),
             "test_loss": last.get("test_loss"),
             "test_accuracy": last.get("test_accuracy"),
+            **final,
             "samples_per_second": samples / train_seconds if train_seconds else 0.0,
             "train_seconds": train_seconds,
             "breakdown_seconds_max_over_ranks": {"compute": compute, "comm_wait": comm,
@@ -270,3 +308,15 @@ class Trainer:
             "data_io_per_rank": {"files_opened_max": int(io_max[0]), "files_opened_min": int(io_min[0]),
                                  "bytes_read_max": int(io_max[1]), "bytes_read_min": int(io_min[1])},
         }
+
+
+def headline(task, record: dict) -> list[str]:
+    """The per-epoch line's metrics: the task's headline ones, train and (if evaluated) test,
+    e.g. ["train acc 0.9812", "test acc 0.9750"]."""
+    parts = []
+    for prefix in ("train", "test"):
+        for name, label in task.headline:
+            if f"{prefix}_{name}" in record:
+                value = record[f"{prefix}_{name}"]
+                parts.append(f"{prefix} {label} " + ("n/a" if value is None else f"{value:.4f}"))
+    return parts
