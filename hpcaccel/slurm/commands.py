@@ -7,7 +7,7 @@
   python -m hpcaccel.slurm submit cpu ...same...              # prints the job id
   python -m hpcaccel.slurm render cpu --set cores_per_socket=32 --script train.py -- --epochs 20
   python -m hpcaccel.slurm submit sweep --sweep lr.toml -- --epochs 20
-  python -m hpcaccel.slurm collect runs/hpcaccel-sweep-1234 [--format md|csv]
+  python -m hpcaccel.slurm collect runs/hpcaccel-sweep-1234 [--format md|csv] [--rank-by test_r2]
 
 Templates are slurm/NAME.sbatch (or any path to one; `templates` lists the installed ones); `--set KEY=VALUE` sets a template
 parameter (`params` lists them), `--env NAME=VALUE` exports a variable in the job,
@@ -209,6 +209,12 @@ def build_parser() -> Parser:
     p = sub.add_parser("collect", help="one table of every sweep task's summary.json")
     p.add_argument("sweep_dir")
     p.add_argument("--format", choices=("md", "csv"), default="md")
+    p.add_argument("--rank-by", dest="rank_by", metavar="METRIC",
+                   help="sort the tasks by this summary.json metric, best first (any task's: "
+                   "test_accuracy, test_r2, test_rmse, test_mean_iou, final_train_loss, ...)")
+    p.add_argument("--order", choices=("auto", "ascending", "descending"), default="auto",
+                   help="--rank-by's order; auto: ascending for losses, errors (rmse, mae) and "
+                   "times, descending for the rest")
     p = sub.add_parser("templates", help="list the templates")
     p = sub.add_parser("params", help="list a template's parameters")
     p.add_argument("template")
@@ -242,7 +248,7 @@ def run(args) -> int:
     elif args.command == "submit":
         print(submit(render_from_args(args)))
     elif args.command == "collect":
-        columns, rows, notes = slurm_sweep.collect(args.sweep_dir)
+        columns, rows, notes = slurm_sweep.collect(args.sweep_dir, args.rank_by, args.order)
         sys.stdout.write(slurm_sweep.table(columns, rows, args.format))
         for note in notes:
             print(f"hpcaccel.slurm: {note}", file=sys.stderr)

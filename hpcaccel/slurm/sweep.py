@@ -29,8 +29,11 @@ FORBIDDEN = {
     "threads": "threads come from --set cpus_per_rank=N",
     "config": "an entry is itself a config",
 }
-# summary.json fields shown by `collect`, after the swept keys
+# summary.json fields shown by `collect`, after the swept keys; the task's other test metrics
+# (test_rmse, test_r2, test_mean_iou, a custom task's) follow test_accuracy where present
 METRICS = ("test_accuracy", "final_train_loss", "steps", "samples_per_second", "wall_seconds")
+# --rank-by: these metrics are better lower (losses, errors, times); all others higher
+LOWER_IS_BETTER = re.compile(r"loss|rmse|mae|error|seconds")
 
 
 def _fields() -> dict:
@@ -146,9 +149,13 @@ def _toml_value(value) -> str:
 
 # --- collect -----------------------------------------------------------------------------
 
-def collect(sweep_dir: str) -> tuple[list[str], list[dict], list[str]]:
+def collect(sweep_dir: str, rank_by: str | None = None,
+            order: str = "auto") -> tuple[list[str], list[dict], list[str]]:
     """(columns, one row per task, notes). Tasks without summary.json are listed as
-    `stopped` (checkpoints, no summary yet) or `missing`."""
+    `stopped` (checkpoints, no summary yet) or `missing`. `rank_by`: a metric of the
+    summaries (any scalar key, e.g. test_r2); rows are sorted by it, best first (`order`
+    auto: lower is better for losses, errors and times, higher for the rest; or ascending,
+    descending), tasks without it last."""
     if not os.path.isdir(sweep_dir):
         raise UsageError(f"collect {sweep_dir}: no such directory")
     entries = None
@@ -162,7 +169,7 @@ def collect(sweep_dir: str) -> tuple[list[str], list[dict], list[str]]:
         raise UsageError(f"collect {sweep_dir}: not a sweep directory (no sweep.json, no task-N)")
     tasks = sorted(found | set(range(len(entries or []))))
     swept = list(dict.fromkeys(k for e in entries or [] for k in e))
-    rows, notes = [], []
+    rows, notes, summaries = [], [], {}
     for i in tasks:
         task_dir = os.path.join(sweep_dir, f"task-{i}")
         row = {"task": i}
@@ -172,17 +179,53 @@ def collect(sweep_dir: str) -> tuple[list[str], list[dict], list[str]]:
             with open(os.path.join(task_dir, "summary.json")) as fh:
                 summary = json.load(fh)
             row["status"] = "done"
-            row.update({k: summary.get(k) for k in METRICS})
+            summaries[i] = summary
             if entries is None:  # no sweep.json: show the resolved config's values
                 row.update({k: summary.get("config", {}).get(k) for k in swept})
         except (OSError, ValueError):
             stopped = os.path.isdir(os.path.join(task_dir, "checkpoints"))
             row["status"] = "stopped" if stopped else "missing"
         rows.append(row)
+    metrics = metric_columns(list(summaries.values()), rank_by)
+    for row in rows:
+        if row["task"] in summaries:
+            row.update({k: summaries[row["task"]].get(k) for k in metrics})
     pending = [str(r["task"]) for r in rows if r["status"] != "done"]
     if pending:
         notes.append(f"{len(pending)} of {len(rows)} tasks have no summary.json: {', '.join(pending)}")
-    return ["task", *swept, "status", *METRICS], rows, notes
+    if rank_by:
+        rows = ranked(rows, rank_by, order)
+    return ["task", *swept, "status", *metrics], rows, notes
+
+
+def _scalar(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def metric_columns(summaries: list[dict], rank_by: str | None = None) -> list[str]:
+    """METRICS with the tasks' own test metrics after test_accuracy (which stays where some
+    summary has it, or where there is no other), and `rank_by` wherever it is missing."""
+    extra = list(dict.fromkeys(k for s in summaries for k, v in s.items() if k.startswith("test_")
+                               and k not in ("test_loss", "test_accuracy") and _scalar(v)))
+    accuracy = ["test_accuracy"] if any(s.get("test_accuracy") is not None for s in summaries) \
+        or not extra else []
+    columns = accuracy + extra + [m for m in METRICS if m != "test_accuracy"]
+    if rank_by and rank_by not in columns:
+        if not any(_scalar(s.get(rank_by)) for s in summaries):
+            known = sorted({k for s in summaries for k, v in s.items() if _scalar(v)})
+            raise UsageError(f"collect --rank-by {rank_by}: no task's summary.json has it as a "
+                             f"number (metrics: {', '.join(known) or 'none yet'})")
+        columns.insert(len(accuracy) + len(extra), rank_by)
+    return columns
+
+
+def ranked(rows: list[dict], metric: str, order: str = "auto") -> list[dict]:
+    """Rows sorted by `metric`, best first; rows without it keep their order, last."""
+    if order == "auto":
+        order = "ascending" if LOWER_IS_BETTER.search(metric) else "descending"
+    scored = [r for r in rows if _scalar(r.get(metric)) and math.isfinite(r[metric])]
+    rest = [r for r in rows if r not in scored]
+    return sorted(scored, key=lambda r: r[metric], reverse=order == "descending") + rest
 
 
 def _cell(value) -> str:

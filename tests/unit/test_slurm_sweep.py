@@ -138,3 +138,31 @@ def test_collect_without_sweep_json_uses_task_dirs(tmp_path):
 def test_collect_refuses_a_directory_that_is_not_a_sweep(tmp_path):
     with pytest.raises(UsageError, match="not a sweep directory"):
         slurm_sweep.collect(str(tmp_path))
+
+
+def test_collect_shows_the_tasks_metrics_and_ranks_by_any_of_them(tmp_path, capsys):
+    entries = [{"lr": 0.1}, {"lr": 0.05}, {"lr": 0.01}, {"lr": 0.001}]
+    (tmp_path / "sweep.json").write_text(json.dumps(entries))
+    for i, (rmse, r2) in enumerate([(0.9, 0.2), (0.7, 0.5), (0.8, 0.35)]):  # regress runs
+        (tmp_path / f"task-{i}").mkdir()
+        (tmp_path / f"task-{i}" / "summary.json").write_text(json.dumps(
+            {"task": "regress", "test_accuracy": None, "test_loss": rmse ** 2, "test_rmse": rmse,
+             "test_mae": rmse / 2, "test_r2": r2, "test_r2_per_output": [r2, r2],
+             "final_train_loss": 0.5, "final_train_r2": r2 + 0.1, "steps": 10,
+             "samples_per_second": 100.0, "wall_seconds": 3.0, "config": entries[i]}))
+    assert slurm.main(["collect", str(tmp_path), "--format", "csv", "--rank-by", "test_r2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("task,lr,status,test_rmse,test_mae,test_r2,final_train_loss,steps,"
+                        "samples_per_second,wall_seconds")  # no accuracy column: none has it
+    assert [l.split(",")[0] for l in lines[1:]] == ["1", "2", "0", "3"]  # best R^2 first
+    assert slurm.main(["collect", str(tmp_path), "--format", "csv", "--rank-by", "test_mae"]) == 0
+    assert [l.split(",")[0] for l in capsys.readouterr().out.splitlines()[1:]] == ["1", "2", "0", "3"]
+    assert slurm.main(["collect", str(tmp_path), "--format", "csv", "--rank-by", "test_mae",
+                       "--order", "descending"]) == 0
+    assert [l.split(",")[0] for l in capsys.readouterr().out.splitlines()[1:]] == ["0", "2", "1", "3"]
+    # a metric outside the table joins it; one no summary has is one line, exit 2
+    columns, rows, _ = slurm_sweep.collect(str(tmp_path), "final_train_r2")
+    assert "final_train_r2" in columns and rows[0]["task"] == 1
+    assert slurm.main(["collect", str(tmp_path), "--rank-by", "test_accuracy"]) == 2
+    err = capsys.readouterr().err
+    assert "--rank-by test_accuracy: no task's summary.json has it" in err and err.count("\n") == 1
