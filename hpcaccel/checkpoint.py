@@ -107,6 +107,45 @@ def save(out: str, state: dict, keep: int) -> str:
     return path
 
 
+def save_collectively(control, out: str, keep: int, model, optimizer, epoch: int,
+                      step_in_epoch: int, global_step: int, per_rank: dict | None = None,
+                      extra: dict | None = None) -> str | None:
+    """Collective: a checkpoint of this position. Every rank's RNG state and its `per_rank`
+    values (name -> this rank's value; a name empty or None on every rank is left out) are
+    gathered; rank 0 builds the checkpoint with `extra` and writes it (save: atomic, the
+    newest `keep` kept) while the others wait idly in the control plane's barrier, so no
+    rank goes on, or exits, before the file is complete. The path on rank 0, else None.
+    hpcaccel.train's loop and a script's hpcaccel.torch.Job both save through here."""
+    mine = per_rank or {}
+    gathered = control.gather((rng_state(), mine))
+    path = None
+    if control.is_main:
+        fields = dict(extra or {})
+        for name in mine:
+            values = [of_rank[name] for _, of_rank in gathered]
+            if any(values):
+                fields[name] = values
+        state = build(model, optimizer, epoch, step_in_epoch, global_step,
+                      [rng for rng, _ in gathered], fields)
+        path = save(out, state, keep)
+    control.barrier()
+    return path
+
+
+def restore_rank_state(state: dict, reducer, rank: int, size: int, reseed: int) -> None:
+    """Local: this rank's own part of a loaded checkpoint: its reducer state (PowerSGD's
+    error feedback; from another world size only what every rank shares) and its RNG state
+    (from another world size: seeded with `reseed` + the global step, deterministic but no
+    longer bit-identical to an uninterrupted run)."""
+    if "reducer" in state and reducer is not None:
+        same = len(state["reducer"]) == size
+        reducer.load_state_dict(state["reducer"][rank if same else 0], exact=same)
+    if len(state["rng"]) == size:
+        torch.set_rng_state(state["rng"][rank])
+    else:
+        torch.manual_seed(reseed + state["global_step"])
+
+
 def _step(path: str) -> int:
     return int(_NAME.search(path).group(1))
 

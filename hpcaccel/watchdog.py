@@ -61,3 +61,15 @@ class Watchdog:
                 threading.Timer(10.0, os._exit, args=(1,)).start()  # if abort itself hangs
                 self._abort()
                 os._exit(1)
+
+
+def start_watchdog(timeout: float, out: str, rank: int, size: int, abort) -> Watchdog:
+    """The stall watchdog of a training run, started, with the hang report: when it fires
+    it writes OUT/hang-report/rank-N.txt, waits half the timeout (2-5 s) for the other
+    ranks' reports, and the lowest reporting rank names who holds the job up
+    (hang_report.py). What hpcaccel.train and a script's hpcaccel.torch.Job both run.
+    timeout 0: nothing is watched."""
+    from .hang_report import HangReport
+
+    report = HangReport(out, rank, size, grace=min(5.0, max(2.0, timeout / 2)))
+    return Watchdog(timeout, rank, abort=abort, report=report).start()

@@ -37,6 +37,17 @@ def resolve(data: str, test_data: str | None, *, samples: int, shape, classes: i
     return share(result) if share is not None else result
 
 
+def require_samples(ds: H5Dataset, batch: int, world: int, flag: str = "--data",
+                    batch_flag: str = "--batch-size") -> None:
+    """UsageError unless every rank gets at least one batch per epoch."""
+    from ..errors import UsageError
+
+    need = batch * world
+    if ds.samples < need:
+        raise UsageError(f"{flag} {ds.files[0]}: {ds.samples} samples, fewer than "
+                         f"ranks x {batch_flag} = {world} x {batch} = {need}")
+
+
 def _open_both(data, test_data, samples, shape, classes, seed):
     if data in BUILTINS:
         train_path, test_path = pack_builtin(data, samples, shape, classes, seed)
@@ -63,4 +74,4 @@ def raise_mismatch(train: H5Dataset, test: H5Dataset):
 
 
 __all__ = ["COUNTERS", "H5Dataset", "RankReader", "eval_batches", "open_dataset", "scan",
-           "write_blocks", "write_file", "write_index", "resolve", "BUILTINS"]
+           "write_blocks", "write_file", "write_index", "resolve", "require_samples", "BUILTINS"]

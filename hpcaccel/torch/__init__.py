@@ -29,3 +29,4 @@ from .mpi_ops import (allgather, allgather_async, allreduce, allreduce_, allredu
 from .process_sets import ProcessSet, add_process_set, global_process_set, remove_process_set
 from .unsupported import SyncBatchNorm, elastic
 from .optimizer import DistributedOptimizer
+from .extras import Job, Position, RankData  # hpcaccel's own calls beyond Horovod's API
