@@ -51,11 +51,16 @@ def data_identity(ds) -> dict:
             "classes": int(ds.classes), "head": ds.head}
 
 
-def identity(model, train_ds, global_batch: int, epochs: int, task: str | None = None) -> dict:
+def identity(model, train_ds, global_batch: int | None, epochs: int | None,
+             task: str | None = None) -> dict:
     """This start's identity; compared with a run record by `mismatch`. `task`: the task's
-    name (--task auto resolved)."""
-    return {"model": model_digest(checkpoint.fingerprint(model)), "data": data_identity(train_ds),
-            "global_batch": int(global_batch), "epochs": int(epochs),
+    name (--task auto resolved). A script's Job (hpcaccel/torch/extras.py) may know no data
+    (train_ds and global_batch None) or no epochs (None): what it does not know is neither
+    recorded nor compared."""
+    return {"model": model_digest(checkpoint.fingerprint(model)),
+            "data": None if train_ds is None else data_identity(train_ds),
+            "global_batch": None if global_batch is None else int(global_batch),
+            "epochs": None if epochs is None else int(epochs),
             **({"task": task} if task else {})}
 
 
@@ -69,11 +74,11 @@ def mismatch(record: dict, mine: dict) -> str | None:
         return f"it trained --task {record.get('task', 'classify')}, this run --task {mine['task']}"
     theirs, data = record.get("data") or {}, mine["data"]
     for key, what in (("samples", "samples"), ("sample_shape", "sample shape"),
-                      ("classes", "classes"), ("head", "first samples")):
+                      ("classes", "classes"), ("head", "first samples")) if data else ():
         if theirs.get(key) != data[key]:
             return (f"it trained on other data ({what} {theirs.get(key)}, this data's "
                     f"{data[key]})")
-    if record.get("global_batch") != mine["global_batch"]:
+    if mine["global_batch"] is not None and record.get("global_batch") != mine["global_batch"]:
         return (f"its global batch was {record.get('global_batch')}, this run's is "
                 f"{mine['global_batch']} (ranks x --batch-size)")
     return None
@@ -296,7 +301,8 @@ def _continue(out, path, record, mine, required, extra, head=None) -> Claim:
         raise UsageError(_refuse(out, f"--resume auto: the newest checkpoint {path} belongs to "
                                       f"run {theirs.get('run_id', '(none recorded)')}, not to "
                                       f"this directory's run {record['run_id']}", record))
-    done = head["step_in_epoch"] == 0 and head["epoch"] >= mine["epochs"]
+    done = (mine["epochs"] is not None and head["step_in_epoch"] == 0
+            and head["epoch"] >= mine["epochs"])
     complete = done and os.path.exists(os.path.join(out, "summary.json"))
     if not complete and (record.get("epochs") != mine["epochs"]
                          or list(extra) != (record.get("outputs") or [])):
@@ -339,15 +345,23 @@ def claim_collectively(cfg, control, model, train_ds, world_size: int,
     """Every rank: rank 0 claims cfg.out; the decision (not the lock) reaches all ranks.
     A refusal is a UsageError on every rank (exit 2, one line from rank 0). A --timeline
     inside cfg.out belongs to the run's outputs. `task`: the task's name."""
+    mine = identity(model, train_ds, cfg.batch_size * world_size, cfg.epochs, task)
+    timeline = inside(cfg.out, cfg.timeline)
+    return claim_shared(control, cfg.out, cfg.resume, cfg.overwrite, mine, required, info,
+                        extra=[timeline] if timeline else [])
+
+
+def claim_shared(control, out: str, resume: str, overwrite: bool, mine: dict,
+                 required: checkpoint.Requirements, info=print, extra=()) -> Claim:
+    """Every rank: rank 0 claims `out` for a start of identity `mine` (`claim`), and the
+    decision (not the lock) reaches all ranks. A refusal is a UsageError on every rank.
+    hpcaccel.train (claim_collectively) and a script's hpcaccel.torch.Job both claim here."""
     def on_main():
         if not control.is_main:
             return None
-        mine = identity(model, train_ds, cfg.batch_size * world_size, cfg.epochs, task)
-        timeline = inside(cfg.out, cfg.timeline)
-        return claim(cfg.out, cfg.resume, cfg.overwrite, mine, required, info,
-                     extra=[timeline] if timeline else [])
+        return claim(out, resume, overwrite, mine, required, info, extra=extra)
 
-    mine = control.collectively(on_main)
-    shared = control.broadcast(mine.shared() if mine is not None else None)
-    shared.lock = mine.lock if mine is not None else None
+    decided = control.collectively(on_main)
+    shared = control.broadcast(decided.shared() if decided is not None else None)
+    shared.lock = decided.lock if decided is not None else None
     return shared

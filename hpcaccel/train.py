@@ -45,10 +45,7 @@ def setup(cfg, control, timeline):
             scanned.update(data.scan(train_ds, world.rank, world.size, "--data"))
             if test_ds is not None:
                 data.scan(test_ds, world.rank, world.size, "--test-data")
-        need = cfg.batch_size * world.size
-        if train_ds.samples < need:
-            raise UsageError(f"--data {train_ds.files[0]}: {train_ds.samples} samples, fewer than "
-                             f"ranks x --batch-size = {world.size} x {cfg.batch_size} = {need}")
+        data.require_samples(train_ds, cfg.batch_size, world.size)
     collectively(check_data)
     if cfg.check_data:  # warnings where training would go on with silently bad results
         per_rank = control.gather(scanned)
@@ -95,13 +92,8 @@ def restore(cfg, control, world, model, optimizer, reducer, path, required) -> d
     state = control.collectively(checkpoint.load, path, required)
     model.load_state_dict(state["model"])
     checkpoint.load_optimizer(optimizer, state["optimizer"])
-    if "reducer" in state:  # per rank; from another world size only what all ranks share
-        same = len(state["reducer"]) == world.size
-        reducer.load_state_dict(state["reducer"][world.rank if same else 0], exact=same)
-    if len(state["rng"]) == world.size:
-        torch.set_rng_state(state["rng"][world.rank])
-    else:  # different world size: still deterministic, no longer bit-identical
-        torch.manual_seed(cfg.seed * 1_000_003 + 1 + world.rank + state["global_step"])
+    checkpoint.restore_rank_state(state, reducer, world.rank, world.size,
+                                  reseed=cfg.seed * 1_000_003 + 1 + world.rank)
     state["path"] = path
     return state
 
@@ -111,13 +103,12 @@ def run(argv, control) -> dict:
     from .data import RankReader
     from .env import describe_hosts
     from .metrics import NullRunLog, RunLog, bar_wanted, progress_bar
-    from .hang_report import HangReport
     from .comm.backend_choice import backend_phrase
     from .models import auto_choice
     from .signals import StopRequest
     from .timeline import NullTimeline, Timeline
     from .trainer import LoopHooks, Trainer
-    from .watchdog import Watchdog
+    from .watchdog import start_watchdog
     from .wording import mib, plural
 
     t_start = time.perf_counter()
@@ -171,9 +162,7 @@ def run(argv, control) -> dict:
                     f"file(s)" if test_ds is not None else "")
                  + f", staged there in {staging['seconds_max']:.1f} s "
                  f"({mib(staging['bytes_copied_per_host_max'])} copied at most per host)")
-    watchdog = Watchdog(cfg.stall_timeout, world.rank, abort=control.abort,
-                        report=HangReport(cfg.out, world.rank, world.size,
-                                          grace=min(5.0, max(2.0, cfg.stall_timeout / 2)))).start()
+    watchdog = start_watchdog(cfg.stall_timeout, cfg.out, world.rank, world.size, control.abort)
     control.collectively(timeline.start)
     hooks = LoopHooks(log=log, progress=progress_bar(world.is_main and bar_wanted(cfg.progress)),
                       stop=stop, watchdog=watchdog, timeline=timeline)
