@@ -18,7 +18,7 @@ import torch
 from ..timeline import NullTimeline
 from .files import COUNTERS, DEFAULT_MAX_OPEN, Handles
 from .hdf5 import H5Dataset
-from .sharding import Segment, epoch_segments, eval_ranges, steps_per_epoch
+from .sharding import Segment, epoch_segments, eval_ranges, handover_segments, steps_per_epoch
 
 _DONE = object()
 
@@ -33,12 +33,34 @@ class RankReader:
         self.shuffle, self.seed, self.prefetch = shuffle, seed, prefetch
         self.steps = steps_per_epoch(ds.samples, batch, world)
         self.wait_seconds = 0.0
+        # (epoch, ranks) of a checkpoint written at another world size (elastic.py): with
+        # shuffle on, that epoch's rest is read in the checkpoint's layout
+        self.handover: tuple[int, int] | None = None
         # a Timeline (--timeline) records each wait as a span
         self.timeline = timeline if timeline is not None else NullTimeline()
 
     def segments(self, epoch: int) -> list[Segment]:
         return epoch_segments(list(self.ds.lengths), self.ds.chunk, self.rank, self.world,
                               self.batch, self.shuffle, self.seed, epoch)
+
+    def continue_layout(self, epoch: int, from_world: int) -> None:
+        """Continue `epoch` of a checkpoint written by `from_world` ranks (same global
+        batch): no sample of it skipped or taken twice (sharding.handover_segments)."""
+        self.handover = (epoch, from_world)
+
+    def remaining(self, epoch: int, start_step: int) -> tuple[list[Segment], int]:
+        """(segments, samples of the first to skip) for steps [start_step, steps) of `epoch`."""
+        if (self.shuffle and self.handover is not None and self.handover[0] == epoch
+                and self.handover[1] != self.world):
+            return handover_segments(list(self.ds.lengths), self.ds.chunk, self.rank, self.world,
+                                     self.batch, self.seed, epoch, start_step,
+                                     self.handover[1]), 0
+        skip = start_step * self.batch
+        segments = self.segments(epoch)
+        while segments and skip >= segments[0].samples:  # steps done before a resume
+            skip -= segments[0].samples
+            segments = segments[1:]
+        return segments, skip
 
     def epoch(self, epoch: int, start_step: int = 0):
         """Yield (x, y) tensors for steps [start_step, steps) of `epoch`."""
@@ -72,11 +94,7 @@ class RankReader:
         files = None
         try:
             files = Handles(self.ds.files, self.ds.lengths, self.max_open)
-            skip = start_step * self.batch
-            segments = self.segments(epoch)
-            while segments and skip >= segments[0].samples:  # steps done before a resume
-                skip -= segments[0].samples
-                segments = segments[1:]
+            segments, skip = self.remaining(epoch, start_step)
             for ranges, shuffle_seed in read_groups(segments):
                 x, y = files.read(ranges)
                 if shuffle_seed is not None:

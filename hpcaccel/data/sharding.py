@@ -16,6 +16,12 @@ shuffling, a different random set with shuffling.
 
 `files_read` and `eval_files` say which files a set of ranks (one host's) touches, for
 staging only those (data.staging).
+
+`handover_segments`: a run continued at another world size (elastic.py) with shuffle on
+finishes the interrupted epoch in the checkpoint's layout: at every remaining step the
+global batch is the one the checkpoint's ranks would have taken (their batches, in rank
+order), and the new ranks split it. Without shuffling that is what `epoch_segments` gives
+at any world size already.
 """
 from __future__ import annotations
 
@@ -113,6 +119,55 @@ def epoch_segments(lengths: list[int], chunk: int, rank: int, world: int, batch:
         stop = min(start + win, (rank + 1) * per_rank)
         segments.append(Segment(tuple(take(order, start, stop)), (seed, epoch, rank, j)))
     return segments
+
+
+def rank_order(lengths: list[int], chunk: int, rank: int, world: int, batch: int, seed: int,
+               epoch: int, window: int = 2048) -> np.ndarray:
+    """Shuffle on: the sample indices `rank` reads in `epoch`, in the order its reader yields
+    them (each segment's ranges concatenated, then permuted by the segment's seed)."""
+    parts = []
+    for seg in epoch_segments(lengths, chunk, rank, world, batch, True, seed, epoch, window):
+        idx = np.concatenate([np.arange(a, b) for a, b in seg.ranges])
+        if seg.shuffle_seed is not None:
+            idx = idx[np.random.default_rng(list(seg.shuffle_seed)).permutation(len(idx))]
+        parts.append(idx)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def handover_segments(lengths: list[int], chunk: int, rank: int, world: int, batch: int,
+                      seed: int, epoch: int, start_step: int, from_world: int,
+                      window: int = 2048) -> list[Segment]:
+    """Shuffle on, continuing at `world` ranks a checkpoint of `from_world` ranks with the
+    same global batch G = batch x world: this rank's reads for steps [start_step, steps) of
+    `epoch`, one segment per step. Step k's global batch is the checkpoint layout's: old
+    rank r's k-th batch at positions [r*b, (r+1)*b) (b = G / from_world); this rank takes
+    positions [rank*batch, (rank+1)*batch). Samples come in the old order, as ranges of
+    consecutive indices (mostly single samples: shuffled)."""
+    n, G = sum(lengths), batch * world
+    if G % from_world:
+        raise ValueError(f"global batch {G} is not a multiple of {from_world} ranks")
+    old_batch, steps = G // from_world, n // G
+    lo, hi = rank * batch, (rank + 1) * batch
+    olds = range(lo // old_batch, (hi - 1) // old_batch + 1)
+    orders = {r: rank_order(lengths, chunk, r, from_world, old_batch, seed, epoch, window)
+              for r in olds}
+    segments = []
+    for k in range(start_step, steps):
+        idx = np.concatenate([orders[r][k * old_batch + max(lo - r * old_batch, 0):
+                                        k * old_batch + min(hi - r * old_batch, old_batch)]
+                              for r in olds])
+        segments.append(Segment(tuple(_runs(idx)), None))
+    return segments
+
+
+def _runs(idx: np.ndarray) -> list[Range]:
+    """Indices in order -> ranges of consecutive ones, [3, 4, 5, 9, 1] -> [(3, 6), (9, 10), (1, 2)]."""
+    if len(idx) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(idx)]])
+    return [(int(idx[a]), int(idx[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
 def eval_ranges(n_samples: int, rank: int, world: int) -> Range:
