@@ -112,7 +112,9 @@ class RankData:
         self.stage_dir, self.prefetch = stage_dir, prefetch
         self.staging: dict | None = None  # stage_run's summary once staged
         self._reader = self._make_reader()
-        self.position = (0, 0)  # (epoch, batches of it handed out): where a save resumes
+        # (epoch, batches of it handed out), (epoch + 1, 0) once a loop over it ended: where
+        # a save resumes
+        self.position = (0, 0)
         self._resume_at: tuple[int, int] | None = None
 
     def _make_reader(self):
@@ -142,7 +144,9 @@ class RankData:
     def epoch(self, epoch: int):
         """This rank's batches of `epoch` (0-based) as (x, y) tensors: x float32 of
         (batch_size, *sample_shape), y int64 class labels. After Job.resume() the resumed
-        epoch starts at the saved step. Collective when it first stages (stage_dir)."""
+        epoch starts at the saved step (a checkpoint taken at the epoch's last step yields
+        nothing more, so the code after your loop over it still runs). Collective when it
+        first stages (stage_dir)."""
         first = 0
         if self._resume_at is not None and self._resume_at[0] == epoch:
             first = self._resume_at[1]
@@ -152,6 +156,7 @@ class RankData:
         for done, batch in enumerate(self._reader.epoch(epoch, first), start=first + 1):
             self.position = (epoch, done)  # this batch counts as trained once it is saved
             yield batch
+        self.position = (epoch + 1, 0)  # the loop over the epoch has ended
 
     def resume_at(self, epoch: int, step: int) -> None:
         """Local. The next epoch(epoch) starts at batch `step` (Job.resume() calls it)."""
@@ -170,7 +175,8 @@ class RankData:
         return eval_batches(self.test_dataset, self._rank, self._size, batch_size)
 
     def _stage(self, start_epoch: int) -> None:
-        """Collective, once: copy what this host reads in epochs [start_epoch, epochs)."""
+        """Collective, once (Job.resume(), or the first epoch()): copy what this host reads
+        in epochs [start_epoch, epochs)."""
         if not self.stage_dir or self.staging is not None:
             return
         from mpi4py import MPI
@@ -234,8 +240,8 @@ class Job:
         overwrite: move another run's outputs in OUT to OUT/previous/<run id>/ instead of
           refusing to start.
         keep: how many of the newest checkpoints stay.
-        stall_timeout: seconds without should_stop() or heartbeat() after which the
-          watchdog writes the hang report (OUT/hang-report.txt: which rank holds the job
+        stall_timeout: seconds without should_stop() or heartbeat() (from resume() on)
+          after which the watchdog writes the hang report (OUT/hang-report.txt: which rank holds the job
           up) and ends every rank; 0 turns it off.
         stop_signals: the signals that ask for a stop (SIGUSR1: Slurm's warning before the
           time limit, SIGTERM: preemption, scancel).
@@ -243,7 +249,6 @@ class Job:
         Refusals (another run's OUT, a checkpoint of another model) end every rank with
         one line from rank 0 and exit code 2."""
         from .. import checkpoint, rundir
-        from ..watchdog import start_watchdog
 
         rt = runtime()
         self._control = control = rt.control
@@ -258,22 +263,36 @@ class Job:
         mine = rundir.identity(model, data.dataset if data is not None else None,
                                data.batch_size * rt.size if data is not None else None,
                                self.epochs)
+        _or_exit(control, control.collectively, rundir.check_paths, out, {})
         self.claim = _or_exit(control, rundir.claim_shared, control, out, resume, overwrite,
                               mine, self._required,
                               info=print if control.is_main else lambda line: None)
         self.global_step = 0
-        self._resumed = False
+        self.stall_timeout = stall_timeout
+        self.watchdog = None  # started by resume(), once loading and staging are done
         self._closed = False
-        self.watchdog = start_watchdog(stall_timeout, out, rt.rank, rt.size, control.abort)
 
     # -- starting -------------------------------------------------------------------------
     def resume(self) -> Position:
         """Collective: restore the run's newest checkpoint (model, optimizer, every rank's
-        RNG state, the optimizer's reducer state, the data position) if OUT has one, and
-        return where to continue; Position() for a new run. Call it once, before training."""
+        RNG state, the optimizer's reducer state, the data position) if OUT has one, stage
+        the data (stage_dir), start the stall watchdog, and return where to continue;
+        Position() for a new run. Call it once, before training."""
+        from ..watchdog import start_watchdog
+
+        if self.watchdog is not None:
+            raise RuntimeError("Job.resume() is called once, before training")
+        control = self._control
+        position = self._restore()
+        if self.data is not None:  # node-local staging of what the epochs left read
+            self.data._stage(position.epoch)
+        self.watchdog = start_watchdog(self.stall_timeout, self.out, control.rank,
+                                       control.size, control.abort)
+        return position
+
+    def _restore(self) -> Position:
         from .. import checkpoint
 
-        self._resumed = True
         path = self.claim.checkpoint
         if path is None:
             return Position()
@@ -303,13 +322,17 @@ class Job:
         # ranks waiting in it.
         flag = self._control.allreduce([self.stop.local_flag()], "max")[0]
         self.global_step += 1
-        self.watchdog.beat(self.global_step)
+        self._beat()
         return self.stop.agreed(flag)
 
     def heartbeat(self, what: str = "training") -> None:
         """Local. Tell the watchdog this rank makes progress and what it does now (a hang
         report shows it): inside long phases of your own, e.g. evaluation."""
-        self.watchdog.beat(self.global_step, what)
+        self._beat(what)
+
+    def _beat(self, what: str = "training") -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(self.global_step, what)
 
     # -- checkpoints ----------------------------------------------------------------------
     def save(self, state: dict | None = None, *, epoch: int | None = None,
@@ -324,11 +347,11 @@ class Job:
           loss sum or an LR scheduler's state_dict(); resume() gives each rank its own back
           as Position.state (rank 0's when the world size changed).
         epoch, step: the position to continue from (`step` batches of `epoch` trained);
-          default: the data's, after the last batch data.epoch() handed out (an epoch's
-          end counts as the start of the next)."""
+          default: the data's, after the last batch data.epoch() handed out, or the next
+          epoch's start once a loop over data.epoch() has ended."""
         from .. import checkpoint
 
-        if not self._resumed:
+        if self.watchdog is None:
             raise RuntimeError("Job.save() before Job.resume(): call resume() once before "
                                "training, so a run continues its checkpoint instead of "
                                "overwriting it")
@@ -338,15 +361,13 @@ class Job:
             epoch, step = self.data.position
         elif epoch is None or step is None:
             raise ValueError("Job.save(): pass both epoch= and step=, or neither")
-        if self.data is not None and step >= self.data.steps:
-            epoch, step = epoch + 1, 0
-        self.watchdog.beat(self.global_step, "checkpoint")
+        self._beat("checkpoint")
         reducer_state = self._reducer.state_dict() if self._reducer is not None else {}
         path = checkpoint.save_collectively(
             self._control, self.out, self.keep, self.model, self.optimizer, epoch, step,
             self.global_step,
             per_rank={"reducer": reducer_state, "script_state": dict(state or {})})
-        self.watchdog.beat(self.global_step)
+        self._beat()
         return path
 
     def checkpoint_and_exit(self, state: dict | None = None):
@@ -367,7 +388,8 @@ class Job:
         if self._closed:
             return
         self._closed = True
-        self.watchdog.stop()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.stop.ignore_further()
         self.claim.release()
 

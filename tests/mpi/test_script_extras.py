@@ -55,7 +55,7 @@ def test_rank_data_gives_every_rank_its_own_samples_in_equal_steps(shards):
     data = hvd.RankData(shards, batch_size=4, seed=1, test=shards)
     assert (data.samples, data.sample_shape, data.classes) == (192, (1,), 3)
     mine = [int(v) for x, _ in data.epoch(0) for v in x[:, 0]]
-    assert len(mine) == data.steps * 4 and data.position == (0, data.steps)
+    assert len(mine) == data.steps * 4 and data.position == (1, 0)  # the loop ended
     every = all_ranks(mine)
     flat = [v for part in every for v in part]
     assert len(set(flat)) == len(flat)  # no sample read by two ranks in one epoch
@@ -154,6 +154,30 @@ def test_job_saves_collectively_and_resumes_to_the_same_parameters(shards, tmp_p
     assert len(saved) == 2  # keep=2
     head = checkpoint.header(saved[-1])
     assert (head["epoch"], head["step_in_epoch"]) == (2, 0)  # an epoch's end: the next one
+
+
+def test_a_stop_at_an_epochs_last_step_resumes_into_that_epochs_end(shards, tmp_path_factory):
+    """Saved inside the loop at the epoch's last batch, the run resumes in that epoch with
+    nothing left to read, so the code after the loop (metrics, evaluation) still runs."""
+    out = shared_dir(tmp_path_factory, "last-step")
+    data = hvd.RankData(shards, batch_size=4, seed=5, epochs=2)
+    model, opt = model_and_optimizer()
+    with hvd.Job(out, model, opt, data=data) as job:
+        job.resume()
+        for _ in data.epoch(0):
+            job.should_stop()
+            if data.position == (0, data.steps):
+                job.save({"loss_sum": 1.5})
+                break
+    data = hvd.RankData(shards, batch_size=4, seed=5, epochs=2)
+    model, opt = model_and_optimizer()
+    with hvd.Job(out, model, opt, data=data) as job:
+        start = job.resume()
+        assert (start.epoch, start.step, start.state) == (0, data.steps, {"loss_sum": 1.5})
+        assert list(data.epoch(0)) == [] and data.position == (1, 0)
+        path = job.save()  # the epoch's end: the same step, the next epoch's start
+        assert hvd.rank() != 0 or path.endswith(f"step-{data.steps:08d}.pt")
+        assert checkpoint.header(checkpoint.list_checkpoints(out)[-1])["epoch"] == 1
 
 
 def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(shards, tmp_path_factory):
