@@ -1,8 +1,8 @@
 """Checkpoints: the one place that knows their format.
 
 A checkpoint is a torch file (loadable with weights_only=True) holding the model and
-optimizer state, the data position (epoch, step within epoch), the global step, every rank's
-RNG state, a fingerprint of the model's parameter names and shapes, and the record of the
+optimizer state, the data position (epoch, step within epoch: global batches taken, the same
+at any world size), the global step, every rank's RNG state (their count is the world size), a fingerprint of the model's parameter names and shapes, and the record of the
 run that owns OUT (`run`: run id, model digest, data, global batch, epochs; rundir.py), so a
 resume can tell whose checkpoint it is. Files live in OUT/checkpoints/step-XXXXXXXX.pt, are
 written atomically by rank 0, and the newest K are kept (never deleting the one just written).
@@ -162,7 +162,14 @@ def header(path: str, required: Requirements | None = None) -> dict:
     the file: cheap at any size."""
     state = _read(path, mmap=True)
     _check(state, path, required)
-    return {k: state.get(k) for k in ("epoch", "step_in_epoch", "global_step", "run")}
+    head = {k: state.get(k) for k in ("epoch", "step_in_epoch", "global_step", "run")}
+    # the ranks that wrote it (one RNG state each) and when
+    head["world_size"] = state.get("world_size") or len(state.get("rng") or ()) or None
+    try:
+        head["saved"] = os.stat(path).st_mtime
+    except OSError:
+        head["saved"] = None
+    return head
 
 
 def load(path: str, required: Requirements) -> dict:

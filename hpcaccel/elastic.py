@@ -71,8 +71,9 @@ def resume_plan(global_batch: int, from_world_size: int, world_size: int, batch_
     """The plan for `world_size` ranks, started with `--batch-size batch_size --accum-steps
     accum_steps`, to continue a checkpoint of `from_world_size` ranks and global batch
     `global_batch` at (`epoch`, `step_in_epoch`). Flags that already give the global batch
-    at this world size are kept as given. UsageError (one line) where the global batch
-    cannot be kept: it is not a multiple of the new rank count."""
+    at this world size are kept as given. UsageError where the global batch cannot be kept
+    (it is not a multiple of the new rank count): a phrase saying so, which rundir puts
+    into its one line."""
     for name, value in (("global_batch", global_batch), ("from_world_size", from_world_size),
                         ("world_size", world_size), ("batch_size", batch_size),
                         ("accum_steps", accum_steps)):
@@ -82,10 +83,10 @@ def resume_plan(global_batch: int, from_world_size: int, world_size: int, batch_
         batch, accum = batch_size, accum_steps
     elif global_batch % world_size:
         raise UsageError(
-            f"--resume: the checkpoint's global batch {global_batch} "
-            f"({from_world_size} x {global_batch // from_world_size}) cannot be kept on "
+            f"its global batch {global_batch} ({from_world_size} x "
+            f"{global_batch // from_world_size}) cannot be kept on "
             f"{plural(world_size, 'rank')}: {global_batch} is not a multiple of {world_size}; "
-            f"continue on {_rank_counts(global_batch)} ranks, or start a new run (a new --out)")
+            f"continue it on {_rank_counts(global_batch)} ranks")
     else:
         batch = global_batch // world_size
         micro = math.ceil(batch_size / accum_steps)  # the flags' micro-batch: memory per pass

@@ -13,6 +13,11 @@ Decisions at start-up (rank 0, after every flag and file was checked), by --resu
         outputs of another run -> exit 2 naming the difference (or --overwrite, as above).
   PATH  the checkpoint must match the model, data and global batch; OUT must be empty or
         hold the checkpoint's own run (or --overwrite).
+A start at another world size than the checkpoint's (`layout` given: hpcaccel.train)
+continues it with the checkpoint's global batch where elastic.resume_plan can keep it
+(Claim.plan), and says in one line why where it cannot. Every continuation counts as a
+restart in run.json (`restarts`, and `steps_lost`: the steps the previous start took past
+the checkpoint, from OUT/progress.json, which rank 0 keeps up to date while training).
 The rules that need no model or data (the lock, outputs under --resume none, outputs
 without run.json, a finished run whose checkpoints are gone, another run's checkpoint) are
 `refusal`'s, which the doctor asks as well. Output paths are checked (`check_paths`) before
@@ -29,13 +34,14 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from . import checkpoint
+from . import checkpoint, elastic
 from .errors import UsageError
 from .fsutil import atomic_write
 from .runlock import LOCK, Lock, in_use
 
 RECORD = "run.json"
-OUTPUTS = (RECORD, "summary.json", "metrics.jsonl", "model.pt", "checkpoints")
+PROGRESS = "progress.json"  # rank 0's last step and when (write_progress), for steps lost
+OUTPUTS = (RECORD, "summary.json", "metrics.jsonl", "model.pt", "checkpoints", PROGRESS)
 
 
 # -- identity ------------------------------------------------------------------------------
@@ -64,9 +70,10 @@ def identity(model, train_ds, global_batch: int | None, epochs: int | None,
             **({"task": task} if task else {})}
 
 
-def mismatch(record: dict, mine: dict) -> str | None:
+def mismatch(record: dict, mine: dict, elastic: bool = False) -> str | None:
     """Why a run with `record` cannot be continued by a start with identity `mine`; None if
-    it can (epochs may differ: a larger --epochs extends the run)."""
+    it can (epochs may differ: a larger --epochs extends the run). `elastic`: the global
+    batch is checked later, against the checkpoint's world size (`plan_resume`)."""
     if record.get("model") != mine["model"]:
         return "it trained a different model (parameter names or shapes differ)"
     # records from before tasks hold none: those runs classified
@@ -78,6 +85,13 @@ def mismatch(record: dict, mine: dict) -> str | None:
         if theirs.get(key) != data[key]:
             return (f"it trained on other data ({what} {theirs.get(key)}, this data's "
                     f"{data[key]})")
+    if (mine["global_batch"] is not None and not elastic
+            and record.get("global_batch") != mine["global_batch"]):
+        return global_batch_mismatch(record, mine)
+    return None
+
+
+def global_batch_mismatch(record: dict, mine: dict) -> str | None:
     if mine["global_batch"] is not None and record.get("global_batch") != mine["global_batch"]:
         return (f"its global batch was {record.get('global_batch')}, this run's is "
                 f"{mine['global_batch']} (ranks x --batch-size)")
@@ -96,6 +110,26 @@ def read_record(out: str) -> dict | None:
 def write_record(out: str, record: dict) -> None:
     data = (json.dumps(record, indent=1) + "\n").encode()
     atomic_write(os.path.join(out, RECORD), lambda fh: fh.write(data))
+
+
+def write_progress(out: str, progress: dict) -> None:
+    """Rank 0: OUT/progress.json, the run's last step (run_id, step, epoch, time, ...), read
+    by the next start to count the steps lost since the checkpoint it continues. Replaced
+    by a rename, not fsynced: it is written often and a stale one only undercounts."""
+    path = os.path.join(out, PROGRESS)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(progress, fh)
+    os.replace(tmp, path)
+
+
+def read_progress(out: str) -> dict | None:
+    try:
+        with open(os.path.join(out, PROGRESS)) as fh:
+            progress = json.load(fh)
+        return progress if isinstance(progress, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def outputs_in(out: str, extra=()) -> list[str]:
@@ -163,9 +197,12 @@ class Claim:
     checkpoint: str | None = None   # continue from this file; None: a new run
     complete: bool = False          # the run already trained --epochs epochs: nothing to do
     lock: Lock | None = None
+    plan: elastic.ResumePlan | None = None  # continuing: this start's layout and position
+    restarts: dict | None = None    # continuing: run.json's restarts, steps_lost, last restart
 
     def shared(self) -> "Claim":
-        return Claim(self.run_id, self.checkpoint, self.complete)
+        return Claim(self.run_id, self.checkpoint, self.complete, plan=self.plan,
+                     restarts=self.restarts)
 
     def release(self) -> None:
         if self.lock is not None:
@@ -173,14 +210,19 @@ class Claim:
 
 
 def claim(out: str, resume: str, overwrite: bool, mine: dict,
-          required: checkpoint.Requirements, info=print, extra=()) -> Claim:
+          required: checkpoint.Requirements, info=print, extra=(),
+          layout: tuple | None = None) -> Claim:
     """Rank 0: lock `out` and decide (see the module docstring). `required`: what a
     checkpoint must match (checkpoint.requirements); `extra`: this start's other output
-    files inside `out` (relative), kept in run.json and moved aside with the rest.
-    UsageError for a refusal; the lock is released again then."""
+    files inside `out` (relative), kept in run.json and moved aside with the rest;
+    `layout`: (world size, --batch-size, --accum-steps) of a start that may continue a
+    checkpoint of another world size (elastic.resume_plan). UsageError for a refusal; the
+    lock is released again then."""
+    if layout is not None:  # recorded by a new run: the world size it started with
+        mine = dict(mine, world_size=int(layout[0]))
     lock = Lock.acquire(out, info)
     try:
-        c = _decide(out, resume, overwrite, mine, required, tuple(extra), info)
+        c = _decide(out, resume, overwrite, mine, required, tuple(extra), info, layout)
     except BaseException:
         lock.release()
         raise
@@ -252,7 +294,7 @@ def _refuse(out: str, why: str, record: dict | None) -> str:
             f"{_aside(out, record)}/ and start a new run there")
 
 
-def _decide(out, resume, overwrite, mine, required, extra, info) -> Claim:
+def _decide(out, resume, overwrite, mine, required, extra, info, layout=None) -> Claim:
     record = read_record(out)
     extra = _extra(record, extra)
     present = outputs_in(out, extra)
@@ -262,16 +304,20 @@ def _decide(out, resume, overwrite, mine, required, extra, info) -> Claim:
     if resume == "none" or (resume == "auto" and (not present or record is None)):
         return _new_run(out, mine, present, record, extra, info)  # (--overwrite if present)
     if resume == "auto":
-        why = mismatch(record, mine)
+        found = checkpoint.list_checkpoints(out)
+        # where it would go on: the newest checkpoint, or the start of a run that has none
+        head = (checkpoint.header(found[-1]) if found else
+                {"world_size": record.get("world_size"), "epoch": 0, "step_in_epoch": 0})
+        why = mismatch(record, mine, elastic=layout is not None)
+        plan, why = (None, why) if why else plan_resume(record, mine, head, layout)
         if why is None:
-            found = checkpoint.list_checkpoints(out)
             if found:
-                return _continue(out, found[-1], record, mine, required, extra)
+                return _continue(out, found[-1], record, mine, required, extra, plan=plan)
             if "summary.json" not in present:  # ended before its first checkpoint
                 info(f"hpcaccel: run {record['run_id']} in {out} has no checkpoint yet: "
                      f"starting it again")
                 write_record(out, dict(record, epochs=mine["epochs"], outputs=list(extra)))
-                return Claim(record["run_id"])
+                return Claim(record["run_id"], plan=plan)
         elif not overwrite:
             raise UsageError(_refuse(out, f"--resume auto: run {record['run_id']} there cannot "
                                           f"be continued: {why}", record))
@@ -279,11 +325,14 @@ def _decide(out, resume, overwrite, mine, required, extra, info) -> Claim:
     # an explicit checkpoint file
     head = checkpoint.header(resume, required)
     theirs = head.get("run")
-    why = theirs and mismatch(theirs, mine)
+    why = theirs and mismatch(theirs, mine, elastic=layout is not None)
+    plan, why = (None, why) if why else plan_resume(theirs, mine, head, layout)
     if why:
         raise UsageError(f"--resume {resume}: checkpoint cannot be continued: {why}")
     if present and record is not None and theirs and record["run_id"] == theirs["run_id"]:
-        return _continue(out, resume, record, mine, required, extra, head)
+        return _continue(out, resume, record, mine, required, extra, head, plan)
+    if plan is not None:  # the run keeps its global batch
+        mine = dict(mine, global_batch=plan.global_batch)
     if present:  # --overwrite (else refused above); the checkpoint may be among them
         dest = _move_aside(out, present, record, info)
         rel = inside(out, resume)
@@ -291,10 +340,31 @@ def _decide(out, resume, overwrite, mine, required, extra, info) -> Claim:
             resume = os.path.join(dest, rel)
     run = dict(theirs or {}, **mine, run_id=(theirs or {}).get("run_id") or uuid.uuid4().hex[:12])
     write_record(out, _stamp(dict(run, outputs=list(extra))))
-    return Claim(run["run_id"], resume)
+    return Claim(run["run_id"], resume, plan=plan)
 
 
-def _continue(out, path, record, mine, required, extra, head=None) -> Claim:
+def plan_resume(record: dict | None, mine: dict, head: dict, layout: tuple | None
+                ) -> tuple[elastic.ResumePlan | None, str | None]:
+    """(plan, None) for how this start continues the checkpoint `head` (its world size,
+    epoch and step) of the run `record`, or (None, why it cannot). No plan where nothing
+    tells (no `layout` given: the global batch was compared by `mismatch`; no global batch
+    or world size recorded): the flags stand as given. At the checkpoint's own world size
+    the global batch must be the run's; at another, elastic.resume_plan keeps it or says
+    why it cannot."""
+    if layout is None:
+        return None, None
+    theirs = (record or {}).get("global_batch")
+    world, batch, accum = layout
+    if not theirs or not head.get("world_size") or world == head["world_size"]:
+        return None, global_batch_mismatch(record or {}, mine) if theirs else None
+    try:
+        return elastic.resume_plan(int(theirs), int(head["world_size"]), world, batch, accum,
+                                   int(head["epoch"]), int(head["step_in_epoch"])), None
+    except UsageError as e:
+        return None, str(e)
+
+
+def _continue(out, path, record, mine, required, extra, head=None, plan=None) -> Claim:
     head = head or checkpoint.header(path, required)
     theirs = head.get("run") or {}
     if theirs.get("run_id") != record["run_id"]:
@@ -304,10 +374,30 @@ def _continue(out, path, record, mine, required, extra, head=None) -> Claim:
     done = (mine["epochs"] is not None and head["step_in_epoch"] == 0
             and head["epoch"] >= mine["epochs"])
     complete = done and os.path.exists(os.path.join(out, "summary.json"))
-    if not complete and (record.get("epochs") != mine["epochs"]
-                         or list(extra) != (record.get("outputs") or [])):
-        write_record(out, dict(record, epochs=mine["epochs"], outputs=list(extra)))  # extended
-    return Claim(record["run_id"], path, complete)
+    if complete:
+        return Claim(record["run_id"], path, complete)
+    record = counted_restart(dict(record, epochs=mine["epochs"], outputs=list(extra)),
+                             read_progress(out), head)
+    write_record(out, record)
+    return Claim(record["run_id"], path, complete, plan=plan,
+                 restarts={k: record[k] for k in ("restarts", "steps_lost", "last_restart")})
+
+
+def counted_restart(record: dict, progress: dict | None, head: dict) -> dict:
+    """The run's record with one more restart from checkpoint `head`, and the steps (and
+    seconds) its previous start took past that checkpoint, which this start takes again."""
+    lost = elastic.lost_steps(progress, head["global_step"], record["run_id"])
+    now = time.time()
+    last = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
+            "checkpoint_step": int(head["global_step"]), "steps_lost": lost,
+            "world_size_before": (progress or {}).get("world_size"),
+            "seconds_lost": (round(max(0.0, progress["time"] - head["saved"]), 1)
+                             if lost and head.get("saved") else 0.0),
+            "seconds_since_last_step": (round(now - progress["time"], 1)
+                                        if progress and progress.get("run_id") == record["run_id"]
+                                        else None)}
+    return dict(record, restarts=int(record.get("restarts", 0)) + 1,
+                steps_lost=int(record.get("steps_lost", 0)) + lost, last_restart=last)
 
 
 def _new_run(out, mine, present, record, extra, info) -> Claim:
@@ -352,14 +442,15 @@ def claim_collectively(cfg, control, model, train_ds, world_size: int,
 
 
 def claim_shared(control, out: str, resume: str, overwrite: bool, mine: dict,
-                 required: checkpoint.Requirements, info=print, extra=()) -> Claim:
+                 required: checkpoint.Requirements, info=print, extra=(),
+                 layout: tuple | None = None) -> Claim:
     """Every rank: rank 0 claims `out` for a start of identity `mine` (`claim`), and the
     decision (not the lock) reaches all ranks. A refusal is a UsageError on every rank.
     hpcaccel.train (claim_collectively) and a script's hpcaccel.torch.Job both claim here."""
     def on_main():
         if not control.is_main:
             return None
-        return claim(out, resume, overwrite, mine, required, info, extra=extra)
+        return claim(out, resume, overwrite, mine, required, info, extra=extra, layout=layout)
 
     decided = control.collectively(on_main)
     shared = control.broadcast(decided.shared() if decided is not None else None)

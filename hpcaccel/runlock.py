@@ -52,7 +52,8 @@ class Lock:
     Lustre), holding host, pid, the pid's start time and the Slurm job id and restart count;
     rank 0 refreshes its mtime every HEARTBEAT_S seconds. A lock is stale when its holder is
     an earlier run (restart) of this same Slurm job, or on this host and its process is
-    gone, or on another host and the heartbeat is older than STALE_AFTER_S."""
+    gone, or on another host and the heartbeat is older than STALE_AFTER_S, or an earlier
+    launch of the training step by the elastic batch script within the same job run."""
 
     path: str
     token: str
@@ -171,8 +172,14 @@ def describe_holder(holder: dict, path: str) -> str:
 
 
 def _slurm_job() -> dict:
+    """The Slurm job, its restart count and (elastic template) which launch of the training
+    step within this run of the job (HPCACCEL_LAUNCH, counted by the batch script)."""
     job = os.environ.get("SLURM_JOB_ID")
-    return {"slurm_job": job, "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0")} if job else {}
+    if not job:
+        return {}
+    launch = os.environ.get("HPCACCEL_LAUNCH")
+    return {"slurm_job": job, "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+            **({"slurm_launch": launch} if launch else {})}
 
 
 def stale_reason(holder: dict, path: str) -> str | None:
@@ -187,6 +194,13 @@ def stale_reason(holder: dict, path: str) -> str | None:
         return (f"{describe_holder(holder, path)}: an earlier run of this Slurm job "
                 f"{mine['slurm_job']} (restart {holder.get('slurm_restart')}, now "
                 f"{mine['slurm_restart']})")
+    if (mine.get("slurm_launch") and holder.get("slurm_job") == mine["slurm_job"]
+            and holder.get("slurm_launch") not in (None, mine["slurm_launch"])):
+        # the elastic batch script relaunches only after the earlier step has ended, whose
+        # rank 0 may have been on a node that is gone
+        return (f"{describe_holder(holder, path)}: an earlier launch of this Slurm job "
+                f"{mine['slurm_job']} (launch {holder.get('slurm_launch')}, now "
+                f"{mine['slurm_launch']})")
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
         if not _alive(holder["pid"], holder.get("pid_start")):
             return f"host {holder['host']}, pid {holder['pid']}: no such process"

@@ -51,7 +51,7 @@ def test_a_global_batch_the_ranks_cannot_split_is_one_line():
     msg = str(e.value)
     assert "\n" not in msg
     assert "global batch 48 (3 x 16) cannot be kept on 5 ranks: 48 is not a multiple of 5" in msg
-    assert "continue on 1, 2, 3, 4, 6, 8, 12 or 16, ... ranks" in msg
+    assert "continue it on 1, 2, 3, 4, 6, 8, 12 or 16, ... ranks" in msg
 
 
 # -- the partial epoch sums ----------------------------------------------------------------

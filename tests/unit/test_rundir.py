@@ -209,3 +209,85 @@ def test_output_paths_inside_an_out_still_to_be_created_are_fine(tmp_path):
     rundir.check_paths(str(out), {"--timeline": str(out / "trace.json")})
     rundir.check_paths(str(out), {"--timeline": str(tmp_path / "trace.json"), "--x": None})
     assert os.listdir(tmp_path) == []
+
+
+def elastic_run(out, world=2, batch=16, step_in_epoch=3):
+    """A run of `world` ranks x `batch` with a mid-epoch checkpoint (one RNG state per rank)."""
+    model = torch.nn.Linear(2, 2, bias=False)
+    req = checkpoint.Requirements(checkpoint.fingerprint(model))
+    mine = dict(MINE, model=rundir.model_digest(req.fingerprint), global_batch=world * batch)
+    rundir.claim(str(out), "none", False, mine, req, info=lambda line: None,
+                 layout=(world, batch, 1)).release()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rng = [torch.get_rng_state()] * world
+    path = checkpoint.save(str(out), checkpoint.build(model, opt, 1, step_in_epoch, 11, rng), keep=2)
+    return mine, req, path
+
+
+def test_another_world_size_continues_with_the_checkpoints_global_batch(tmp_path):
+    mine, req, path = elastic_run(tmp_path)
+    assert rundir.read_record(str(tmp_path))["world_size"] == 2
+    assert checkpoint.header(path)["world_size"] == 2
+    flags = dict(mine, global_batch=16)  # 1 rank x --batch-size 16, as the flags say
+    c = rundir.claim(str(tmp_path), "auto", False, flags, req, info=lambda line: None,
+                     layout=(1, 16, 1))
+    c.release()
+    assert c.checkpoint == path
+    plan = c.plan
+    assert (plan.world_size, plan.batch_size, plan.accum_steps) == (1, 32, 2)
+    assert (plan.epoch, plan.step_in_epoch, plan.sample_in_epoch) == (1, 3, 96)
+    assert rundir.read_record(str(tmp_path))["global_batch"] == 32  # the run's, kept
+    assert c.shared().plan == plan  # reaches every rank
+
+
+def test_a_global_batch_the_new_ranks_cannot_split_is_refused_in_one_line(tmp_path):
+    mine, req, path = elastic_run(tmp_path, world=3, batch=16)
+    with pytest.raises(UsageError) as e:
+        rundir.claim(str(tmp_path), "auto", False, dict(mine, global_batch=80), req,
+                     info=lambda line: None, layout=(5, 16, 1))
+    line = str(e.value)
+    assert "\n" not in line and "its global batch 48 (3 x 16) cannot be kept on 5 ranks" in line
+    assert "use a new --out, or --overwrite true" in line
+    # the same world size with another --batch-size is refused as before
+    with pytest.raises(UsageError, match="its global batch was 48, this run's is 96"):
+        rundir.claim(str(tmp_path), "auto", False, dict(mine, global_batch=96), req,
+                     info=lambda line: None, layout=(3, 32, 1))
+    c = rundir.claim(str(tmp_path), "auto", True, dict(mine, global_batch=96), req,
+                     info=lambda line: None, layout=(3, 32, 1))
+    c.release()  # --overwrite: a new run
+    assert c.checkpoint is None and c.plan is None
+
+
+def test_restarts_and_steps_lost_are_counted_in_run_json(tmp_path):
+    mine, req, path = elastic_run(tmp_path)
+    run_id = rundir.read_record(str(tmp_path))["run_id"]
+    rundir.write_progress(str(tmp_path), {"run_id": run_id, "step": 18, "world_size": 2,
+                                          "time": os.stat(path).st_mtime + 5})
+    c = rundir.claim(str(tmp_path), "auto", False, mine, req, info=lambda line: None,
+                     layout=(2, 16, 1))
+    c.release()
+    assert c.plan is None  # the same world size: the flags stand
+    assert (c.restarts["restarts"], c.restarts["steps_lost"]) == (1, 18 - 11)
+    last = c.restarts["last_restart"]
+    assert (last["world_size_before"], last["checkpoint_step"], last["seconds_lost"]) == (2, 11, 5)
+    c = rundir.claim(str(tmp_path), "auto", False, mine, req, info=lambda line: None)
+    c.release()  # a requeue after a checkpoint at the last step reached: nothing lost
+    record = rundir.read_record(str(tmp_path))
+    assert (record["restarts"], record["steps_lost"]) == (2, 7 + 7)  # progress not updated here
+
+
+def test_an_elastic_relaunch_takes_over_its_earlier_launchs_lock(tmp_path, monkeypatch):
+    """The elastic batch script relaunches the step after it ended; its rank 0 may have been
+    on the node that was lost (another host, a fresh heartbeat)."""
+    (tmp_path / rundir.LOCK).write_text(json.dumps(
+        {"host": "node-gone", "pid": 4242, "slurm_job": "77", "slurm_restart": "0",
+         "slurm_launch": "1"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    monkeypatch.setenv("HPCACCEL_LAUNCH", "1")  # the same launch: still held
+    with pytest.raises(UsageError, match="host node-gone, pid 4242"):
+        rundir.Lock.acquire(str(tmp_path), info=lambda line: None)
+    monkeypatch.setenv("HPCACCEL_LAUNCH", "2")
+    said = []
+    rundir.Lock.acquire(str(tmp_path), info=said.append).release()
+    assert "an earlier launch of this Slurm job 77 (launch 1, now 2)" in said[0]
