@@ -222,8 +222,8 @@ class Trainer:
             if self.stop.stopping is not None:  # agreed by all ranks inside train_step
                 bar.close()
                 self.watchdog.beat(self.step, "checkpoint")
+                # nobody exits before rank 0's file is complete (the save waits for it)
                 path = self.checkpoint(epoch, done, (loss_sum, totals), last)
-                self.control.barrier()  # nobody exits before rank 0's file is complete
                 return {"stopped_by": self.stop.name, "checkpoint": path, "steps": self.step}
             every = self.cfg.checkpoint_every
             if every and self.step % every == 0 and done < self.reader.steps:
@@ -265,22 +265,18 @@ class Trainer:
         return last
 
     def checkpoint(self, epoch: int, step_in_epoch: int, partial, last: dict) -> str | None:
-        """Collective: gather every rank's RNG state, partial epoch sums and reducer state
-        (PowerSGD's residuals differ per rank); rank 0 writes."""
+        """Collective (checkpoint.save_collectively): every rank's RNG state, partial epoch
+        sums and reducer state (PowerSGD's residuals differ per rank); rank 0 writes while
+        the others wait idly. The path on rank 0, else None."""
         from . import checkpoint
 
         loss_sum, totals = partial
-        per_rank = self.control.gather((checkpoint.rng_state(),
-                                        [loss_sum, tasks.flatten(totals).tolist()],
-                                        self.reducer.state_dict()))
-        if not self.control.is_main:
-            return None
-        extra = {"partial": [p for _, p, _ in per_rank], "last_record": last}
-        if any(s for _, _, s in per_rank):
-            extra["reducer"] = [s for _, _, s in per_rank]
-        state = checkpoint.build(self.model, self.optimizer, epoch, step_in_epoch, self.step,
-                                 [r for r, _, _ in per_rank], extra)
-        return checkpoint.save(self.cfg.out, state, self.cfg.keep_checkpoints)
+        return checkpoint.save_collectively(
+            self.control, self.cfg.out, self.cfg.keep_checkpoints, self.model, self.optimizer,
+            epoch, step_in_epoch, self.step,
+            per_rank={"partial": [loss_sum, tasks.flatten(totals).tolist()],
+                      "reducer": self.reducer.state_dict()},
+            extra={"last_record": last})
 
     def _results(self, last: dict, train_seconds: float, steps_run: int) -> dict:
         samples = steps_run * self.cfg.batch_size * self.control.size
