@@ -215,10 +215,15 @@ def task_phrase(task) -> str:
 
 def done_phrase(task, summary: dict) -> str:
     """The last line's test metrics: the task's headline ones, e.g. `test accuracy 0.9806`."""
+    from .tasks import BUILTIN
+
     parts = []
     for name, _ in task.headline:
         value = summary.get(f"test_{name}")
-        parts.append(f"test {name.replace('_', ' ')} " + ("n/a" if value is None else f"{value:.4f}"))
+        if isinstance(value, list):  # per output: for the files only
+            continue
+        words = name.replace("_", " ") if task.name in BUILTIN else name  # yours as you named it
+        parts.append(f"test {words} " + ("n/a" if value is None else f"{value:.4f}"))
     return ", ".join(parts) or "test loss " + f"{summary['test_loss']:.4f}"
 
 

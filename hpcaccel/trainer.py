@@ -312,7 +312,7 @@ def headline(task, record: dict) -> list[str]:
     parts = []
     for prefix in ("train", "test"):
         for name, label in task.headline:
-            if f"{prefix}_{name}" in record:
-                value = record[f"{prefix}_{name}"]
+            value = record.get(f"{prefix}_{name}", [])
+            if not isinstance(value, list):  # lists (per output) are for the files only
                 parts.append(f"{prefix} {label} " + ("n/a" if value is None else f"{value:.4f}"))
     return parts

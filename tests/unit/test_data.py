@@ -369,3 +369,19 @@ def test_diabetes_is_embedded_split_and_standardised(tmp_path, monkeypatch):
     train, test = (open_dataset(p) for p in pack_builtin("diabetes", 0, (), 0, 0))
     assert (train.samples, test.samples, train.sample_shape) == (353, 89, (10,))
     assert train.target.kind == "float targets" and train.target_shape == ()
+
+
+def test_unscaled_float_targets_get_a_start_up_warning(tmp_path):
+    """The scan's per-rank sums merged: targets around 150 +- 77 (the diabetes data as
+    measured) warn, standardised ones do not."""
+    from hpcaccel.advice import data_warnings, merge_stats
+
+    y = np.random.default_rng(0).normal(150, 77, 100).astype(np.float32)
+    write_file(str(tmp_path / "raw.h5"), [np.zeros((100, 2))], [y], 100, (2,), 0, "t")
+    ds = open_dataset(str(tmp_path / "raw.h5"))
+    merged = merge_stats([scan(ds, r, 3) for r in range(3)])
+    assert merged["y_count"] == 100
+    (line,) = data_warnings(merged, 0, "--data", "raw.h5")
+    assert "float targets have mean 15" in line and "standardise them" in line
+    standard = {**merged, "y_sum": 0.0, "y_sumsq": 100.0}
+    assert data_warnings(standard, 0, "--data", "raw.h5") == []

@@ -1,0 +1,179 @@
+"""Tasks through `python -m hpcaccel.train` under real mpirun: regression recovers the weights
+of linear data (two outputs), a task of the test's own, segmentation with the built-in
+per-pixel model, the built-in diabetes data, requeue of a regression bit for bit, and a
+model whose output does not fit the task as one line with exit 2."""
+import json
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hpcaccel.data import write_file
+from support import assert_same_model, mpirun_command, train_cli
+
+WEIGHTS = np.array([[1.5, -2.0, 0.5, 0.0], [0.25, 1.0, -1.0, 3.0]])  # 2 outputs x 4 inputs
+BIAS = np.array([0.5, -1.0])
+
+# The test's own model and task, imported by every rank (PYTHONPATH=tmp_path).
+OWN_CODE = '''
+import math
+
+import torch
+
+
+def linear(input_shape, output_shape):
+    """One linear layer: its weights are the regression's."""
+    return torch.nn.Sequential(torch.nn.Flatten(),
+                               torch.nn.Linear(math.prod(input_shape), math.prod(output_shape)))
+
+
+def classifier(input_shape, output_shape):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(input_shape), 10))
+
+
+def close_enough(target):
+    """Absolute-error loss; metrics: the share of outputs within 0.5 of the target, and the
+    error's sign (below, above) per output: sums over the batch."""
+    def loss(out, y):
+        return (out - y).abs().mean()
+
+    def within_half(out, y):
+        return ((out - y).abs() < 0.5).float().mean(dim=1).sum()
+
+    def above(out, y):
+        return (out > y).float().sum(dim=0)
+    return loss, {"within_half": within_half, "above": above}
+'''
+
+
+def linear_data(tmp_path, n, seed, name, noise=0.0, features=4):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, features)).astype(np.float32)
+    w = WEIGHTS if features == 4 else np.random.default_rng(7).standard_normal((2, features)) / 4
+    y = (x @ w.T + BIAS + noise * rng.standard_normal((n, 2))).astype(np.float32)
+    path = str(tmp_path / name)
+    write_file(path, [x], [y], n, (features,), 0, "linear")
+    return path
+
+
+@pytest.fixture
+def own(tmp_path):
+    (tmp_path / "own_code.py").write_text(OWN_CODE)
+    return {"PYTHONPATH": str(tmp_path)}
+
+
+def summary_of(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_regression_recovers_the_weights_of_linear_data_with_two_outputs(tmp_path, own):
+    train = linear_data(tmp_path, 1024, 1, "train.h5")
+    test = linear_data(tmp_path, 200, 2, "test.h5")
+    out = tmp_path / "run"
+    r = train_cli(2, "--data", train, "--test-data", test, "--model", "own_code:linear",
+                  "--epochs", "6", "--lr", "0.05", "--out", str(out), env=own)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "task regress (2 outputs, loss mse), chosen by --task auto from y's float targets" in r.stdout
+    assert "done: test rmse" in r.stdout and "test r2" in r.stdout
+    model = torch.load(out / "model.pt", weights_only=True)
+    np.testing.assert_allclose(model["1.weight"].numpy(), WEIGHTS, atol=2e-3)
+    np.testing.assert_allclose(model["1.bias"].numpy(), BIAS, atol=2e-3)
+    summary = summary_of(out)
+    assert summary["task"] == "regress" and summary["test_accuracy"] is None
+    assert summary["test_rmse"] < 1e-2 and summary["test_r2"] > 0.9999
+    assert len(summary["test_r2_per_output"]) == 2 and min(summary["test_r2_per_output"]) > 0.9999
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and records[-1]["train_r2"] > 0.999
+    assert {"train_rmse", "train_mae", "test_mae", "test_rmse_per_output"} <= set(records[-1])
+
+
+def test_a_task_of_our_own(tmp_path, own):
+    train = linear_data(tmp_path, 512, 1, "train.h5", noise=0.3)
+    test = linear_data(tmp_path, 64, 2, "test.h5", noise=0.3)
+    out = tmp_path / "run"
+    r = train_cli(2, "--data", train, "--test-data", test, "--task", "own_code:close_enough",
+                  "--model", "mlp", "--epochs", "3", "--out", str(out), env=own)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "task close_enough" in r.stdout and "test within_half" in r.stdout
+    summary = summary_of(out)
+    assert summary["task"] == "close_enough" and summary["test_within_half"] > 0.5
+    assert len(summary["test_above"]) == 2 and 0 <= min(summary["test_above"]) <= 1
+    assert 0 < summary["test_loss"] < 1  # the factory's loss, averaged per sample
+
+
+def test_segmentation_with_the_built_in_per_pixel_model(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 1, 8, 8)).astype(np.float32)
+    y = np.digitize(x[:, 0], [-0.4, 0.4])  # 3 classes per pixel, read off the pixel
+    write_file(str(tmp_path / "seg.h5"), [x], [y], 256, (1, 8, 8), 3, "seg")
+    out = tmp_path / "run"
+    r = train_cli(2, "--data", str(tmp_path / "seg.h5"), "--test-data", str(tmp_path / "seg.h5"),
+                  "--epochs", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "task segment (3 classes, 64 elements per sample), chosen by --task auto" in r.stdout
+    assert "model fcn (auto)" in r.stdout
+    summary = summary_of(out)
+    assert summary["test_pixel_accuracy"] > 0.75 and summary["test_mean_iou"] > 0.55, summary
+    assert len(summary["test_iou_per_class"]) == 3
+
+
+def test_built_in_diabetes_regression(tmp_path):
+    out = tmp_path / "run"
+    r = train_cli(2, "--data", "diabetes", "--epochs", "20", "--lr", "0.005", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "data 353 samples" in r.stdout and "model mlp (auto)" in r.stdout
+    summary = summary_of(out)
+    assert summary["task"] == "regress" and summary["test_r2"] > 0.3, summary
+
+
+def test_a_model_whose_output_does_not_fit_is_one_line(tmp_path, own):
+    """(A float y with --task classify: tests/integration/test_reliability.py; every other
+    refusal of a task, one process: tests/unit/test_tasks.py.)"""
+    data = linear_data(tmp_path, 64, 1, "train.h5")
+    r = train_cli(2, "--data", data, "--out", str(tmp_path / "run"), "--model",
+                  "own_code:classifier", env=own, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [l for l in r.stderr.splitlines() if l.startswith("hpcaccel: error:")]
+    assert errors == ["hpcaccel: error: --model own_code:classifier: outputs shaped (10,) per "
+                      "sample, the task needs (2,)"], r.stderr[-2000:]
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def run_until_signalled(cmd, after_line="epoch 1/", timeout=240):
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if after_line in line:
+            proc.send_signal(signal.SIGUSR1)  # forwarded by mpirun to every rank, as Slurm's warning
+            break
+        assert time.time() < deadline, "".join(lines)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, "".join(lines) + out
+
+
+def test_requeued_regression_equals_an_uninterrupted_run(tmp_path):
+    train = linear_data(tmp_path, 4096, 1, "train.h5", noise=0.5, features=16)
+    test = linear_data(tmp_path, 256, 2, "test.h5", noise=0.5, features=16)
+    args = ["-m", "hpcaccel.train", "--data", train, "--test-data", test, "--model", "mlp",
+            "--epochs", "4", "--lr", "0.01", "--progress", "false"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    r = subprocess.run(mpirun_command(2, *args, "--out", str(full)), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rc, out = run_until_signalled(mpirun_command(2, *args, "--out", str(part)))
+    assert rc == 3, out[-3000:]  # checkpointed mid-run: requeue
+    r = subprocess.run(mpirun_command(2, *args, "--out", str(part), "--resume", "auto"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stdout
+    assert_same_model(part / "model.pt", full / "model.pt")
+    # every epoch's metrics too, the one cut in the middle included (its partial sums resumed)
+    timing = {"epoch_seconds", "samples_per_second"}
+    records = [[{k: v for k, v in json.loads(l).items() if k not in timing}
+                for l in (d / "metrics.jsonl").read_text().splitlines()] for d in (part, full)]
+    assert records[0] == records[1] and len(records[0]) == 4
+    assert records[0][-1]["test_r2"] > 0.5
