@@ -79,8 +79,9 @@ class RankData:
         shuffle, seed: a new order each epoch, shuffled within a window of the shards
           (shard-affine), the same for a given seed, world size and batch size.
         test: an evaluation set (HDF5 file or index.json) for test_batches().
-        stage_dir: node-local storage (local SSD, /tmp, $SLURM_TMPDIR): before the first
-          epoch is read, one rank per host copies there the files its host's ranks read.
+        stage_dir: node-local storage (local SSD, /tmp, $SLURM_TMPDIR): in Job.resume() (or
+          at the first epoch() without a Job), one rank per host copies there the files
+          its host's ranks read.
         prefetch: batches a background thread reads ahead.
 
         Bad input (a missing or malformed file, fewer samples than ranks x batch_size)
@@ -139,11 +140,18 @@ class RankData:
 
     @property
     def classes(self) -> int:
+        """Classes of integer labels (0 for float targets)."""
         return self.dataset.classes
+
+    @property
+    def target(self):
+        """What y holds per sample (data.Target: shape, dtype, classes; describe())."""
+        return self.dataset.target
 
     def epoch(self, epoch: int):
         """This rank's batches of `epoch` (0-based) as (x, y) tensors: x float32 of
-        (batch_size, *sample_shape), y int64 class labels. After Job.resume() the resumed
+        (batch_size, *sample_shape), y as the files hold it (int64 class labels, or float
+        targets: `target` says). After Job.resume() the resumed
         epoch starts at the saved step (a checkpoint taken at the epoch's last step yields
         nothing more, so the code after your loop over it still runs). Collective when it
         first stages (stage_dir)."""

@@ -85,6 +85,14 @@ def test_rank_data_stages_to_node_local_storage(shards, tmp_path_factory):
     assert [x[:, 0].tolist() for x, _ in staged.epoch(0)] == want
     assert staged.staging is not None
     assert any(p.startswith(stage) for p in staged.dataset.files)
+    # with a Job, resume() stages (before its watchdog starts), for the epochs left
+    data = hvd.RankData(shards, batch_size=4, seed=3, epochs=2, stage_dir=stage)
+    model, opt = model_and_optimizer()
+    with hvd.Job(shared_dir(tmp_path_factory, "staged-job"), model, opt, data=data) as job:
+        assert data.staging is None
+        job.resume()
+        assert data.staging is not None and data.staging["train_files_per_host_max"] >= 1
+        assert [x[:, 0].tolist() for x, _ in data.epoch(0)] == want
 
 
 def test_rank_data_with_too_few_samples_exits_2_on_every_rank(shards, capsys):
