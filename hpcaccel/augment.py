@@ -38,6 +38,18 @@ def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out
 
 
+def check_targets(kind: str, sample_shape, target_shape) -> None:
+    """UsageError where --augment would move x's pixels but not y's: targets per pixel (a
+    segmentation's labels, a field to regress) shaped like the images' height and width."""
+    from .errors import UsageError
+
+    sample_shape, target_shape = tuple(sample_shape), tuple(target_shape)
+    if kind != "none" and len(sample_shape) == 3 and target_shape[-2:] == sample_shape[1:]:
+        raise UsageError(f"--augment {kind}: would shift or flip the samples' pixels but not "
+                         f"their targets, which are per pixel ({target_shape}); augment before "
+                         f"packing, or --augment none")
+
+
 def augment(x: torch.Tensor, kind: str, g: torch.Generator, max_shift: int = 1) -> torch.Tensor:
     if kind == "none" or x.ndim != 4:
         return x

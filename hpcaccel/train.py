@@ -21,7 +21,7 @@ from .errors import REQUEUE_EXIT_CODE, Diverged, SetupFailed, UsageError
 
 def setup(cfg, control, timeline):
     """Every set-up phase, agreed collectively: a failure on any rank fails all of them."""
-    from . import advice, data, env, tasks
+    from . import advice, augment, data, env, tasks
     from .comm import make_reducer, reducer_options
     from .models import build_model
     from .optim import make_optimizer
@@ -38,6 +38,7 @@ def setup(cfg, control, timeline):
     # the loss, metrics and output shape; a task that does not fit y stops before the scan
     task = collectively(tasks.resolve, cfg.task, train_ds.target, f"--data {cfg.data}",
                         loss=cfg.loss, label_smoothing=cfg.label_smoothing)
+    collectively(augment.check_targets, cfg.augment, train_ds.sample_shape, train_ds.target_shape)
     scanned = {}
 
     def check_data():

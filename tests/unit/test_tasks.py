@@ -197,3 +197,14 @@ def test_a_model_whose_output_does_not_fit_is_one_line(monkeypatch):
         build_model("mymodels:legacy", (1, 8, 8), (3, 8, 8))
     with pytest.raises(UsageError, match="--model mymodels:classifier: fails on samples shaped"):
         build_model("mymodels:classifier", (2, 8, 8), (10,))
+
+
+def test_augmentation_is_refused_where_targets_are_per_pixel():
+    from hpcaccel.augment import check_targets
+
+    check_targets("shift+flip", (1, 8, 8), ())          # labels: fine
+    check_targets("flip", (1, 8, 8), (3,))               # a vector to regress: fine
+    check_targets("none", (1, 8, 8), (8, 8))
+    for target in ((8, 8), (2, 8, 8)):                   # a class or value per pixel
+        with pytest.raises(UsageError, match=r"--augment shift: would shift or flip"):
+            check_targets("shift", (1, 8, 8), target)
