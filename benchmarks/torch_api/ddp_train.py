@@ -2,12 +2,14 @@
 gloo, written to DDP's best practice: gradient_as_bucket_view=True, zero_grad to None,
 default 25 MB buckets, one intra-op thread per rank. Launched by mpirun like the others;
 MPI only tells each rank its rank, the world size and rank 0's address (its host address
-over eth0 when the ranks span hosts, loopback on one host).
+over eth0 when the ranks span hosts, loopback on one host). Writes what hvd_train.py
+writes; DDP's backward includes the wait for its last buckets, its step only updates.
 
     mpirun -np 2 python benchmarks/torch_api/ddp_train.py --model mlp25m --out ddp.json
 """
 import argparse
 import json
+import statistics
 import os
 import socket
 import time
@@ -60,6 +62,7 @@ def main():
     batches = synthetic_batches(args.batch, rank, args.seed)
     model.train()
     step_seconds, loss = [], None
+    phases = {"forward": [], "backward": [], "step": []}
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             dist.barrier()
@@ -68,17 +71,24 @@ def main():
         x, y = batches[i % len(batches)]
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         optimizer.step()
+        t3 = time.perf_counter()
         if i >= args.warmup:
-            step_seconds.append(time.perf_counter() - t0)
+            step_seconds.append(t3 - t0)
+            for phase, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                phases[phase].append(seconds)
     elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     checksum = parameter_checksum(model.module)
     if rank == 0 and args.out:
         with open(args.out, "w") as fh:
             json.dump({"samples_per_second": args.steps * args.batch * size / elapsed.item(),
-                       "seconds": elapsed.item(), "step_seconds": step_seconds, "size": size,
+                       "seconds": elapsed.item(), "step_seconds": step_seconds,
+                       "phase_seconds": {k: statistics.median(v) for k, v in phases.items()},
+                       "size": size,
                        "last_loss": loss.item(), "parameter_checksum": checksum,
                        "torch": torch.__version__, "threads": torch.get_num_threads()}, fh)
     dist.destroy_process_group()

@@ -8,10 +8,13 @@ Written once against `import horovod.torch as hvd` and run unchanged two ways:
 
 benchmarks/torch_api/run.py runs it both ways beside the same model under torch DDP
 (ddp_train.py). Rank 0 writes --out (JSON): samples/s over the timed steps (the slowest
-rank's time), each step's time, the last loss and a checksum of the final parameters.
+rank's time), each step's time on rank 0 and its median split into forward, backward
+(during which the gradients' allreduces start) and step (which waits for them, then
+updates), the last loss and a checksum of the final parameters.
 """
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -45,6 +48,7 @@ def main():
     batches = synthetic_batches(args.batch, hvd.rank(), args.seed)
     model.train()
     step_seconds, loss = [], None
+    phases = {"forward": [], "backward": [], "step": []}
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             hvd.barrier()
@@ -53,10 +57,15 @@ def main():
         x, y = batches[i % len(batches)]
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), y)
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         optimizer.step()
+        t3 = time.perf_counter()
         if i >= args.warmup:
-            step_seconds.append(time.perf_counter() - t0)
+            step_seconds.append(t3 - t0)
+            for phase, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                phases[phase].append(seconds)
     elapsed = time.perf_counter() - start
     elapsed = hvd.allreduce(torch.tensor(elapsed, dtype=torch.float64), op=hvd.Max,
                             name="elapsed").item()
@@ -64,7 +73,9 @@ def main():
     if hvd.rank() == 0 and args.out:
         with open(args.out, "w") as fh:
             json.dump({"samples_per_second": args.steps * args.batch * hvd.size() / elapsed,
-                       "seconds": elapsed, "step_seconds": step_seconds, "size": hvd.size(),
+                       "seconds": elapsed, "step_seconds": step_seconds,
+                       "phase_seconds": {k: statistics.median(v) for k, v in phases.items()},
+                       "size": hvd.size(),
                        "last_loss": loss.item(), "parameter_checksum": checksum,
                        "torch": torch.__version__, "threads": torch.get_num_threads()}, fh)
     hvd.shutdown()

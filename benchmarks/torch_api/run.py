@@ -149,8 +149,9 @@ def bench_train(args, jobs: Jobs, py: str, variants: list[str]) -> list[str]:
                           str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
                 d = jobs.run(f"{v} {model} (repeat {r + 1})", commands[v] + common)
                 runs[model][v].append(d)
+                ph = " / ".join(f"{s * 1e3:.0f}" for s in d["phase_seconds"].values())
                 print(f"  repeat {r + 1} {model:7s} {v:15s} {d['samples_per_second']:8.1f} samples/s "
-                      f"(load {d['load_before']:.1f})", flush=True)
+                      f"(forward / backward / step {ph} ms; load {d['load_before']:.1f})", flush=True)
     written = []
     for model, per in runs.items():
         size = next(iter(per.values()))[0]["size"]
@@ -158,6 +159,10 @@ def bench_train(args, jobs: Jobs, py: str, variants: list[str]) -> list[str]:
         rates = {v: [d["samples_per_second"] for d in ds] for v, ds in per.items()}
         results = {v: {"samples_per_second": summary(rates[v]),
                        "median_step_seconds": summary([statistics.median(d["step_seconds"]) for d in ds]),
+                       # rank 0's median forward / backward / step (step waits for the
+                       # allreduces on hpcaccel.torch and Horovod; DDP waits in backward)
+                       "phase_seconds": {k: summary([d["phase_seconds"][k] for d in ds])
+                                         for k in ds[0]["phase_seconds"]},
                        "load_before": [d["load_before"] for d in ds],
                        "last_loss": [d["last_loss"] for d in ds],
                        "parameter_checksum": [d["parameter_checksum"] for d in ds]}
