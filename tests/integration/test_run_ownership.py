@@ -223,6 +223,36 @@ def test_second_run_while_one_runs_exits_2_naming_the_holder(tmp_path):
     assert not (out / "run.lock").exists()  # released on exit
 
 
+FAILING_MODEL = """
+import math, os
+import torch
+
+class Failing(torch.nn.Module):
+    def __init__(self, shape, out):
+        super().__init__()
+        self.linear = torch.nn.Linear(math.prod(shape), out if isinstance(out, int) else math.prod(out))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 3 and os.environ.get("OMPI_COMM_WORLD_RANK") == "0":
+            raise RuntimeError("failing on purpose")
+        return self.linear(x.flatten(1))
+
+def failing(shape, out):
+    return Failing(shape, out)
+"""
+
+
+def test_rank_0_failing_in_training_releases_the_lock_before_mpi_abort(tmp_path):
+    (tmp_path / "failingmodel.py").write_text(FAILING_MODEL)
+    out = tmp_path / "run"
+    r = train(out, "--epochs", "1", "--model", "failingmodel:failing",
+              env={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode != 0 and "rank 0 failed: RuntimeError: failing on purpose" in r.stderr
+    assert (out / "run.json").exists() and not (out / "run.lock").exists()
+
+
 def test_stale_locks_are_taken_over(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
