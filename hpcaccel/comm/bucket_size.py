@@ -36,6 +36,8 @@ import time
 
 import numpy as np
 
+from ..wording import mib
+
 MIB = 1 << 20
 PROBE_BYTES = (8, 1 * MIB, 8 * MIB)
 PROBE_REPS = {8: 10, 1 * MIB: 10, 8 * MIB: 5}
@@ -86,8 +88,8 @@ def describe(size: int, link) -> str:
     """The start-up line's phrase for an automatic size; link: (latency, bandwidth), None
     (one host) or "checkpoint" (a resumed run's)."""
     if link is None:
-        return f"buckets {size // MIB} MiB (auto: one host)"
+        return f"buckets {mib(size)} (auto: one host)"
     if link == "checkpoint":
-        return f"buckets {size / MIB:g} MiB (auto: the checkpoint's)"
-    return (f"buckets {size // MIB} MiB (auto: latency {link[0] * 1e6:.0f} us, "
+        return f"buckets {mib(size)} (auto: the checkpoint's)"
+    return (f"buckets {mib(size)} (auto: latency {link[0] * 1e6:.0f} us, "
             f"{link[1] / 1e9:.2f} GB/s)")

@@ -581,7 +581,8 @@ class MPIReducer(Reducer):
             from .bucket_size import describe as describe_buckets
             what += f", {describe_buckets(self.bucket_bytes, self.link)}"
         elif self.bucket_bytes is not None and self.size > 1:
-            what += f", buckets {self.bucket_bytes / 2**20:g} MiB"
+            from ..wording import mib
+            what += f", buckets {mib(self.bucket_bytes)}"
         return f"{self.name} ({what})"
 
     def close(self):

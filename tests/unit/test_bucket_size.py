@@ -50,3 +50,10 @@ def test_noise_within_a_factor_of_1_2_rarely_moves_the_choice():
     base = choose(100 * MIB, 500e-6, 118e6)
     moved = sum(choose(100 * MIB, 500e-6 * f, 118e6) != base for f in (0.9, 0.95, 1.05, 1.1))
     assert moved <= 1
+
+
+def test_sizes_read_in_mib_rounded():
+    from hpcaccel.comm.bucket_size import describe
+
+    assert describe(int(0.01 * 2**20), "checkpoint") == "buckets 0.01 MiB (auto: the checkpoint's)"
+    assert describe(25 << 20, None) == "buckets 25 MiB (auto: one host)"
