@@ -249,8 +249,8 @@ class Job:
           refusing to start.
         keep: how many of the newest checkpoints stay.
         stall_timeout: seconds without should_stop() or heartbeat() (from resume() on)
-          after which the watchdog writes the hang report (OUT/hang-report.txt: which rank holds the job
-          up) and ends every rank; 0 turns it off.
+          after which the watchdog writes the hang report (OUT/hang-report.txt: which rank
+          holds the job up) and ends every rank; 0 turns it off.
         stop_signals: the signals that ask for a stop (SIGUSR1: Slurm's warning before the
           time limit, SIGTERM: preemption, scancel).
 
