@@ -70,6 +70,11 @@ def start_watchdog(timeout: float, out: str, rank: int, size: int, abort) -> Wat
     (hang_report.py). What hpcaccel.train and a script's hpcaccel.torch.Job both run.
     timeout 0: nothing is watched."""
     from .hang_report import HangReport
+    from .runlock import release_held
+
+    def release_then_abort():
+        release_held()  # MPI_Abort skips exit handlers: OUT's lock would stay behind
+        abort()
 
     report = HangReport(out, rank, size, grace=min(5.0, max(2.0, timeout / 2)))
-    return Watchdog(timeout, rank, abort=abort, report=report).start()
+    return Watchdog(timeout, rank, abort=release_then_abort, report=report).start()

@@ -113,6 +113,7 @@ def test_a_stalled_rank_ends_the_job_with_a_hang_report_naming_it(tmp_path, stal
     assert report.startswith("hpcaccel: hang report (2 of 2 ranks reported): rank(s) 1 to "
                              "blame"), report
     assert "hpcaccel: hang report" in r.stderr and "no progress for" in r.stderr
+    assert not (out / "run.lock").exists()  # released before the abort
     if stall == "hang":
         assert "rank 1: training after step 4, in no collective" in report, report
         assert "rank 0: training after step 4, control in allreduce-max" in report, report
