@@ -217,3 +217,26 @@ def test_sbatch_reads_every_directive_value_as_given(cluster, tmp_path):
     assert (options["partition"], options["constraint"]) == ("gpu,gpu-long", "[rack1|rack2]&ib")
     assert options["output"] == f"{tmp_path}/my logs/%x #%j.out"
     assert options["cpus-per-task"] == "8" and options["signal"] == "B:USR1@300"
+
+
+def test_own_script_checkpoints_on_usr1_requeues_and_resumes(slurm, site, tmp_path):
+    """--script: an hpcaccel.torch script with a Job (examples/hpcaccel_torch_script.py)
+    run by the cpu template: the time-limit signal makes it checkpoint and exit with code 3,
+    the job requeues itself, and the script started again resumes in the same run
+    directory (HPCACCEL_RUN_DIR) and finishes."""
+    example = os.path.join(ROOT, "examples", "hpcaccel_torch_script.py")
+    script = slurm.render("cpu", "--set", "cores_per_socket=1", "--set", f"chdir={tmp_path}",
+                          "--job-name", "own", "--time", "00:10:00", "--set", "signal_seconds=60",
+                          "--script", example, *site,
+                          "--", "--epochs", "6", "--batch-size", "8", "--lr", "0.02")
+    jobid = slurm.sbatch(script, tmp_path / "own.sbatch")
+    log = tmp_path / f"own-{jobid}.out"
+    slurm.wait_for_line(log, "epoch 1/6", jobid)
+    slurm.run("scancel", "--batch", "--signal=USR1", jobid)
+    [job] = slurm.wait(jobid, timeout=300)
+    text = log.read_text()
+    assert (job["JobState"], job["Restarts"]) == ("COMPLETED", "1"), text
+    assert "stopped by SIGUSR1" in text and "requeueing job" in text, text
+    assert "resuming from" in text and "epoch 6/6" in text, text
+    run_dir = tmp_path / "runs" / f"own-{jobid}"
+    assert (run_dir / "model.pt").exists() and (run_dir / "run.json").exists(), text
