@@ -223,3 +223,37 @@ def test_save_before_resume_is_refused(tmp_path_factory):
     with hvd.Job(shared_dir(tmp_path_factory, "early"), model, opt, epochs=1) as job:
         with pytest.raises(RuntimeError, match="resume"):
             job.save(epoch=0, step=0)
+
+
+def test_job_keeps_the_distributed_optimizers_powersgd_state_per_rank(tmp_path_factory):
+    """PowerSGD's error feedback differs per rank: each rank gets its own back."""
+    out = shared_dir(tmp_path_factory, "powersgd")
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                    torch.nn.Linear(32, 3))
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                       named_parameters=model.named_parameters(),
+                                       compression=hvd.Compression.powersgd(2, 0))
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        return model, opt
+
+    model, opt = make()
+    inputs = torch.Generator().manual_seed(hvd.rank())
+    with hvd.Job(out, model, opt, epochs=1) as job:
+        job.resume()
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 16, generator=inputs)).square().sum().backward()
+            opt.step()
+            job.should_stop()
+        job.save(epoch=0, step=3)
+        saved = opt._hvd_reducer.state_dict()
+    assert saved.get("powersgd"), saved
+    model, opt = make()
+    with pytest.raises(AssertionError):  # a new optimizer's differs
+        torch.testing.assert_close(opt._hvd_reducer.state_dict(), saved, rtol=0, atol=0)
+    with hvd.Job(out, model, opt, epochs=1) as job:
+        job.resume()
+        torch.testing.assert_close(opt._hvd_reducer.state_dict(), saved, rtol=0, atol=0)
