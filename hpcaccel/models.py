@@ -148,8 +148,8 @@ def auto_choice(input_shape, output_shape) -> str:
 
 def build_model(name: str, input_shape, output_shape, dropout: float = 0.0) -> nn.Module:
     """Build --model `name` for samples of `input_shape` and check that it outputs
-    `output_shape` per sample (an int: a class count). A factory whose second parameter is
-    named num_classes (the form before tasks) gets the class count of a (classes,) output."""
+    `output_shape` per sample (an int: a class count). A factory of one's own gets the
+    output shape, or the output count (see _second_argument)."""
     input_shape, output_shape = tuple(input_shape), _shape(output_shape)
     if name == "auto":
         name = auto_choice(input_shape, output_shape)
@@ -173,15 +173,19 @@ def build_model(name: str, input_shape, output_shape, dropout: float = 0.0) -> n
 
 
 def _second_argument(factory, name: str, output_shape: tuple):
+    """What a factory of one's own gets after the input shape: the output shape (a tuple)
+    when its second parameter says shape (output_shape), else, for outputs of one dimension,
+    their count as an int: the classifier form before tasks, factory(input_shape,
+    num_classes), keeps working for every task with vector outputs."""
     try:
         params = list(inspect.signature(factory).parameters)
     except (TypeError, ValueError):
         params = []
-    if len(params) < 2 or params[1] != "num_classes":
+    if len(params) < 2 or "shape" in params[1]:
         return output_shape
     if len(output_shape) != 1:
-        raise UsageError(f"--model {name}: factory(input_shape, num_classes) builds a "
-                         f"classifier, this task needs outputs shaped {output_shape}; write it "
+        raise UsageError(f"--model {name}: factory(input_shape, {params[1]}) takes a count of "
+                         f"outputs, this task needs outputs shaped {output_shape}; write it "
                          f"as factory(input_shape, output_shape)")
     return output_shape[0]
 

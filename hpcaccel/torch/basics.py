@@ -128,6 +128,8 @@ def _end_job_on_uncaught_exception() -> None:
         sys.stderr.write(f"hpcaccel.torch: rank {_runtime.rank if _runtime else '?'} failed "
                          f"({kind.__name__}); ending every rank of the job\n")
         sys.stderr.flush()
+        from ..runlock import release_held
+        release_held()  # a Job's run.lock: the next start need not wait for it to go stale
         from mpi4py import MPI
         MPI.COMM_WORLD.Abort(1)
     hook.__hpcaccel__ = True

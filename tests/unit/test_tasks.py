@@ -186,8 +186,12 @@ def test_a_model_whose_output_does_not_fit_is_one_line(monkeypatch):
 
     def legacy(input_shape, num_classes):  # the form before tasks: gets the class count
         return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, num_classes))
+
+    def old_names(shape, classes):  # any name but a shape's: the count too
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, classes))
     monkeypatch.setitem(sys.modules, "mymodels", types.SimpleNamespace(
-        classifier=classifier, legacy=legacy))
+        classifier=classifier, legacy=legacy, old_names=old_names))
+    assert build_model("mymodels:old_names", (1, 8, 8), (5,))(torch.zeros(1, 1, 8, 8)).shape == (1, 5)
     with pytest.raises(UsageError) as e:
         build_model("mymodels:classifier", (1, 8, 8), (3,))
     assert str(e.value) == ("--model mymodels:classifier: outputs shaped (10,) per sample, "
