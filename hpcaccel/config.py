@@ -158,6 +158,10 @@ class TrainConfig:
                            "and start a new run, instead of stopping with an error")
     checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: only at the end of each "
                                  "epoch and when stopped by SIGUSR1/SIGTERM)")
+    checkpoint_every_seconds: float = _opt(0.0, "also checkpoint when this many seconds have "
+                                           "passed since the last checkpoint, at a step all "
+                                           "ranks agree on (0: off): the most work a failure "
+                                           "costs; the elastic Slurm template sets it")
     keep_checkpoints: int = _opt(2, "how many of the newest checkpoints to keep")
     progress: str = _opt("auto", "progress bar on rank 0: auto (only where the user's "
                          "terminal shows rank 0's stderr, directly or through mpirun; in Slurm "
@@ -182,6 +186,7 @@ class TrainConfig:
         if self.checkpoint_every < 0:
             raise UsageError(f"--checkpoint-every must not be negative, got {self.checkpoint_every}")
         for name in ("lr", "momentum", "weight_decay", "stall_timeout", "clip_grad_norm",
+                     "checkpoint_every_seconds",
                      "warmup_epochs", "lr_ref_batch", "lr_step_epochs", "lr_step_gamma"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")

@@ -123,6 +123,28 @@ def write_progress(out: str, progress: dict) -> None:
     os.replace(tmp, path)
 
 
+class ProgressMark:
+    """Rank 0's hook after every step (trainer.LoopHooks.mark): writes OUT/progress.json at
+    most every `interval` seconds, so a restart knows how far the run got past its newest
+    checkpoint (steps lost: up to `interval` seconds of steps go uncounted)."""
+
+    def __init__(self, out: str, run_id: str, world_size: int, interval: float = 1.0):
+        self.out, self.run_id, self.world_size = out, run_id, world_size
+        self.interval, self.next = interval, 0.0
+
+    def __call__(self, step: int, epoch: int) -> None:
+        now = time.time()
+        if now < self.next:
+            return
+        self.next = now + self.interval
+        try:
+            write_progress(self.out, {"run_id": self.run_id, "step": int(step),
+                                      "epoch": int(epoch), "time": now,
+                                      "world_size": self.world_size})
+        except OSError:  # a full or flaky file system must not end the training
+            pass
+
+
 def read_progress(out: str) -> dict | None:
     try:
         with open(os.path.join(out, PROGRESS)) as fh:
@@ -434,11 +456,13 @@ def claim_collectively(cfg, control, model, train_ds, world_size: int,
                        task: str | None = None) -> Claim:
     """Every rank: rank 0 claims cfg.out; the decision (not the lock) reaches all ranks.
     A refusal is a UsageError on every rank (exit 2, one line from rank 0). A --timeline
-    inside cfg.out belongs to the run's outputs. `task`: the task's name."""
+    inside cfg.out belongs to the run's outputs. `task`: the task's name. A checkpoint of
+    another world size is continued with its global batch (Claim.plan)."""
     mine = identity(model, train_ds, cfg.batch_size * world_size, cfg.epochs, task)
     timeline = inside(cfg.out, cfg.timeline)
     return claim_shared(control, cfg.out, cfg.resume, cfg.overwrite, mine, required, info,
-                        extra=[timeline] if timeline else [])
+                        extra=[timeline] if timeline else [],
+                        layout=(world_size, cfg.batch_size, cfg.accum_steps))
 
 
 def claim_shared(control, out: str, resume: str, overwrite: bool, mine: dict,

@@ -91,6 +91,9 @@ def restore(cfg, control, world, model, optimizer, reducer, path, required) -> d
         torch.manual_seed(cfg.seed * 1_000_003 + 1 + world.rank)
         return None
     state = control.collectively(checkpoint.load, path, required)
+    if state.get("partial"):  # written by another world size: the epoch's sums carry over
+        from .elastic import redistribute_partial
+        state["partial"] = redistribute_partial(state["partial"], world.size)
     model.load_state_dict(state["model"])
     checkpoint.load_optimizer(optimizer, state["optimizer"])
     checkpoint.restore_rank_state(state, reducer, world.rank, world.size,
@@ -134,6 +137,9 @@ def run(argv, control) -> dict:
                   f"epochs or more); nothing to do (a larger --epochs continues it)", flush=True)
         reducer.close()
         return {"already_complete": True}
+    plan = claim.plan  # another world size than the checkpoint's: keep its global batch
+    if plan is not None:
+        cfg.batch_size, cfg.accum_steps = plan.batch_size, plan.accum_steps
     resumed = restore(cfg, control, world, model, optimizer, reducer, claim.checkpoint, required)
     staging = None
     if cfg.stage_dir:  # the files this host reads from here on, copied to node-local storage
@@ -142,10 +148,17 @@ def run(argv, control) -> dict:
                                                resumed["epoch"] if resumed else 0)
     reader = RankReader(train_ds, world.rank, world.size, cfg.batch_size, cfg.shuffle, cfg.seed,
                         timeline=timeline)
+    if resumed is not None and plan is not None and plan.resized:
+        reader.continue_layout(plan.epoch, plan.from_world_size)  # no sample skipped or twice
     log = RunLog(cfg.out, append=resumed is not None) if world.is_main else NullRunLog()
     if resumed is not None:
         log.info(f"hpcaccel: resuming from {resumed['path']} (epoch {resumed['epoch'] + 1}, "
-                 f"step {resumed['global_step']})")
+                 f"step {resumed['global_step']})"
+                 + (f"; {plan.describe()}" if plan is not None and plan.resized else ""))
+    elif plan is not None:
+        log.info(f"hpcaccel: keeping run {claim.run_id}'s global batch {plan.global_batch}: "
+                 f"{plural(world.size, 'rank')} x --batch-size {plan.batch_size} with "
+                 f"--accum-steps {plan.accum_steps}")
     device = next(model.parameters()).device
     log.info(f"hpcaccel: {plural(world.size, 'rank')} on {world.nodes} node(s) "
              f"({describe_hosts(world.hosts)}), {world.threads} thread(s) "
@@ -166,7 +179,9 @@ def run(argv, control) -> dict:
     watchdog = start_watchdog(cfg.stall_timeout, cfg.out, world.rank, world.size, control.abort)
     control.collectively(timeline.start)
     hooks = LoopHooks(log=log, progress=progress_bar(world.is_main and bar_wanted(cfg.progress)),
-                      stop=stop, watchdog=watchdog, timeline=timeline)
+                      stop=stop, watchdog=watchdog, timeline=timeline,
+                      **({"mark": rundir.ProgressMark(cfg.out, claim.run_id, world.size)}
+                         if world.is_main else {}))
     trainer = Trainer(cfg, control, reducer, model, optimizer, reader, test_ds, hooks, task)
     try:
         result = trainer.fit(resumed)
@@ -188,6 +203,13 @@ def run(argv, control) -> dict:
                **({"bucket_mib": reducer.bucket_bytes / 2**20}
                   if getattr(reducer, "bucket_bytes", None) else {}),
                **({"staging": staging} if staging is not None else {}), **result,
+               # continuations of this run (requeues, elastic relaunches) and the steps they
+               # took again: those their previous start took past its last checkpoint
+               "restarts": (claim.restarts or {}).get("restarts", 0),
+               "steps_lost": (claim.restarts or {}).get("steps_lost", 0),
+               **({"last_restart": claim.restarts["last_restart"]} if claim.restarts else {}),
+               **({"resized_from_world_size": plan.from_world_size}
+                  if plan is not None and plan.resized else {}),
                "wall_seconds": time.perf_counter() - t_start, "config": cfg.to_dict()}
     log.model(model.state_dict())
     log.summary(summary)

@@ -43,6 +43,9 @@ class LoopHooks:
     """fed after every step; timeout 0 watches nothing."""
     timeline: object = field(default_factory=NullTimeline)
     """--timeline spans; the same object the reader and the reducer record in."""
+    mark: object = lambda step, epoch: None
+    """called after every step: rank 0 records where the run is (rundir.ProgressMark), so
+    a restart can count the steps it takes again."""
 
 
 @torch.no_grad()
@@ -82,8 +85,10 @@ class Trainer:
                                            cfg.label_smoothing)
         hooks = hooks or LoopHooks()
         self.log, self.progress, self.stop = hooks.log, hooks.progress, hooks.stop
-        self.watchdog, self.timeline = hooks.watchdog, hooks.timeline
+        self.watchdog, self.timeline, self.mark = hooks.watchdog, hooks.timeline, hooks.mark
         self.step = 0
+        self.last_checkpoint = time.monotonic()  # --checkpoint-every-seconds counts from here
+        self.checkpoint_due = False  # agreed by every rank in the per-step vote
         self.skipped_steps = 0
         self.device = next(model.parameters()).device
         self.scaler = devices.grad_scaler(cfg.precision, self.device)
@@ -107,11 +112,14 @@ class Trainer:
         t2 = time.perf_counter()
         loss_value = loss.item()
         # One tiny collective per step carries every cross-rank decision: did any rank get a
-        # stop signal, did any rank see a non-finite loss? All ranks act on the same answer.
-        signal_flag, nonfinite = self.control.allreduce(
-            [self.stop.local_flag(), 0.0 if math.isfinite(loss_value) else 1.0], "max")
+        # stop signal, did any rank see a non-finite loss, is a timed checkpoint due on any
+        # rank's clock? All ranks act on the same answer, at the same step.
+        signal_flag, nonfinite, due = self.control.allreduce(
+            [self.stop.local_flag(), 0.0 if math.isfinite(loss_value) else 1.0,
+             1.0 if self._timed_checkpoint_due() else 0.0], "max")
         self.step += 1
         self.stop.agreed(signal_flag)
+        self.checkpoint_due = bool(due)
         if nonfinite:
             if self.cfg.nonfinite == "stop":
                 raise Diverged(f"non-finite loss at step {self.step} (on at least one rank); "
@@ -126,6 +134,11 @@ class Trainer:
         self.timeline.add("allreduce_wait", t1, t2, step=self.step)
         self.timeline.add("optimizer_step", t2, t3, step=self.step)
         return loss_value, sums
+
+    def _timed_checkpoint_due(self) -> bool:
+        """This rank's vote: --checkpoint-every-seconds have passed since the last checkpoint."""
+        every = self.cfg.checkpoint_every_seconds
+        return bool(every) and time.monotonic() - self.last_checkpoint >= every
 
     def apply_update(self) -> None:
         """Clip, set the lr, step. The gradients are already averaged, hence identical on
@@ -213,6 +226,7 @@ class Trainer:
         for done, (x, y) in enumerate(self.reader.epoch(epoch, first), start=first + 1):
             result = self.train_step(x, y, epoch)
             self.watchdog.beat(self.step)
+            self.mark(self.step, epoch)
             if result is not None:
                 loss_sum += result[0]
                 for name, value in result[1].items():
@@ -226,7 +240,7 @@ class Trainer:
                 path = self.checkpoint(epoch, done, (loss_sum, totals), last)
                 return {"stopped_by": self.stop.name, "checkpoint": path, "steps": self.step}
             every = self.cfg.checkpoint_every
-            if every and self.step % every == 0 and done < self.reader.steps:
+            if ((every and self.step % every == 0) or self.checkpoint_due) and done < self.reader.steps:
                 self.checkpoint(epoch, done, (loss_sum, totals), last)
         bar.close()
         return loss_sum, totals
@@ -271,6 +285,7 @@ class Trainer:
         from . import checkpoint
 
         loss_sum, totals = partial
+        self.last_checkpoint = time.monotonic()  # on every rank: the save is collective
         return checkpoint.save_collectively(
             self.control, self.cfg.out, self.cfg.keep_checkpoints, self.model, self.optimizer,
             epoch, step_in_epoch, self.step,
