@@ -165,6 +165,10 @@ EOF
   # The emulated hosts share one /tmp; srun's PMIx plugin keeps per-step directories under
   # TmpFS (/tmp/spmix_appdir_UID_JOB.STEP), which two nodes of one step would both create.
   [ "$NODES" -gt 1 ] && echo "TmpFS=$BASE/tmp/%n" >>"$CONF.new"
+  # An emulated host that is killed (scripts/hosts.sh kill) is declared down after this
+  # long instead of the default 300 s, so a --no-kill (elastic) job that lost it completes
+  # within a test's time: its epilog waits on every node of the allocation.
+  [ "$NODES" -gt 1 ] && echo "SlurmdTimeout=30" >>"$CONF.new"
   cat >>"$CONF.new" <<EOF
 # lets the node declare another layout than the machine has
 SlurmdParameters=config_overrides

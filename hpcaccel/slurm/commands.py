@@ -6,6 +6,8 @@
       --set cores_per_socket=32 --set venv=/path/venv -- --data /scratch/ds/index.json
   python -m hpcaccel.slurm submit cpu ...same...              # prints the job id
   python -m hpcaccel.slurm render cpu --set cores_per_socket=32 --script train.py -- --epochs 20
+  python -m hpcaccel.slurm render cpu --elastic --nodes 4 --min-nodes 2 --max-restarts 3 \\
+      --set cores_per_socket=32 -- --data /scratch/ds/index.json   # goes on when nodes fail
   python -m hpcaccel.slurm submit sweep --sweep lr.toml -- --epochs 20
   python -m hpcaccel.slurm collect runs/hpcaccel-sweep-1234 [--format md|csv] [--rank-by test_r2]
 
@@ -45,7 +47,8 @@ def _template_dir() -> str:
 
 TEMPLATE_DIR = os.environ.get("HPCACCEL_SLURM_TEMPLATES") or _template_dir()
 # shortcuts for common parameters: --nodes N is --set nodes=N
-SHORTCUTS = ("nodes", "time", "partition", "account", "job_name", "script")
+SHORTCUTS = ("nodes", "time", "partition", "account", "job_name", "script", "min_nodes",
+             "max_restarts")
 
 
 def template_path(name: str) -> str:
@@ -150,6 +153,8 @@ def render_from_args(args) -> str:
         value = getattr(args, key)
         if value is not None:
             settings[key] = (value, f"--{key.replace('_', '-')}")
+    if args.elastic:
+        settings["elastic"] = ("true", "--elastic")
     for key, value in _pairs(args.set, "--set"):
         if key in settings:
             raise UsageError(f"--set {key}: given twice (also as {settings[key][1]})")
@@ -159,6 +164,10 @@ def render_from_args(args) -> str:
     rendered = slurm_template.render(tpl, settings, train_args, dict(_pairs(args.env, "--env")),
                                      args.sbatch or (), sweep)
     if settings.get("script"):  # the arguments after -- are the script's own
+        if settings.get("elastic", ("false",))[0] == "true":
+            raise UsageError(f"{settings['elastic'][1]}: relaunches hpcaccel.train, which "
+                             f"continues a checkpoint on fewer nodes; a --script cannot be "
+                             f"relaunched that way (drop --elastic, or train with hpcaccel.train)")
         check_script(*settings["script"], (settings.get("chdir") or ("", ""))[0])
     else:
         check_train_flags(train_args, sweep, args.sweep)
@@ -202,6 +211,13 @@ def build_parser() -> Parser:
         p.add_argument("--job-name", dest="job_name", help="job name (--set job_name=...)")
         p.add_argument("--script", help="your own training script (--set script=PATH): runs "
                        "instead of hpcaccel.train, with the arguments after --")
+        p.add_argument("--elastic", action="store_true", help="cpu, gpu: when nodes fail, go "
+                       "on with the nodes left from the last checkpoint, same global batch "
+                       "(--set elastic=true)")
+        p.add_argument("--min-nodes", dest="min_nodes", help="--elastic: go on while at least "
+                       "this many nodes are left (--set min_nodes=N)")
+        p.add_argument("--max-restarts", dest="max_restarts", help="requeue (and, --elastic, "
+                       "relaunch after lost nodes) at most this many times (--set max_restarts=N)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a template parameter")
         p.add_argument("--env", action="append", metavar="NAME=VALUE", help="export in the job")
         p.add_argument("--sbatch", action="append", metavar="FLAG=VALUE", help="an extra sbatch directive")

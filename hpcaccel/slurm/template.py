@@ -9,6 +9,9 @@ A template (slurm/*.sbatch) is a bash script with a few `#@` lines the renderer 
   #@default NAME VALUE               change an included parameter's default
   #@sbatch --FLAG[=VALUE]            an sbatch directive; dropped if a placeholder in it
                                      renders empty (optional partition, account, ...)
+  #@if NAME / #@else / #@endif       the lines between (body, directives, includes) are
+                                     kept only when parameter NAME is `true` (or, after
+                                     #@else, when it is not); blocks may nest
 
 and `{{NAME}}` placeholders. In the body every value is inserted shell-quoted
 (shlex.quote), so no value can inject shell code. An #SBATCH line is a comment to bash, so
@@ -100,6 +103,9 @@ class Template:
     params: dict = field(default_factory=dict)      # name -> Param, in declaration order
     directives: list = field(default_factory=list)  # "--flag={{x}}" strings
     body: list = field(default_factory=list)         # lines, shebang first
+    # per directive and body line: the #@if conditions it lies in, ((NAME, wanted), ...)
+    directive_when: list = field(default_factory=list)
+    body_when: list = field(default_factory=list)
 
     @property
     def placeholders(self) -> set:
@@ -110,7 +116,11 @@ class Template:
 def parse(name: str, text: str, read_include=None) -> Template:
     """Parse template `name` from `text`; read_include(file) -> text for #@include lines."""
     tpl = Template(name)
-    _parse_into(tpl, text, read_include, f"template {name}", depth=0)
+    _parse_into(tpl, text, read_include, f"template {name}", depth=0, conditions=[])
+    named = {n for when in tpl.body_when + tpl.directive_when for n, _ in when}
+    if named - set(tpl.params):
+        raise UsageError(f"template {name}: #@if of undeclared parameter "
+                         f"{sorted(named - set(tpl.params))[0]!r}")
     unknown = tpl.placeholders - set(tpl.params) - set(COMPUTED)
     if unknown:
         raise UsageError(f"template {name}: unknown placeholder {{{{{sorted(unknown)[0]}}}}} "
@@ -118,18 +128,33 @@ def parse(name: str, text: str, read_include=None) -> Template:
     return tpl
 
 
-def _parse_into(tpl: Template, text: str, read_include, where: str, depth: int) -> None:
+def _parse_into(tpl: Template, text: str, read_include, where: str, depth: int,
+                conditions: list) -> None:
+    """Lines of `text` into `tpl`; `conditions`: the open #@if blocks, [(NAME, wanted)]."""
+    opened = len(conditions)
     for number, line in enumerate(text.splitlines(), 1):
         at = f"{where} line {number}"
         if not line.startswith("#@"):
             tpl.body.append(line)
+            tpl.body_when.append(tuple(conditions))
             continue
         kind, _, rest = line[2:].partition(" ")
         rest = rest.strip()
-        if kind == "include":
+        if kind == "if":
+            if not ENV_NAME.fullmatch(rest):
+                raise UsageError(f"{at}: expected #@if NAME")
+            conditions.append((rest, True))
+        elif kind in ("else", "endif"):
+            if len(conditions) <= opened:
+                raise UsageError(f"{at}: #@{kind} without #@if")
+            name, wanted = conditions.pop()
+            if kind == "else":
+                conditions.append((name, not wanted))
+        elif kind == "include":
             if depth or read_include is None:
                 raise UsageError(f"{at}: #@include is allowed only in a template, one level deep")
-            _parse_into(tpl, read_include(rest), read_include, f"{tpl.name}/{rest}", depth + 1)
+            _parse_into(tpl, read_include(rest), read_include, f"{tpl.name}/{rest}", depth + 1,
+                        conditions)
         elif kind == "param":
             parts = rest.split(None, 3)
             if len(parts) < 3 or not ENV_NAME.fullmatch(parts[0]):
@@ -149,8 +174,11 @@ def _parse_into(tpl: Template, text: str, read_include, where: str, depth: int) 
             if not rest.startswith("--"):
                 raise UsageError(f"{at}: expected #@sbatch --FLAG[=VALUE]")
             tpl.directives.append(rest)
+            tpl.directive_when.append(tuple(conditions))
         else:
             raise UsageError(f"{at}: unknown line #@{kind}")
+    if len(conditions) > opened:
+        raise UsageError(f"{where}: #@if {conditions[-1][0]} without #@endif")
 
 
 def resolve(tpl: Template, settings: dict) -> dict:
@@ -184,6 +212,10 @@ def resolve(tpl: Template, settings: dict) -> dict:
             flag = settings.get("time", (None, "--time"))[1]
             raise UsageError(f"{flag}: the time limit ({values['time']} = {limit} s) must be longer "
                              f"than signal_seconds ({warn}); lower it with --set signal_seconds=N")
+    if values.get("min_nodes") and values.get("nodes") and int(values["min_nodes"]) > int(values["nodes"]):
+        flag = settings.get("min_nodes", (None, "--set min_nodes"))[1]
+        raise UsageError(f"{flag}: min_nodes ({values['min_nodes']}) must not be more than "
+                         f"nodes ({values['nodes']})")
     return values
 
 
@@ -237,9 +269,13 @@ def render(tpl: Template, settings: dict | None = None, train_args=(), env: dict
         computed["sweep_json"] = json.dumps(sweep, separators=(",", ":"), sort_keys=True)
     raw = {"site_setup", "train_args"}  # built above from quoted pieces
 
+    def kept(when) -> bool:
+        return all((values.get(name) == "true") == wanted for name, wanted in when)
+
     directives = []
     flag_of = {pname: flag for pname, (_, flag) in (settings or {}).items()}
-    for d in list(tpl.directives) + [_extra(e) for e in extra_directives]:
+    ours = [d for d, when in zip(tpl.directives, tpl.directive_when) if kept(when)]
+    for d in ours + [_extra(e) for e in extra_directives]:
         line, empty = _fill_directive(d, values, computed, flag_of)
         if not empty:
             directives.append(line)
@@ -255,7 +291,8 @@ def render(tpl: Template, settings: dict | None = None, train_args=(), env: dict
             return computed[pname]
         return shlex.quote(computed[pname] if pname in computed else values[pname])
 
-    body = [PLACEHOLDER.sub(fill, line) for line in tpl.body]
+    body = [PLACEHOLDER.sub(fill, line) for line, when in zip(tpl.body, tpl.body_when)
+            if kept(when)]
     shebang = body.pop(0) if body and body[0].startswith("#!") else "#!/bin/bash"
     sbatch = [f"#SBATCH {d}" for d in sorted(directives)]
     return "\n".join([shebang, *sbatch, "", *body]).rstrip("\n") + "\n"

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
+import time
 
 import pytest
 
-from slurm_support import Cluster, probe, site  # noqa: F401  (fixtures shared with tests/slurm)
+from slurm_support import TERMINAL, Cluster, probe, site  # noqa: F401  (fixtures shared with tests/slurm)
 from support import assert_same_model
 
 NODES = 2
@@ -61,6 +65,13 @@ def _records(probe_dir):
 
 def _summary(run_dir):
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def _json_or_none(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _completed(jobs, tmp_path):
@@ -138,3 +149,73 @@ def test_usr1_requeue_on_2_nodes_resumes_to_the_uninterrupted_result(cluster, si
     assert _summary(run_dir)["nodes"] == NODES
 
     assert_same_model(run_dir / "model.pt", ref_dir / "model.pt")
+
+
+# elastic: 2 nodes x 2 ranks, global batch 4 x 8 = 32, shuffle off, so the run continued on
+# the node left (2 ranks x 16 in micro-batches of 8) takes the very same global batches
+ELASTIC = ["--data", "synthetic", "--synthetic-samples", "4096", "--synthetic-shape", "32",
+           "--model", "mlp", "--epochs", "3", "--batch-size", "8", "--shuffle", "false",
+           "--backend", "mpi"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_accuracy(site, tmp_path_factory):
+    """The same training without a lost node: 1 rank x 32 (shuffle off: the same math)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    exports = [site[i + 1] for i, flag in enumerate(site) if flag == "--env"]
+    env = {**os.environ, **dict(e.split("=", 1) for e in exports)}  # the jobs' data cache
+    r = subprocess.run([sys.executable, "-m", "hpcaccel.train", *ELASTIC, "--batch-size", "32",
+                        "--threads", "1", "--progress", "false", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return _summary(out)["test_accuracy"]
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_elastic_job_goes_on_on_the_node_left_when_a_node_is_lost(
+        cluster, hosts, site, tmp_path, uninterrupted_accuracy, launcher):
+    run_dir = tmp_path / "run"
+    script = cluster.render("cpu", "--elastic", "--nodes", str(NODES), "--min-nodes", "1",
+                            "--set", "cores_per_socket=1", "--set", f"chdir={tmp_path}",
+                            "--job-name", "elastic", "--set", f"run_dir={run_dir}",
+                            "--set", f"launcher={launcher}",
+                            "--time", "00:10:00", "--set", "signal_seconds=60",
+                            "--set", "probe_seconds=3", "--set", "checkpoint_seconds=5",
+                            *ROOT_OK, *site, "--", *ELASTIC)
+    assert "#SBATCH --no-kill" in script
+    jobid = cluster.sbatch(script, tmp_path / "elastic.sbatch")
+    log = tmp_path / f"elastic-{jobid}.out"
+    cluster.wait_for_line(log, "epoch 1/3", jobid, timeout=240)
+    time.sleep(2)  # into the second epoch, past a timed checkpoint or not
+    killed = time.time()
+    hosts.kill(2)  # every process of hpca-node2 (its slurmd and its ranks) dies
+
+    # the relaunched run's first step: rank 0 writes progress.json at once
+    first_step, deadline = None, time.monotonic() + 300
+    while first_step is None and time.monotonic() < deadline:
+        progress = _json_or_none(run_dir / "progress.json")
+        if progress and progress["world_size"] == 2:
+            first_step = progress["time"]
+        elif {j.get("JobState") for j in cluster.jobs(jobid)} <= TERMINAL:
+            break
+        time.sleep(0.2)
+    [job] = cluster.wait(jobid, timeout=300)
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED", text
+    lost = re.search(r"hpcaccel: elastic: lost node\(s\) hpca-node2 at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", text)
+    assert lost, text
+    assert "relaunching at" in text and "on the 1 node(s) left (hpca-node1)" in text, text
+    assert "2 ranks continue the checkpoint of 4 ranks: global batch 32 kept as 2 x " \
+           "--batch-size 16 with --accum-steps 2" in text, text
+
+    s = _summary(run_dir)
+    assert (s["world_size"], s["nodes"], s["restarts"], s["steps"]) == (2, 1, 1, 3 * 128), s
+    assert s["test_accuracy"] == pytest.approx(uninterrupted_accuracy, abs=0.01)
+    detected = time.mktime(time.strptime(lost.group(1), "%Y-%m-%dT%H:%M:%S"))
+    last = s["last_restart"]
+    print(f"\nelastic ({launcher}): node lost -> detected {detected - killed:.0f} s (probe every 3 s); "
+          f"lost -> first step of the relaunched run "
+          f"{(first_step - killed) if first_step else float('nan'):.1f} s; steps lost "
+          f"{s['steps_lost']} ({last['seconds_lost']} s of work past the checkpoint); "
+          f"the whole job {job.get('RunTime')}")
+    assert first_step is not None and first_step - killed < 120

@@ -37,6 +37,14 @@ CASES = {
     "cpu-script": ["render", "cpu", "--set", "cores_per_socket=8", "--script",
                    "examples/horovod_script.py", "--set", "script_runner=horovod", "--",
                    "--epochs", "5", "--fp16-allreduce"],
+    # a lost node does not end the job: relaunch on the nodes left (srun, and mpirun)
+    "cpu-elastic": ["render", "cpu", "--elastic", "--nodes", "4", "--min-nodes", "2",
+                    "--max-restarts", "3", "--set", "cores_per_socket=32", "--",
+                    "--data", "/scratch/ds/index.json", "--epochs", "90"],
+    "cpu-elastic-mpirun": ["render", "cpu", "--elastic", "--nodes", "2", "--set",
+                           "cores_per_socket=16", "--set", "launcher=mpirun", "--set",
+                           "checkpoint_seconds=120", "--set", "probe_seconds=5", "--",
+                           "--data", "digits"],
     "sweep": ["render", "sweep", "--sweep", SWEEP, "--set", "max_parallel=2", "--set", "cpus_per_rank=8",
               "--time", "00:30:00", "--", "--data", "digits", "--epochs", "5"],
 }
@@ -137,6 +145,15 @@ def test_requeue_exit_code_is_the_trainers():
       "script_runner=bash"], "--set script_runner: script_runner must be one of python, horovod"),
     (["render", "sweep", "--sweep", SWEEP, "--script", __file__],
      "--script: template sweep has no parameter 'script'"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--elastic", "--nodes", "2", "--min-nodes", "3"],
+     "--min-nodes: min_nodes (3) must not be more than nodes (2)"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--elastic", "--min-nodes", "0"],
+     "--min-nodes: min_nodes must be a positive integer"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--elastic", "--script", __file__],
+     "--elastic: relaunches hpcaccel.train"),
+    (["render", "sweep", "--sweep", SWEEP, "--elastic"], "--elastic: template sweep has no parameter 'elastic'"),
+    (["render", "cpu", "--set", "cores_per_socket=4", "--set", "elastic=yes"],
+     "--set elastic: elastic must be one of true, false"),
     (["collect", "/nonexistent/sweep"], "collect /nonexistent/sweep: no such directory"),
     (["collect", "x", "--", "--lr", "1"], "collect: takes no train flags"),
 ])
@@ -221,3 +238,43 @@ def test_time_limits(text, seconds):
 @pytest.mark.parametrize("text", ["0", "00:00:00", "1:60:00", "1-25:00:00", "abc", "01:00:00\n", "-1", ""])
 def test_bad_time_limits(text):
     assert slurm_template._time_seconds(text) is None
+
+
+def test_elastic_runs_the_relaunch_loop_and_keeps_the_requeue(capsys):
+    _, out, _ = render(capsys, CASES["cpu-elastic"])
+    assert "#SBATCH --no-kill" in out and "#SBATCH --requeue" in out
+    assert "#SBATCH --signal=B:USR1@300" in out  # a time limit still ends in a requeue
+    assert "MIN_NODES=2\n" in out and "MAX_RESTARTS=3\n" in out
+    assert "program+=(--checkpoint-every-seconds 300)" in out
+    assert out.rstrip().endswith("hpcaccel_run_elastic \"${program[@]}\" --data /scratch/ds/index.json --epochs 90")
+    _, plain, _ = render(capsys, CASES["cpu-minimal"])
+    for needle in ("--no-kill", "hpcaccel_run_elastic", "MIN_NODES", "checkpoint-every-seconds"):
+        assert needle not in plain
+
+
+def _parse(text, include=None):
+    return slurm_template.parse("t", text, include)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("#@param a true|false false x\n#@else\n", "#@else without #@if"),
+    ("#@param a true|false false x\n#@endif\n", "#@endif without #@if"),
+    ("#@param a true|false false x\n#@if a\necho\n", "#@if a without #@endif"),
+    ("#@if nope\necho\n#@endif\n", "#@if of undeclared parameter 'nope'"),
+    ("#@if a b\n#@endif\n", "expected #@if NAME"),
+])
+def test_conditional_blocks_are_checked(text, needle):
+    with pytest.raises(UsageError, match=needle):
+        _parse(text)
+
+
+def test_conditional_blocks_keep_lines_and_directives_by_a_parameter():
+    tpl = _parse("#!/bin/bash\n#@param a true|false false x\n#@param b true|false true y\n"
+                 "#@if a\n#@sbatch --no-kill\none\n#@if b\nboth\n#@endif\n#@else\nnot-a\n"
+                 "#@endif\nalways\n")
+    def body(**values):
+        out = slurm_template.render(tpl, {k: (v, f"--set {k}") for k, v in values.items()})
+        return [l for l in out.splitlines()[1:] if l]
+    assert body() == ["not-a", "always"]
+    assert body(a="true") == ["#SBATCH --no-kill", "one", "both", "always"]
+    assert body(a="true", b="false") == ["#SBATCH --no-kill", "one", "always"]
