@@ -158,6 +158,10 @@ def bench_train(args, jobs: Jobs, py: str, variants: list[str]) -> list[str]:
         layout = f"{size}x1" if args.hosts else f"1x{size}"
         rates = {v: [d["samples_per_second"] for d in ds] for v, ds in per.items()}
         results = {v: {"samples_per_second": summary(rates[v]),
+                       # the same from each job's median step (rank 0's): a load spike that
+                       # stalls a few steps of one job moves it less than the mean over steps
+                       "samples_per_second_median_step": summary(
+                           [args.batch * size / statistics.median(d["step_seconds"]) for d in ds]),
                        "median_step_seconds": summary([statistics.median(d["step_seconds"]) for d in ds]),
                        # rank 0's median forward / backward / step (step waits for the
                        # allreduces on hpcaccel.torch and Horovod; DDP waits in backward)
@@ -167,10 +171,13 @@ def bench_train(args, jobs: Jobs, py: str, variants: list[str]) -> list[str]:
                        "last_loss": [d["last_loss"] for d in ds],
                        "parameter_checksum": [d["parameter_checksum"] for d in ds]}
                    for v, ds in per.items()}
-        ratios = {}
+        ratios, median_ratios = {}, {}
         for other in ("Horovod", "torch DDP gloo"):
             if other in rates and "hpcaccel.torch" in rates:
                 ratios[f"hpcaccel.torch / {other}"] = paired_ratios(rates["hpcaccel.torch"], rates[other])
+                median_ratios[f"hpcaccel.torch / {other}"] = paired_ratios(
+                    results["hpcaccel.torch"]["samples_per_second_median_step"]["values"],
+                    results[other]["samples_per_second_median_step"]["values"])
         sums = [c for v in results.values() for c in v["parameter_checksum"]]
         same = max(abs(c - sums[0]) for c in sums) <= 1e-6 * max(1.0, abs(sums[0]))
         first = next(iter(per.values()))[0]
@@ -179,6 +186,7 @@ def bench_train(args, jobs: Jobs, py: str, variants: list[str]) -> list[str]:
                 "batch_per_rank": args.batch, "warmup": args.warmup, "steps": args.steps,
                 "repeats": args.repeats, "threads_per_rank": args.threads,
                 "variants_in_order": variants, "results": results, "ratios": ratios,
+                "ratios_median_step": median_ratios,
                 "same_final_parameters": same,
                 "machine": machine({"torch": first["torch"]})}
         written.append(record(args.out, f"torch-api-train-{model}-{layout}", size, data))
@@ -186,6 +194,8 @@ def bench_train(args, jobs: Jobs, py: str, variants: list[str]) -> list[str]:
             f"{v} {results[v]['samples_per_second']['mean']:.1f}" for v in variants) +
             "; " + ", ".join(f"{k} {s['mean']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
                              for k, s in ratios.items() if s) +
+            "; from median steps: " + ", ".join(f"{k} {s['mean']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+                                                for k, s in median_ratios.items() if s) +
             f"; same final parameters in every variant: {same}", flush=True)
     return written
 
