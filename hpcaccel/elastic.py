@@ -58,7 +58,8 @@ class ResumePlan:
 
     def describe(self) -> str:
         """The start-up line's account of a change of world size."""
-        return (f"{plural(self.world_size, 'rank')} continue the checkpoint of "
+        return (f"{plural(self.world_size, 'rank')} continue{'s' if self.world_size == 1 else ''} "
+                f"the checkpoint of "
                 f"{plural(self.from_world_size, 'rank')}: global batch {self.global_batch} kept "
                 f"as {self.world_size} x --batch-size {self.batch_size} with --accum-steps "
                 f"{self.accum_steps} (was {self.from_world_size} x {self.from_batch_size}); "

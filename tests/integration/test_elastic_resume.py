@@ -72,7 +72,7 @@ def test_resumed_at_another_world_size_equals_the_uninterrupted_run(
     # the same flags, another rank count: the global batch 32 is the run's
     text = run(train(after, out, "--batch-size", str(batch), "--resume", "auto"))
     per_rank = 32 // after
-    assert (f"{after} rank{'s' if after > 1 else ''} continue the checkpoint of {before} "
+    assert (f"{after} rank{'s continue' if after > 1 else ' continues'} the checkpoint of {before} "
             f"rank{'s' if before > 1 else ''}: global batch 32 kept as {after} x --batch-size "
             f"{per_rank}") in text, text
     assert f"at sample {head['step_in_epoch'] * 32} (step {head['step_in_epoch']})" in text

@@ -18,7 +18,7 @@ def test_shrinking_keeps_the_global_batch_with_more_accumulation():
     assert plan.resized and plan.from_batch_size == 16
     assert plan.sample_in_epoch == 7 * 32
     line = plan.describe()
-    assert "1 rank continue the checkpoint of 2 ranks" in line and "global batch 32" in line
+    assert "1 rank continues the checkpoint of 2 ranks" in line and "global batch 32" in line
     assert "--batch-size 32 with --accum-steps 2" in line and "at sample 224 (step 7)" in line
 
 
