@@ -25,7 +25,7 @@ test: setup-test
 	  test-slurm test-hosts test-user-setup
 
 test-unit:
-	$(TIMEOUT) 2400 $(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration
+	$(TIMEOUT) 3600 $(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration
 
 # Each MPI rank runs pytest; rank 0 reports, other ranks' output goes to build/test-logs.
 test-mpi:
