@@ -28,6 +28,7 @@ SCHEDULES = ("constant", "cosine", "step")
 AUGMENTATIONS = ("none", "shift", "flip", "shift+flip")
 BACKENDS = ("auto", "horovod", "mpi")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
+SHARDS = ("none", "optimizer", "gradients")  # --shard (comm/sharding.py)
 PROGRESS = ("auto", "true", "false")
 TASKS = ("auto", "classify", "regress", "segment")  # or package.module:factory
 LOSSES = ("auto", "mse", "l1", "huber")
@@ -136,6 +137,11 @@ class TrainConfig:
                               "matrix sends (n + m) x this numbers instead of n x m")
     powersgd_start_step: int = _opt(0, "--compression powersgd: exact allreduce for the first "
                                     "this many steps, then compressed")
+    shard: str = _opt("none", "mpi backend: split the optimizer's state (optimizer: ZeRO stage "
+                      "1) or also the reduced gradients (gradients: stage 2) across ranks, "
+                      "each rank stepping its part; updated parameters are gathered per "
+                      "bucket while the next forward runs (docs/memory.md)",
+                      choices=SHARDS)
     accum_steps: int = _opt(1, "gradient accumulation: split each rank's batch into this many "
                             "micro-batches, communicate only after the last; same result as one "
                             "pass over the batch (BatchNorm statistics aside), less memory")
@@ -196,6 +202,18 @@ class TrainConfig:
         if self.task not in TASKS and ":" not in self.task:
             raise UsageError(f"--task: unknown task {self.task!r} (choose from "
                              f"{', '.join(TASKS)}, or package.module:factory)")
+        if self.shard != "none":
+            if self.backend == "horovod":
+                raise UsageError("--shard: the mpi backend's; Horovod has no sharded optimizer "
+                                 "(use --backend mpi or auto)")
+            if self.compression == "powersgd":
+                raise UsageError("--shard with --compression powersgd: PowerSGD's low-rank "
+                                 "factors of whole matrices cannot be split across ranks; use "
+                                 "one of them")
+            if self.precision == "fp16":
+                raise UsageError("--shard with --precision fp16: the loss scaler's overflow "
+                                 "check needs the whole gradient on every rank; use --precision "
+                                 "bf16 or fp32")
         if self.lr_schedule == "step" and self.lr_step_epochs == 0:
             raise UsageError("--lr-schedule step needs --lr-step-epochs (epochs between decays)")
         if self.accum_steps > self.batch_size:

@@ -23,6 +23,9 @@ class LARS(torch.optim.Optimizer):
     def __init__(self, params, lr=0.1, momentum=0.9, weight_decay=0.0, eta=0.001, eps=1e-9):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       eta=eta, eps=eps))
+        # tensor -> (||w||, ||g||) of the whole layer it is part of, computed across ranks by
+        # a sharded optimizer (comm/sharding.py); a tensor listed here is a layer's piece
+        self.layer_norms = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -35,8 +38,10 @@ class LARS(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     g = g.add(p, alpha=group["weight_decay"])
                 trust = torch.ones(())
-                if p.ndim > 1:
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                norms = self.layer_norms.get(p)
+                if norms is not None or p.ndim > 1:
+                    w_norm, g_norm = norms if norms is not None else (
+                        torch.linalg.vector_norm(p), torch.linalg.vector_norm(g))
                     if w_norm > 0 and g_norm > 0:
                         trust = group["eta"] * w_norm / (g_norm + group["eps"])
                 buf = self.state[p].get("momentum_buffer")

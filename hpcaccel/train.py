@@ -98,6 +98,7 @@ def restore(cfg, control, world, model, optimizer, reducer, path, required) -> d
     checkpoint.load_optimizer(optimizer, state["optimizer"])
     checkpoint.restore_rank_state(state, reducer, world.rank, world.size,
                                   reseed=cfg.seed * 1_000_003 + 1 + world.rank)
+    reducer.optimizer_state_loaded()  # sharded: this rank keeps its part
     state["path"] = path
     return state
 

@@ -143,6 +143,14 @@ class Trainer:
     def apply_update(self) -> None:
         """Clip, set the lr, step. The gradients are already averaged, hence identical on
         every rank: clipping and the loss scaler's inf check decide the same everywhere."""
+        if self.reducer.sharded is not None:
+            # each rank steps its part; the clipping norm is summed across the parts, the
+            # updated parameters travel under the next forward (comm/sharding.py)
+            if self.cfg.clip_grad_norm:
+                self.reducer.clip_grad_norm_(self.cfg.clip_grad_norm)
+            optim.set_lr(self.optimizer, self.schedule.lr(self.step - 1))
+            self.reducer.step()
+            return
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.clip_grad_norm:
@@ -261,6 +269,7 @@ class Trainer:
                 **{f"train_{name}": value for name, value in metrics.items()},
                 "epoch_seconds": seconds,
                 "samples_per_second": (steps - first) * cfg.batch_size * self.control.size / seconds}
+        self.reducer.wait_parameters()
         if self.test_ds is not None:
             self.watchdog.beat(self.step, "evaluation")
             with self.timeline.span("evaluate", epoch=epoch + 1):
@@ -286,12 +295,13 @@ class Trainer:
 
         loss_sum, totals = partial
         self.last_checkpoint = time.monotonic()  # on every rank: the save is collective
-        return checkpoint.save_collectively(
-            self.control, self.cfg.out, self.cfg.keep_checkpoints, self.model, self.optimizer,
-            epoch, step_in_epoch, self.step,
-            per_rank={"partial": [loss_sum, tasks.flatten(totals).tolist()],
-                      "reducer": self.reducer.state_dict()},
-            extra={"last_record": last})
+        with self.reducer.full_optimizer_state():  # sharded: gathered, saved unsharded
+            return checkpoint.save_collectively(
+                self.control, self.cfg.out, self.cfg.keep_checkpoints, self.model,
+                self.optimizer, epoch, step_in_epoch, self.step,
+                per_rank={"partial": [loss_sum, tasks.flatten(totals).tolist()],
+                          "reducer": self.reducer.state_dict()},
+                extra={"last_record": last})
 
     def _results(self, last: dict, train_seconds: float, steps_run: int) -> dict:
         samples = steps_run * self.cfg.batch_size * self.control.size

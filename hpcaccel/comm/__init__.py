@@ -46,7 +46,7 @@ def _choose(name: str, control, device="auto") -> tuple[str, str | None]:
 def make_reducer(name: str, comm=None, bucket_bytes: int | None = None, compression: str = "none",
                  fusion_bytes: int | None = None, cycle_time_ms: float | None = None,
                  timeline=None, powersgd_rank: int = 4, powersgd_start_step: int = 0,
-                 allreduce: str = "auto", device="auto") -> Reducer:
+                 allreduce: str = "auto", device="auto", shard: str = "none") -> Reducer:
     """Build the reducer named `name` (auto: the best available). Collective.
 
     comm: the job's mpi4py communicator (default COMM_WORLD). timeline: a Timeline
@@ -55,6 +55,7 @@ def make_reducer(name: str, comm=None, bucket_bytes: int | None = None, compress
     powersgd_rank and powersgd_start_step. allreduce: the mpi reducer's algorithm
     (comm/allreduce_choice.py: auto, sliced, ring, hierarchical). fusion_bytes, cycle_time_ms: Horovod's
     tensor-fusion threshold and cycle time (None: Horovod's default or its environment).
+    shard: the mpi reducer's sharded optimizer (none, optimizer, gradients; auto picks mpi).
     device: --device (auto, cpu, cuda), which --backend auto's choice depends on; the
     reducer's `chosen_because` then says why (comm/backend_choice.py).
     """
@@ -69,6 +70,11 @@ def make_reducer(name: str, comm=None, bucket_bytes: int | None = None, compress
             raise UsageError("--compression powersgd: only the mpi backend has it (Horovod has "
                              "no PowerSGD); use --backend mpi")
         name = "mpi"
+    if shard != "none":
+        if name == "horovod":
+            raise UsageError("--shard: the mpi backend's; Horovod has no sharded optimizer "
+                             "(use --backend mpi or auto)")
+        name = "mpi"
     from ..control import ControlPlane
 
     control = ControlPlane(comm)
@@ -82,7 +88,8 @@ def make_reducer(name: str, comm=None, bucket_bytes: int | None = None, compress
         from .mpi import MPIReducer
         reducer = MPIReducer(comm=control.comm, bucket_bytes=bucket_bytes, compression=compression,
                              timeline=timeline, powersgd_rank=powersgd_rank,
-                             powersgd_start_step=powersgd_start_step, algorithm=allreduce)
+                             powersgd_start_step=powersgd_start_step, algorithm=allreduce,
+                             shard=shard)
     reducer.chosen_because = why
     return reducer
 
@@ -94,7 +101,7 @@ def reducer_options(cfg) -> dict:
     return {"bucket_bytes": to_bytes(cfg.bucket_mb), "compression": cfg.compression,
             "fusion_bytes": to_bytes(cfg.fusion_mb), "cycle_time_ms": cfg.cycle_time_ms,
             "powersgd_rank": cfg.powersgd_rank, "powersgd_start_step": cfg.powersgd_start_step,
-            "allreduce": cfg.allreduce, "device": cfg.device}
+            "allreduce": cfg.allreduce, "device": cfg.device, "shard": cfg.shard}
 
 
 __all__ = ["Reducer", "make_reducer", "reducer_options", "horovod_unavailable", "BACKENDS",

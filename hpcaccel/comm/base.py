@@ -66,6 +66,25 @@ class Reducer(ABC):
     def allreduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce a tensor over ranks in place (op: sum, max, min) and return it."""
 
+    # -- sharded optimizer state (the mpi reducer's shard option) ---------------------------
+    sharded = None
+    """The ShardedOptimizer when each rank steps its part of the optimizer (then the loop
+    clips and steps through clip_grad_norm_() and step() below), else None."""
+
+    def wait_parameters(self) -> None:
+        """Local. Every parameter's value complete on this rank (sharded: no allgather of
+        updated values still in flight)."""
+
+    @contextlib.contextmanager
+    def full_optimizer_state(self):
+        """Collective. Within it the optimizer holds its whole state where a checkpoint is
+        written (rank 0); sharded reducers gather it for the time being."""
+        yield
+
+    def optimizer_state_loaded(self) -> None:
+        """Local. The optimizer was just given a whole state (a checkpoint's); a sharded
+        reducer keeps this rank's part of it."""
+
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Local. This rank's communication state a resumed run needs (PowerSGD's error

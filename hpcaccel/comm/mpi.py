@@ -43,6 +43,16 @@ of their own, laid out and started in the same index order as the others; such a
 travels as PowerSGD factors (powersgd.py: P with the used flags, then Q, each through the
 allreduce algorithm) once the first --powersgd-start-step steps, which go exact, are done.
 
+Sharding (shard optimizer | gradients; sharding.py): a complete bucket is reduce-scattered
+instead of allreduced (the ring's first half across hosts, the library's MPI_Reduce_scatter
+on one host), so each rank holds the reduced gradient of its part of the bucket only, and
+the parameters' .grad are None after synchronize(). step() steps this rank's part of the
+optimizer (1/size of its state), then queues each bucket's allgather of the updated values,
+the first layer's bucket first, and returns: the next forward starts at once, each module
+waiting (forward pre-hook) only for the bucket holding its own parameters. With
+`gradients` a bucket's full-size gradient buffer is lent from a small pool while backward
+fills it and given back after its reduce-scatter; only this rank's part is kept.
+
 Cross-rank invariants:
   * Buckets are laid out identically on every rank (same parameters, same order) and are
     started in index order on every rank, so nonblocking collectives always match even
@@ -67,8 +77,10 @@ from ..collectives import TRACKER
 from . import powersgd
 from .algorithms import CHUNK_BYTES
 from .allreduce_choice import describe as describe_algorithm, make_algorithm
+from .algorithms import LibraryShards
 from .base import Reducer
 from .hierarchical import node_layout
+from .sharding import SHARDS, ShardedOptimizer
 
 _FIRST_BUCKET_BYTES = 1 << 20  # small first bucket: communication starts early in backward
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
@@ -101,7 +113,10 @@ def wire_sum_op(dtype: torch.dtype):
 
 
 class _Bucket:
-    def __init__(self, index: int, params: list[torch.nn.Parameter], wire_dtype=None):
+    def __init__(self, index: int, params: list[torch.nn.Parameter], wire_dtype=None,
+                 lazy: bool = False):
+        """lazy: no gradient buffer of its own; bind() lends one for a step (shard
+        gradients)."""
         self.index = index
         self.params = params
         self.offsets = []
@@ -112,13 +127,13 @@ class _Bucket:
         self.numel = total
         # gradients, then one used-flag per parameter
         device = params[0].device
-        self.flat = torch.zeros(total + len(params), dtype=params[0].dtype, device=device)
-        self.flags = self.flat[total:]
         on_host = device.type == "cpu"
+        self.flat = self.flags = self.array = None
+        if not lazy:
+            self.bind(torch.zeros(total + len(params), dtype=params[0].dtype, device=device))
         # CPU: MPI works on the bucket's own memory (zero copy). GPU: through a pinned host
         # copy, as no CUDA-aware MPI is assumed. Compression: a 16-bit copy travels instead;
         # MPI sees its bits as int16 (wire_sum_op).
-        self.array = self.flat.numpy() if on_host else None
         if wire_dtype is None and not on_host:
             wire_dtype = self.flat.dtype
         self.wire = None if wire_dtype is None else torch.zeros(
@@ -133,6 +148,26 @@ class _Bucket:
         self.psgd = None          # compression powersgd: the PowerSGD group of this bucket
         self.request = None       # overlap=nonblocking: the MPI request
         self.done = threading.Event()  # overlap=thread: set by the communication thread
+        # sharding: the parameters' values (each .data a view), this rank's part of them,
+        # the used flags after the sum, this rank's reduced gradient (shard gradients), and
+        # whether the values are complete (cleared while their allgather is in flight)
+        self.values = None
+        self.part = (0, total)
+        self.used = [True] * len(params)
+        self.kept = None
+        self.gathered = threading.Event()
+        self.gathered.set()
+
+    def bind(self, flat: torch.Tensor) -> None:
+        """Use `flat` (numel + one flag per parameter, or larger) as the gradient buffer."""
+        self.flat = flat[:self.numel + len(self.params)]
+        self.flags = self.flat[self.numel:]
+        self.array = self.flat.numpy() if self.flat.device.type == "cpu" else None
+
+    def shard_grad(self) -> torch.Tensor:
+        """Sharding: this rank's part of the reduced gradient."""
+        lo, hi = self.part
+        return self.kept if self.kept is not None else self.flat[lo:hi]
 
     def view(self, i: int) -> torch.Tensor:
         p, start = self.params[i], self.offsets[i]
@@ -173,7 +208,7 @@ class MPIReducer(Reducer):
                  compression: str = "none", chunk_bytes: int = CHUNK_BYTES, algorithm=None,
                  timeline=None, powersgd_rank: int = 4, powersgd_start_step: int = 0,
                  op: str = "average", predivide_factor: float = 1.0,
-                 backward_passes_per_step: int = 1):
+                 backward_passes_per_step: int = 1, shard: str = "none"):
         """bucket_bytes: the bucket size; None: chosen from the link at attach()
         (bucket_size.py, --bucket-mb auto). compression: none, fp16/bf16 on the wire (gradients rounded to 16 bits), or
         powersgd (rank-`powersgd_rank` factors after `powersgd_start_step` exact steps).
@@ -184,7 +219,9 @@ class MPIReducer(Reducer):
         "sum". predivide_factor (average only): gradients are scaled by 1/f before the sum
         and by f/size after it, as Horovod's gradient_predivide_factor; 1.0 divides the sum
         by the size. backward_passes_per_step: gradients a parameter gets per step before its
-        allreduce may start (set_backward_passes_per_step)."""
+        allreduce may start (set_backward_passes_per_step). shard: none, optimizer (each rank
+        steps its part of the optimizer state, ZeRO stage 1) or gradients (and keeps only its
+        part of the reduced gradient, stage 2); see the module docstring."""
         from mpi4py import MPI
 
         if overlap not in self.OVERLAP:
@@ -194,6 +231,14 @@ class MPIReducer(Reducer):
         if compression == "powersgd" and overlap == "nonblocking":
             raise ValueError("powersgd needs two allreduces with compute between: "
                              "overlap thread or none")
+        if shard not in SHARDS:
+            raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
+        if shard != "none" and compression == "powersgd":
+            raise ValueError("--shard: PowerSGD sends low-rank factors of whole matrices, "
+                             "which cannot be reduce-scattered; use --shard none with it")
+        if shard != "none" and overlap == "nonblocking":
+            raise ValueError("shard needs overlap thread or none")
+        self.shard = shard
         if op not in REDUCE_OPS:
             raise ValueError(f"op must be one of {REDUCE_OPS}, got {op!r}")
         if float(predivide_factor) != 1.0 and op != "average":
@@ -239,6 +284,9 @@ class MPIReducer(Reducer):
         self._queue = None  # overlap=thread: buckets waiting for the communication thread
         self._worker = None
         self._worker_error = None
+        self.sharded = None    # ShardedOptimizer, once attached with shard != none
+        self._pool = []        # shard gradients: free gradient buffers lent to buckets
+        self._pool_lock = threading.Lock()
 
     # -- set-up ---------------------------------------------------------------------------
     def broadcast_parameters(self, module, root=0):
@@ -285,7 +333,38 @@ class MPIReducer(Reducer):
         for b in self.buckets:
             for p in b.params:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        if self.shard != "none":
+            self._shard_setup(model if isinstance(model, torch.nn.Module) else None, optimizer)
         self._reset_step()
+
+    def _shard_setup(self, module, optimizer, hooks: bool = True):
+        """Each bucket's parameters moved into one flat buffer of values (their .data views of
+        it), this rank's part of the optimizer built, and forward pre-hooks on `module`'s
+        submodules (without a module, step() waits for every allgather itself)."""
+        from .ring import chunk_bounds
+        for b in self.buckets:
+            if b.params[0].device.type != "cpu":
+                raise ValueError("--shard: parameters on CPU only (GPU buffers would need a "
+                                 "CUDA-aware MPI or host staging, not built)")
+            b.values = torch.empty(b.numel, dtype=b.params[0].dtype)
+            for i, p in enumerate(b.params):
+                view = b.values[b.offsets[i]:b.offsets[i] + p.numel()].view_as(p)
+                view.copy_(p.detach())
+                p.data = view
+            b.part = chunk_bounds(b.numel, self.size)[self.rank]
+        self.sharded = ShardedOptimizer(optimizer, self.buckets, self.comm)
+        self._shard_ops = (self.algorithm if hasattr(self.algorithm, "reduce_scatter_")
+                           else LibraryShards(self.comm))
+        if not hooks:
+            return
+        self._forward_waits = module is not None
+        if module is not None:
+            for m in module.modules():
+                own = [p for p in m.parameters(recurse=False) if p in self._where]
+                if own:  # buckets looked up per call: a resumed run may re-plan them
+                    self._handles.append(m.register_forward_pre_hook(
+                        lambda _m, _inputs, own=own: self._await_values(
+                            {id(b): b for b in (self._where[p][0] for p in own)}.values())))
 
     def _plan(self, params):
         """(Re)build the buckets of `params` at self.bucket_bytes. Local; the same on every
@@ -308,7 +387,9 @@ class MPIReducer(Reducer):
         position = {p: k for k, p in enumerate(params)}
         planned.sort(key=lambda plan: position[plan[0][-1]])
         for members, compress in planned:
-            b = _Bucket(len(self.buckets), members, None if compress else self.wire_dtype)
+            b = _Bucket(len(self.buckets), members,
+                        None if compress or self.shard != "none" else self.wire_dtype,
+                        lazy=self.shard == "gradients")
             if compress:
                 b.psgd = self.powersgd.add_group([position[p] for p in members],
                                                  [p.shape for p in members], extra=len(members),
@@ -368,6 +449,8 @@ class MPIReducer(Reducer):
 
     def _on_grad(self, p):
         b, i = self._where[p]
+        if b.flat is None:
+            self._lend(b)
         if not b.is_view(i, p.grad):
             # A fresh gradient (after zero_grad): move it into the bucket (one copy). Later
             # backward passes of the step (accumulation) add into the bucket in place.
@@ -421,6 +504,8 @@ class MPIReducer(Reducer):
     def _launch(self, b: _Bucket):
         """Start bucket b's allreduce. Training thread, in bucket order."""
         self._next_launch = b.index + 1
+        if b.flat is None:
+            self._lend(b)
         TRACKER.enter("bucket allreduce", b.flat.numel() * b.flat.element_size(), "gradients")
         # Parameters without a gradient this step send what .grad holds: None -> zeros and
         # an unset flag; a gradient kept from before (not zeroed by the caller) -> its value.
@@ -436,6 +521,14 @@ class MPIReducer(Reducer):
                     b.view(i).copy_(grad.to_dense() if grad.is_sparse else grad)
                     b.params[i].grad = b.view(i)
         b.flags.copy_(torch.tensor(used, dtype=b.flags.dtype))
+        if self.shard != "none":
+            if self.overlap == "thread":
+                b.request = True
+                b.done.clear()
+                if self._worker is None:
+                    self._start_worker()
+                self._queue.put(("reduce_scatter", b))
+            return  # overlap none: reduce-scattered in synchronize()
         if self.overlap == "nonblocking":
             buf, op = self._on_wire(b)
             b.request = self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=op)
@@ -485,13 +578,15 @@ class MPIReducer(Reducer):
             b = self._queue.get()
             if b is None:
                 return
+            kind, b = b if isinstance(b, tuple) else ("allreduce", b)
             try:
                 if self._worker_error is None:
-                    self._allreduce_mean(b)
+                    {"allreduce": self._allreduce_mean, "reduce_scatter": self._reduce_scatter_mean,
+                     "allgather": self._allgather_values}[kind](b)
             except BaseException as e:  # re-raised in the training thread by synchronize()
                 self._worker_error = e
             finally:
-                b.done.set()
+                (b.gathered if kind == "allgather" else b.done).set()
 
     def _launch_ready(self):
         # Strictly in index order: a complete bucket waits for earlier ones (invariant 1).
@@ -504,6 +599,9 @@ class MPIReducer(Reducer):
                 self._MPI.Request.Testall(active)
 
     def synchronize(self):
+        if self.sharded is not None:
+            self._synchronize_shards()
+            return
         for b in self.buckets[self._next_launch:]:
             self._launch(b)  # incomplete buckets: missing gradients are zeros, flags 0
         if self.overlap == "nonblocking":
@@ -534,6 +632,143 @@ class MPIReducer(Reducer):
         if self.powersgd is not None:
             self.powersgd.end_step()
 
+    # -- sharding ---------------------------------------------------------------------------
+    def _lend(self, b: _Bucket) -> None:
+        """shard gradients: give bucket b a gradient buffer from the pool (or a new one)."""
+        need = b.numel + len(b.params)
+        with self._pool_lock:
+            fits = [t for t in self._pool if t.numel() >= need]
+            buf = fits[0] if fits else None
+            if buf is not None:
+                self._pool.remove(buf)
+        if buf is None:
+            most = max(x.numel + len(x.params) for x in self.buckets)
+            buf = torch.empty(most, dtype=b.params[0].dtype)
+        b.bind(buf)
+
+    def _give_back(self, b: _Bucket) -> None:
+        """shard gradients, communication thread: keep this rank's part of the reduced
+        gradient, drop the parameters' views and return the buffer to the pool. The
+        training thread no longer touches this bucket's gradients in this step (they were
+        all ready before its launch)."""
+        lo, hi = b.part
+        if b.kept is None:
+            b.kept = torch.empty(hi - lo, dtype=b.flat.dtype)
+        b.kept.copy_(b.flat[lo:hi])
+        for p in b.params:
+            p.grad = None
+        buf = b.flat._base if b.flat._base is not None else b.flat
+        b.flat = b.flags = b.array = None
+        with self._pool_lock:
+            self._pool.append(buf)
+
+    def _reduce_scatter_mean(self, b: _Bucket):
+        """Sum this rank's part of the bucket over ranks and take its mean; the used flags
+        are summed whole (small). With compression the gradients travel as 16-bit copies."""
+        t0 = time.perf_counter()
+        if self.predivide_factor != 1.0:
+            b.flat[:b.numel].mul_(1.0 / self.predivide_factor)
+        lo, hi = b.part
+        grads = b.flat[:b.numel]
+        if self.wire_dtype is None:
+            self._shard_ops.reduce_scatter_(grads.numpy(), self._MPI.SUM)
+        else:
+            wire = grads.to(self.wire_dtype)
+            self._shard_ops.reduce_scatter_([wire.view(torch.int16).numpy(), self._MPI.INT16_T],
+                                            self._wire_op)
+            grads[lo:hi].copy_(wire[lo:hi])
+        self.comm.Allreduce(self._MPI.IN_PLACE, b.flags.numpy(), op=self._MPI.SUM)
+        if self.op == "average" and self.predivide_factor != 1.0:
+            grads[lo:hi].mul_(self.predivide_factor / self.size)
+        elif self.op == "average":
+            grads[lo:hi].div_(self.size)
+        b.used = [f > 0 for f in b.flags.tolist()]
+        if self.shard == "gradients":
+            self._give_back(b)
+        self.timeline.add("bucket_reduce_scatter", t0, time.perf_counter(), bucket=b.index,
+                          bytes=b.numel * (grads.element_size() if self.wire_dtype is None else 2))
+
+    def _allgather_values(self, b: _Bucket):
+        t0 = time.perf_counter()
+        self._shard_ops.allgather_(b.values.numpy())
+        self.timeline.add("bucket_allgather", t0, time.perf_counter(), bucket=b.index,
+                          bytes=b.numel * b.values.element_size())
+
+    def _await_values(self, buckets) -> None:
+        """Forward pre-hook: wait until these buckets' updated values have arrived."""
+        for b in buckets:
+            if not b.gathered.is_set():
+                b.gathered.wait()
+                if self._worker_error is not None:
+                    raise RuntimeError("parameter allgather failed") from self._worker_error
+
+    def wait_parameters(self) -> None:
+        """Every parameter's value complete on this rank (no allgather in flight)."""
+        if self.sharded is not None:
+            self._await_values(self.buckets)
+
+    def _synchronize_shards(self):
+        self.wait_parameters()
+        for b in self.buckets[self._next_launch:]:
+            self._launch(b)
+        if self.overlap == "thread":
+            for b in self.buckets:
+                b.done.wait()
+            if self._worker_error is not None:
+                raise RuntimeError("gradient reduce-scatter failed") from self._worker_error
+        else:
+            for b in self.buckets:
+                self._reduce_scatter_mean(b)
+        for b in self.buckets:
+            b.request = None
+            for p in b.params:
+                p.grad = None  # only this rank's part is reduced: the optimizer's pieces hold it
+        self.sharded.set_grads()
+        self._reset_step()
+        TRACKER.leave("gradients")
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Collective. Sharded: the clipping of torch.nn.utils.clip_grad_norm_ over the whole
+        gradient (its norm summed across ranks); unsharded: that function itself."""
+        if self.sharded is None:
+            return torch.nn.utils.clip_grad_norm_(
+                [p for p in self._params if p.grad is not None], max_norm)
+        return self.sharded.clip_grad_norm_(max_norm)
+
+    def step(self) -> None:
+        """Sharded: step this rank's part of the optimizer and start every bucket's
+        allgather, the first layer's first; returns before they end unless no forward
+        pre-hooks wait for them (a parameter list was attached, or overlap none)."""
+        self.sharded.step()
+        for b in reversed(self.buckets):
+            b.gathered.clear()
+            if self.overlap == "thread":
+                if self._worker is None:
+                    self._start_worker()
+                self._queue.put(("allgather", b))
+            else:
+                self._allgather_values(b)
+                b.gathered.set()
+        if not self._forward_waits:
+            self.wait_parameters()
+
+    @contextlib.contextmanager
+    def full_optimizer_state(self):
+        """Collective. Sharded: within it the optimizer holds the whole state on rank 0 (a
+        checkpoint's); the parameters are complete."""
+        self.wait_parameters()
+        if self.sharded is None:
+            yield
+            return
+        with self.sharded.gathered_state(root=0):
+            yield
+
+    def optimizer_state_loaded(self) -> None:
+        """Local. Sharded: the optimizer was given a whole state (from a checkpoint): keep
+        this rank's part of it."""
+        if self.sharded is not None:
+            self.sharded.scatter_state()
+
     def state_dict(self) -> dict:
         state = {"bucket_bytes": self.bucket_bytes}
         if self.powersgd is not None:
@@ -548,7 +783,10 @@ class MPIReducer(Reducer):
         saved = state.get("bucket_bytes")
         if self.bucket_auto and exact and saved and saved != self.bucket_bytes and self.buckets:
             self.bucket_bytes, self.link = int(saved), "checkpoint"
+            self.wait_parameters()
             self._plan(self._params)
+            if self.sharded is not None:  # the same state, in the new buckets' pieces
+                self._shard_setup(None, self.sharded.user, hooks=False)
             self.zero_grad()
         if self.powersgd is not None and "powersgd" in state:
             self.powersgd.load_state_dict(state["powersgd"], errors=exact)
@@ -586,6 +824,8 @@ class MPIReducer(Reducer):
         return f"{self.name} ({what})"
 
     def close(self):
+        if self._worker is not None and self.sharded is not None:
+            self.wait_parameters()
         for h in self._handles:
             h.remove()
         self._handles.clear()

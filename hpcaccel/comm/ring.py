@@ -66,6 +66,33 @@ def segment_bounds(start: int, stop: int, seg: int) -> list[tuple[int, int]]:
     return [(s, min(s + seg, stop)) for s in range(start, stop, seg)]
 
 
+def _parts_layout(buf, parts):
+    array, rest = (buf[0], buf[1:]) if isinstance(buf, list) else (buf, [])
+    counts = [hi - lo for lo, hi in parts]
+    return array, rest, counts, [lo for lo, _ in parts]
+
+
+def library_reduce_scatter(comm, buf, op, parts) -> None:
+    """The MPI library's MPI_Reduce_scatter: part `rank` of `parts` of the 1-d array (or
+    [array, datatype]) gets the sum over ranks, in place; the rest is left as it was.
+    Through a scratch copy of the part: MPI's in-place form would put it at the start."""
+    import numpy as np
+    array, rest, counts, _ = _parts_layout(buf, parts)
+    lo, hi = parts[comm.Get_rank()]
+    out = np.empty(hi - lo, array.dtype)
+    comm.Reduce_scatter([array, *rest] if rest else array, [out, *rest] if rest else out,
+                        counts, op=op)
+    array[lo:hi] = out
+
+
+def library_allgather(comm, buf, parts) -> None:
+    """The MPI library's MPI_Allgatherv in place: every rank's part `rank` of `parts` copied
+    to all ranks."""
+    from mpi4py import MPI
+    array, rest, counts, displs = _parts_layout(buf, parts)
+    comm.Allgatherv(MPI.IN_PLACE, [array, (counts, displs), *rest])
+
+
 class RingAllreduce:
     """Ring reduce-scatter + allgather over Isend/Irecv with pipelined eager segments.
     Collective at construction (duplicates the communicator)."""
@@ -93,20 +120,52 @@ class RingAllreduce:
 
     def allreduce_(self, buf, op) -> None:
         """Sum (or `op`) a 1-d array, or [array, MPI datatype], in place over the ranks."""
-        array, datatype = (buf[0], buf[1]) if isinstance(buf, list) else (buf, None)
+        array = buf[0] if isinstance(buf, list) else buf
+        if self.size == 1 or len(array) == 0:
+            return
+        if len(array) < self.size or array.nbytes < self.small_bytes:  # latency-bound
+            self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=op)
+            return
+        self._ring(buf, op, chunk_bounds(len(array), self.size), 0, 2 * (self.size - 1))
+
+    # The two halves, for sharded optimizers (sharding.py): rank r owns part r of
+    # chunk_bounds(len, p). The ring computes the reduced chunk c on rank (c - 1) % p, so
+    # its chunks are the parts rotated by one.
+    def reduce_scatter_(self, buf, op) -> None:
+        """Afterwards part `rank` of chunk_bounds(len, size) holds the sum over ranks; the
+        rest of the buffer is scratch."""
+        array = buf[0] if isinstance(buf, list) else buf
         p = self.size
         if p == 1 or len(array) == 0:
             return
-        if len(array) < p or array.nbytes < self.small_bytes:  # latency-bound: the library's
-            self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=op)
+        parts = chunk_bounds(len(array), p)
+        if len(array) < p or array.nbytes < self.small_bytes:
+            library_reduce_scatter(self.comm, buf, op, parts)
             return
+        self._ring(buf, op, [parts[(c - 1) % p] for c in range(p)], 0, p - 1)
+
+    def allgather_(self, buf) -> None:
+        """Every rank's part `rank` of chunk_bounds(len, size) copied to all ranks, in place."""
+        array = buf[0] if isinstance(buf, list) else buf
+        p = self.size
+        if p == 1 or len(array) == 0:
+            return
+        parts = chunk_bounds(len(array), p)
+        if len(array) < p or array.nbytes < self.small_bytes:
+            library_allgather(self.comm, buf, parts)
+            return
+        self._ring(buf, None, [parts[(c - 1) % p] for c in range(p)], p - 1, 2 * (p - 1))
+
+    def _ring(self, buf, op, chunks, first: int, stop: int) -> None:
+        """Ring steps [first, stop) over `chunks`: steps 0..p-2 reduce-scatter (chunk c
+        ends reduced on rank (c - 1) % p), steps p-1..2p-3 allgather."""
+        array, datatype = (buf[0], buf[1]) if isinstance(buf, list) else (buf, None)
+        p = self.size
         msg = (lambda a: a) if datatype is None else (lambda a: [a, datatype])
         seg = max(1, self.segment_bytes // array.itemsize)
-        chunks = chunk_bounds(len(array), p)
-        width = chunks[0][1] - chunks[0][0]
-        scratch = self._scratch_for(array, 2 * width)
+        width = max(hi - lo for lo, hi in chunks)
+        scratch = self._scratch_for(array, 2 * width) if first < p - 1 else None
         right, left, r = (self.rank + 1) % p, (self.rank - 1) % p, self.rank
-        steps = 2 * (p - 1)
 
         def incoming(t):  # chunk received at step t (reduce-scatter: t < p - 1, then allgather)
             return chunks[(r - t - 1) % p]
@@ -120,29 +179,30 @@ class RingAllreduce:
             return [(a, b, self.comm.Irecv(msg(array[a:b]), left, _TAG))
                     for a, b in segment_bounds(lo, hi, seg)]
 
-        # Step t sends chunk out(t) (out(0) = chunk r) and receives incoming(t), which is
+        # Step t sends chunk out(t) = chunks[(r - t) % p] and receives incoming(t), which is
         # out(t + 1): each segment goes on to the right as soon as it arrived (and was
         # reduced), in arrival order == the order it was sent, so the link never waits for a
         # whole chunk. sends[t] are the requests of out(t).
-        sends = [[] for _ in range(steps)]
-        sends[0] = [self.comm.Isend(msg(array[a:b]), right, _TAG)
-                    for a, b in segment_bounds(*chunks[r], seg)]
-        pending = post_recvs(0)
-        for t in range(steps):
+        sends = [[] for _ in range(2 * (p - 1))]
+        sends[first] = [self.comm.Isend(msg(array[a:b]), right, _TAG)
+                        for a, b in segment_bounds(*chunks[(r - first) % p], seg)]
+        pending = post_recvs(first)
+        for t in range(first, stop):
             # Reduce-scatter receives are posted a step ahead (into the other scratch half).
             # An allgather step u receives into out(u + 1 - p)'s memory: posted only once
             # those sends completed (MPI: a send buffer is not written while in flight).
             if t >= p - 1:
                 for request in sends[t + 1 - p]:
                     self._wait(request)
-                pending = post_recvs(t)
-            following = post_recvs(t + 1) if t + 1 < p - 1 else []
+                if t > first:
+                    pending = post_recvs(t)
+            following = post_recvs(t + 1) if t + 1 < min(p - 1, stop) else []
             base = (t % 2) * width - incoming(t)[0]
             for a, b, req in pending:
                 self._wait(req)
                 if t < p - 1:
                     op.Reduce_local(msg(scratch[base + a:base + b]), msg(array[a:b]))
-                if t + 1 < steps:
+                if t + 1 < stop:
                     sends[t + 1].append(self.comm.Isend(msg(array[a:b]), right, _TAG))
             pending = following
         for requests in sends:
