@@ -9,11 +9,13 @@ if [ "$rank" = 0 ]; then
   exec "$ROOT/.venv/bin/python" "${args[@]}"
 fi
 mkdir -p "$ROOT/build/test-logs"
-log="$ROOT/build/test-logs/np$size-rank$rank.log"
+log="$ROOT/build/test-logs/np$size-rank$rank-$$.log"  # $$: runs side by side keep apart
 "$ROOT/.venv/bin/python" "${args[@]}" >"$log" 2>&1
 rc=$?
 if [ $rc -ne 0 ]; then
-  echo "---- rank $rank of $size failed (rc $rc); its output:"
+  echo "---- rank $rank of $size failed (rc $rc); its output ($log):"
   tail -n 60 "$log"
+else
+  rm -f "$log"
 fi
 exit $rc
