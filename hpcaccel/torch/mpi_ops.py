@@ -3,12 +3,14 @@ semantics) on hpcaccel's collective engine (engine.py).
 
 Names without a trailing `_` are out of place and differentiable (Horovod's gradients:
 allreduce -> the same allreduce of the gradient; allgather -> averaged allreduce, then this
-rank's rows; broadcast -> averaged allreduce, zero except on the root). Names with `_` work
+rank's rows; broadcast -> averaged allreduce, zero except on the root; reducescatter ->
+allgather of the gradient, times size under Sum and times both factors). Names with `_` work
 in place. `*_async*` return an int handle for poll() and synchronize(); the operation runs
 in the engine's thread meanwhile. Tensors on a GPU go through a host copy.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -137,6 +139,68 @@ class BroadcastOp(Operation):
             with torch.no_grad():
                 self.output.copy_(buf.view(self.output.shape))
         return self.output
+
+
+def split_rows(rows: int, size: int) -> list[int]:
+    """Horovod's split of a first dimension over `size` ranks: rows // size each, and one
+    more for each of the first rows % size ranks."""
+    base, extra = divmod(rows, size)
+    return [base + (r < extra) for r in range(size)]
+
+
+class ReducescatterOp(Operation):
+    """Sum over ranks, then rank r keeps its split_rows() share of the first dimension: one
+    MPI_Reduce_scatter per dtype (a grouped call is fused, as Horovod fuses it)."""
+
+    kind = "reducescatter"
+
+    def __init__(self, name, inputs, op, prescale, postscale, single):
+        super().__init__(name)
+        self.inputs, self.single = inputs, single
+        self.op, self.prescale, self.postscale = op, float(prescale), float(postscale)
+
+    fields = AllreduceOp.fields  # op, factors, every dtype and whole shape must match
+
+    def run(self, comm):
+        size, me = comm.Get_size(), comm.Get_rank()
+        if self.op == Average and any(t.dtype == torch.bool for t in self.inputs):
+            raise ValueError("Average of bool tensors is undefined; use op=Sum")
+        post = self.postscale / size if self.op == Average else self.postscale
+        results = [None] * len(self.inputs)
+        by_dtype = {}
+        for i, t in enumerate(self.inputs):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        with torch.no_grad():
+            for dtype, idx in by_dtype.items():
+                hosts = [_host(self.inputs[i]) for i in idx]
+                splits = [split_rows(h.shape[0], size) for h in hosts]
+                row = [math.prod(h.shape[1:]) for h in hosts]
+                counts = [sum(s[r] * n for s, n in zip(splits, row)) for r in range(size)]
+                if len(idx) == 1:
+                    # one tensor's rows already lie rank after rank: send it as it is,
+                    # copying only to prescale without touching the caller's tensor
+                    send = hosts[0]
+                    if self.prescale != 1 and send is self.inputs[idx[0]]:
+                        send = send.clone()
+                else:
+                    # fused: every tensor's rows for rank 0, then for rank 1, ... (the
+                    # layout Reduce_scatter's per-rank counts address)
+                    send = torch.cat([h.narrow(0, sum(s[:r]), s[r]).reshape(-1)
+                                      for r in range(size) for h, s in zip(hosts, splits)])
+                reduce_ops.scale_(send, self.prescale)
+                recv = torch.empty(counts[me], dtype=dtype)
+                if sum(counts):  # the same on every rank: shapes agreed
+                    src, dst = reduce_ops.as_array(send), reduce_ops.as_array(recv)
+                    comm.Reduce_scatter(src, dst, counts, op=reduce_ops.mpi_op(dtype, Sum))
+                reduce_ops.scale_(recv, post)
+                offset = 0
+                for i, h, s, per_row in zip(idx, hosts, splits, row):
+                    n = s[me] * per_row
+                    out = recv[offset:offset + n].view(s[me], *h.shape[1:])
+                    offset += n
+                    # a grouped call's outputs are separate tensors, not views of one buffer
+                    results[i] = (out if len(idx) == 1 else out.clone()).to(self.inputs[i].device)
+        return results[0] if self.single else results
 
 
 class BarrierOp(Operation):
@@ -417,6 +481,98 @@ def broadcast_(tensor, root_rank, name=None, process_set=global_process_set):
     return synchronize(broadcast_async_(tensor, root_rank, name, process_set))
 
 
+# -- reducescatter ---------------------------------------------------------------------------
+
+
+def _reducescatter_async(tensors, name, op, process_set, prescale_factor, postscale_factor, kind):
+    from .basics import HorovodInternalError
+
+    check_process_set(process_set)
+    for t in tensors:
+        reduce_ops.check_tensor(t, kind)
+        if t.dim() == 0:  # Horovod refuses it at the call (a ValueError), before any rank waits
+            raise ValueError(f"{kind}: a 0-d tensor has no first dimension to scatter")
+    if op not in (Average, Sum):  # Horovod: a RuntimeError at the call, as HorovodInternalError
+        raise HorovodInternalError(f"{kind} supports op=hvd.Average and op=hvd.Sum only; got "
+                                   f"{OP_NAMES.get(op, repr(op))}")
+    return _submit(ReducescatterOp(_name(name, kind), list(tensors), op, prescale_factor,
+                                   postscale_factor, single=kind == "reducescatter"))
+
+
+def reducescatter_async(tensor, name=None, op=Average, process_set=global_process_set,
+                        prescale_factor=1.0, postscale_factor=1.0):
+    """Start reducing `tensor` over all ranks (op Average or Sum; same shape everywhere)
+    and keeping this rank's share of dimension 0 (rows // size, one more on each of the
+    first rows % size ranks); returns a handle. `tensor` is not modified."""
+    return _reducescatter_async([tensor], name, op, process_set, prescale_factor,
+                                postscale_factor, "reducescatter")
+
+
+def _reducescatter_grad(grad, op, prescale_factor, postscale_factor):
+    """Horovod's gradient scale before the allgather: size under Sum, 1 under Average, then
+    both factors (so n times the exact gradient of the summed outputs, as Horovod defines
+    it; applied one factor at a time, as Horovod rounds)."""
+    for factor in (runtime().size if op == Sum else 1, prescale_factor, postscale_factor):
+        if factor != 1:
+            grad = grad * factor
+    return grad
+
+
+class HorovodReducescatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, name, op, process_set, prescale_factor, postscale_factor):
+        ctx.args = (op, prescale_factor, postscale_factor)
+        return synchronize(reducescatter_async(tensor, name, op, process_set, prescale_factor,
+                                               postscale_factor))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return allgather(_reducescatter_grad(grad_output, *ctx.args)), \
+            None, None, None, None, None
+
+
+def reducescatter(tensor, name=None, compression=Compression.none, op=Average,
+                  process_set=global_process_set, prescale_factor=1.0, postscale_factor=1.0):
+    """`tensor` reduced over all ranks (default: averaged), this rank's share of dimension
+    0 as a new tensor (see reducescatter_async); differentiable (gradient: an allgather)."""
+    check_process_set(process_set)
+    compressed, ctx = compression.compress(tensor)
+    reduced = HorovodReducescatter.apply(compressed, name, op, process_set, prescale_factor,
+                                         postscale_factor)
+    return compression.decompress(reduced, ctx)
+
+
+def grouped_reducescatter_async(tensors, name=None, op=Average, process_set=global_process_set,
+                                prescale_factor=1.0, postscale_factor=1.0):
+    """Start reducescatters of a list of tensors as one fused operation; returns a handle."""
+    return _reducescatter_async(tensors, name, op, process_set, prescale_factor,
+                                postscale_factor, "grouped_reducescatter")
+
+
+class HorovodGroupedReducescatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, name, op, process_set, prescale_factor, postscale_factor, *tensors):
+        ctx.args = (op, prescale_factor, postscale_factor)
+        return tuple(synchronize(grouped_reducescatter_async(
+            list(tensors), name, op, process_set, prescale_factor, postscale_factor)))
+
+    @staticmethod
+    def backward(ctx, *grad_output):
+        grads = [_reducescatter_grad(g, *ctx.args) for g in grad_output]
+        return (None, None, None, None, None, *grouped_allgather(grads))
+
+
+def grouped_reducescatter(tensors, name=None, compression=Compression.none, op=Average,
+                          process_set=global_process_set, prescale_factor=1.0,
+                          postscale_factor=1.0):
+    """reducescatter of each tensor of a list, as one fused operation; differentiable."""
+    check_process_set(process_set)
+    packed = [compression.compress(t) for t in tensors]
+    reduced = HorovodGroupedReducescatter.apply(name, op, process_set, prescale_factor,
+                                                postscale_factor, *[t for t, _ in packed])
+    return [compression.decompress(t, ctx) for t, (_, ctx) in zip(reduced, packed)]
+
+
 # -- handles and barriers ----------------------------------------------------------------------
 
 
@@ -451,15 +607,8 @@ def alltoall(tensor, splits=None, name=None, process_set=global_process_set):
 alltoall_async = alltoall
 
 
-def reducescatter(tensor, name=None, compression=Compression.none, op=Average,
-                  process_set=global_process_set, prescale_factor=1.0, postscale_factor=1.0):
-    from .unsupported import not_supported
-    not_supported("reducescatter", instead="allreduce and keep your part")
-
-
-reducescatter_async = grouped_reducescatter = grouped_reducescatter_async = reducescatter
-
 __all__ = [n for n in dir() if not n.startswith("_") and n not in (
-    "annotations", "warnings", "torch", "reduce_ops", "Operation", "AllreduceOp", "AllgatherOp",
-    "BroadcastOp", "BarrierOp", "runtime", "check_process_set")]
+    "annotations", "math", "warnings", "torch", "reduce_ops", "Operation", "AllreduceOp",
+    "AllgatherOp", "BroadcastOp", "ReducescatterOp", "BarrierOp", "runtime", "check_process_set",
+    "split_rows")]
 __all__ += ["Min", "Max", "Product"]
