@@ -198,7 +198,7 @@ def run(argv, control) -> dict:
         return result
     summary = {"world_size": world.size, "resumed_from": resumed and resumed["path"],
                "nodes": world.nodes, "threads_per_rank": world.threads, "device": str(device),
-               **exchange(reducer, cfg), "mpi_library": world.mpi_library, "epochs": cfg.epochs,
+               **exchange(reducer, cfg, control), "mpi_library": world.mpi_library, "epochs": cfg.epochs,
                "task": task.name,
                # the bucket size the mpi reducer used (--bucket-mb auto's choice included)
                **({"bucket_mib": reducer.bucket_bytes / 2**20}
@@ -222,13 +222,18 @@ def run(argv, control) -> dict:
     return summary
 
 
-def exchange(reducer, cfg) -> dict:
+def exchange(reducer, cfg, control) -> dict:
     """summary.json's record of how gradients were exchanged, as it ran: the backend, the
     allreduce algorithm (the mpi reducer's, --allreduce auto resolved; Horovod's own) and
-    --compression."""
+    --compression, and --shard with the optimizer-state bytes each rank held (the most;
+    collective)."""
     algorithm = getattr(reducer, "algorithm", None)
+    held = {}
+    if reducer.sharded is not None:
+        most = control.allreduce([reducer.sharded.state_bytes()], "max")[0]
+        held = {"optimizer_state_bytes_per_rank_max": int(most)}
     return {"backend": reducer.name, "allreduce": getattr(algorithm, "name", reducer.name),
-            "compression": cfg.compression}
+            "compression": cfg.compression, "shard": cfg.shard, **held}
 
 
 def task_phrase(task) -> str:

@@ -821,6 +821,9 @@ class MPIReducer(Reducer):
         elif self.bucket_bytes is not None and self.size > 1:
             from ..wording import mib
             what += f", buckets {mib(self.bucket_bytes)}"
+        if self.sharded is not None:
+            what += (", optimizer state" if self.shard == "optimizer" else
+                     ", optimizer state and gradients") + f" sharded across {self.size} ranks"
         return f"{self.name} ({what})"
 
     def close(self):
