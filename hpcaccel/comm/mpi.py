@@ -815,6 +815,10 @@ class MPIReducer(Reducer):
 
     def describe(self) -> str:
         what = f"allreduce: {describe_algorithm(self.algorithm)}"
+        if self.sharded is not None:
+            halves = (self.algorithm.describe() if hasattr(self.algorithm, "reduce_scatter_")
+                      else "the MPI library's")
+            what = f"reduce-scatter and allgather: {halves}"
         if self.bucket_auto and self.bucket_bytes is not None:
             from .bucket_size import describe as describe_buckets
             what += f", {describe_buckets(self.bucket_bytes, self.link)}"

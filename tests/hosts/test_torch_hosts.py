@@ -1,5 +1,6 @@
-"""hpcaccel.torch across 2 emulated hosts: the API's MPI tests and the DistributedOptimizer's
-pass when ranks talk over TCP between hosts (ring or node-aware allreduce), and the
+"""hpcaccel.torch across 2 emulated hosts: the API's MPI tests, the DistributedOptimizer's and
+the sharded optimizer's (reduce-scatter and allgather by the ring at 2x1, by the library
+at 2x2) pass when ranks talk over TCP between hosts (ring or node-aware allreduce), and the
 basics see the hosts: local ranks within a host, cross ranks between them."""
 import os
 import sys
@@ -34,7 +35,9 @@ def test_layout_across_hosts(hosts, k):
 @pytest.mark.parametrize("k", [1, 2], ids=["2x1", "2x2"])
 def test_api_and_optimizer_tests_across_hosts(hosts, k):
     tests = [os.path.join(ROOT, "tests", "mpi", name)
-             for name in ("test_torch_api.py", "test_torch_optimizer.py")]
+             for name in ("test_torch_api.py", "test_torch_optimizer.py",
+                          "test_torch_reducescatter.py", "test_torch_shard.py",
+                          "test_sharding.py")]
     r = hosts.run(k, "bash", PYTEST_RANK, *[t for t in tests if os.path.exists(t)], limit=600)
     assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-2000:])
     assert " passed" in r.stdout
