@@ -36,6 +36,7 @@ order; should_stop() once per step on every rank, so the ranks vote at the same 
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 from dataclasses import dataclass, field
@@ -238,7 +239,8 @@ class Job:
           OUT/run.json (whose run it is) and OUT/run.lock while it runs, as hpcaccel.train
           writes them; a second run on the same OUT is refused.
         model, optimizer: what checkpoints hold (the optimizer may be a
-          DistributedOptimizer; its PowerSGD state is kept per rank).
+          DistributedOptimizer; its PowerSGD state is kept per rank; sharded, the whole
+          state is saved, and each rank keeps its part at resume, at any world size).
         data: the RankData trained on; save() then knows the position, resume() restarts
           the data at it, and the run's identity includes the data and global batch.
         epochs: the run's length (default: data.epochs), recorded in OUT/run.json.
@@ -307,9 +309,11 @@ class Job:
         control = self._control
         state = _or_exit(control, control.collectively, checkpoint.load, path, self._required)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # the reducer's state first: it may lay its buckets out anew (the checkpoint's size),
+        # and a sharded optimizer then keeps its part of the whole state in the new ones
         checkpoint.restore_rank_state(state, self._reducer, control.rank, control.size,
                                       reseed=1_000_003 + control.rank)
+        self.optimizer.load_state_dict(state["optimizer"])  # sharded: this rank's part kept
         self.global_step = state["global_step"]
         epoch, step = state["epoch"], state["step_in_epoch"]
         if self.data is not None:
@@ -371,10 +375,14 @@ class Job:
             raise ValueError("Job.save(): pass both epoch= and step=, or neither")
         self._beat("checkpoint")
         reducer_state = self._reducer.state_dict() if self._reducer is not None else {}
-        path = checkpoint.save_collectively(
-            self._control, self.out, self.keep, self.model, self.optimizer, epoch, step,
-            self.global_step,
-            per_rank={"reducer": reducer_state, "script_state": dict(state or {})})
+        # a sharded DistributedOptimizer holds the whole state on rank 0 while it saves
+        whole = (self.optimizer._hvd_whole_state() if self._reducer is not None
+                 else contextlib.nullcontext())
+        with whole:
+            path = checkpoint.save_collectively(
+                self._control, self.out, self.keep, self.model, self.optimizer, epoch, step,
+                self.global_step,
+                per_rank={"reducer": reducer_state, "script_state": dict(state or {})})
         self._beat()
         return path
 

@@ -10,6 +10,11 @@ One reducer, two front doors: the training CLI, and Horovod scripts through this
         loss_fn(model(x), y).backward()     # allreduces start as gradients become ready
         optimizer.step()                    # waits for them, then the wrapped step
 
+Sharded (shard="optimizer" | "gradients", hpcaccel/comm/sharding.py): each rank steps only
+its part of the optimizer (1/size of its state; with "gradients" it keeps only its part of
+the reduced gradient too), then the updated parameters are allgathered. After synchronize()
+.grad is None; clip with optimizer.clip_grad_norm_(); state_dict() is collective.
+
 Cross-rank invariants:
   * Every rank wraps an optimizer over the same parameters (same shapes, dtypes, order)
     with the same options; construction checks it (one allgather) and fails on every rank
@@ -17,6 +22,8 @@ Cross-rank invariants:
   * synchronize() and step() are called by every rank in the same order (as in Horovod).
     The one vote it may take (a second synchronize() before step()) is decided by flags
     that change only in those calls, hence the same on every rank.
+  * Sharded, clip_grad_norm_(), state_dict() and the Job's checkpoints are collective as
+    well: every rank calls them, in the same order.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import weakref
 
 import torch
 
+from ..config import SHARDS
 from ..timeline import NullTimeline
 from . import basics
 from .basics import Adasum, Average, OP_NAMES, Sum, runtime
@@ -199,7 +207,14 @@ class _DistributedMethods:
     def step(self, closure=None):
         """synchronize() (unless inside skip_synchronize()), then the wrapped optimizer's
         step. A closure goes to the wrapped step, as in Horovod: the backward it runs there
-        counts toward the next step's reduction."""
+        counts toward the next step's reduction. Sharded: this rank steps its part, then the
+        updated parameters are allgathered (under the next forward of `module`, else before
+        step() returns); no closure (its backward would overwrite the reduced gradients)."""
+        reducer = self._hvd_reducer
+        if reducer.sharded is not None and closure is not None:
+            raise ValueError("optimizer.step(closure) with shard: the closure's backward "
+                             "would overwrite the reduced gradients this rank steps with; "
+                             "call the closure before step()")
         if self._hvd_should_synchronize:
             if self._hvd_synchronized:
                 warnings.warn("optimizer.step() after optimizer.synchronize() outside "
@@ -209,12 +224,59 @@ class _DistributedMethods:
                               "explicit synchronize().")
             self.synchronize()
         self._hvd_synchronized = False
+        if reducer.sharded is not None:
+            reducer.step()
+            return None
         base = self._hvd_base
         return base.step(self) if closure is None else base.step(self, closure)
 
     # torch wraps an optimizer class's step for its profiler and step hooks when an instance
     # is made or loads a state; the wrapped class's step already is, so the hooks run once.
     step.hooked = True
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """hpcaccel's: torch.nn.utils.clip_grad_norm_(params, max_norm) over the reduced
+        gradients, returning their total 2-norm; after synchronize(), before step() inside
+        skip_synchronize(). Sharded, the way to clip (.grad is None there), and collective:
+        each rank clips its part by the norm of the whole gradient."""
+        if not self._hvd_synchronized:
+            raise RuntimeError("optimizer.clip_grad_norm_() clips the reduced gradients: "
+                               "call optimizer.synchronize() first, then step() inside "
+                               "optimizer.skip_synchronize()")
+        return self._hvd_reducer.clip_grad_norm_(max_norm)
+
+    def wait_parameters(self) -> None:
+        """hpcaccel's. Sharded with `module`: wait until step()'s updated parameters have
+        all arrived, before reading them other than through that module's forward (which
+        waits by itself). Otherwise nothing to wait for. Local."""
+        self._hvd_reducer.wait_parameters()
+
+    @contextlib.contextmanager
+    def _hvd_whole_state(self):
+        """Sharded, collective: within it the optimizer holds the whole state on rank 0
+        (gathered from every rank's part; the other ranks hold none), state_dict() is local
+        and the parameters are complete. One agreement on hvd's engine first: a rank that
+        calls it alone waits there, named, instead of mixing its gathers with the others'
+        gradients. Unsharded: nothing to do."""
+        reducer = self._hvd_reducer
+        if reducer.sharded is None or self._hvd_whole:
+            yield
+            return
+        from .functions import broadcast_object
+        broadcast_object(None, 0, name="DistributedOptimizer.state_dict (sharded: collective)")
+        with reducer.full_optimizer_state():
+            self._hvd_whole = True
+            try:
+                yield
+            finally:
+                self._hvd_whole = False
+
+    def state_dict(self):
+        """The wrapped state_dict(). Sharded: collective (every rank calls it); rank 0 gets
+        the whole, unsharded state (what the unsharded optimizer's state_dict() holds), the
+        other ranks the param_groups with an empty "state"."""
+        with self._hvd_whole_state():
+            return self._hvd_base.state_dict(self)
 
     def zero_grad(self, set_to_none: bool = True):
         """The wrapped zero_grad(); an AssertionError (Horovod's) after backward() and
@@ -236,10 +298,14 @@ class _DistributedMethods:
 
     def load_state_dict(self, state_dict):
         """The wrapped load_state_dict(); the backward passes counted so far start again
-        (as in Horovod). Local: rank 0 alone may load, then broadcast_optimizer_state()."""
+        (as in Horovod). Local: rank 0 alone may load, then broadcast_optimizer_state().
+        Sharded: every rank loads the whole state (from rank 0's state_dict()) and keeps
+        its part of it; broadcast_optimizer_state() does not apply."""
         self._hvd_should_synchronize = True
         self._hvd_reducer.set_backward_passes_per_step(self.backward_passes_per_step)
-        return self._hvd_base.load_state_dict(self, state_dict)
+        loaded = self._hvd_base.load_state_dict(self, state_dict)
+        self._hvd_reducer.optimizer_state_loaded()  # sharded: this rank keeps its part
+        return loaded
 
     def add_param_group(self, param_group):
         """Not after wrapping: the new parameters' gradients would not be reduced and the
@@ -268,7 +334,8 @@ def _subclass(base: type) -> type:
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression=Compression.none,
                          backward_passes_per_step=1, op=Average, gradient_predivide_factor=1.0,
-                         num_groups=0, groups=None, sparse_as_dense=False, process_set=None):
+                         num_groups=0, groups=None, sparse_as_dense=False, process_set=None,
+                         *, shard="none", module=None):
     """Wrap `optimizer` so that its step() applies gradients averaged over all ranks.
 
     Collective: every rank wraps an optimizer over the same parameters with the same
@@ -301,6 +368,21 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
         (optimizers that need sparse gradients, such as SparseAdam, do not fit).
     process_set: only the global one (None or hvd.global_process_set).
 
+    hpcaccel's own, keyword-only:
+    shard: "none" (default); "optimizer": each rank keeps and steps 1/size of the optimizer
+        state (ZeRO stage 1), its part of each bucket reduce-scattered, the updated
+        parameters allgathered after step(); "gradients": and keeps only its part of the
+        reduced gradient (stage 2). Results as unsharded for elementwise optimizers (SGD,
+        Adam, AdamW, ...) and hpcaccel's LARS, not for those that need a whole parameter
+        (LAMB, Adafactor); CPU parameters only; not with powersgd.
+        Then .grad is None after synchronize(): clip with optimizer.clip_grad_norm_();
+        state_dict() is collective; load_state_dict() on every rank.
+    module: the nn.Module whose forward uses the parameters, all of the optimizer's
+        trainable ones (its order lays out the buckets): sharded, its next forward starts
+        while the updated parameters arrive, each submodule waiting for its own; without
+        it step() waits for them all. Read parameters outside its forward only after
+        optimizer.wait_parameters().
+
     Where it differs from Horovod: a parameter that has no gradient on any rank keeps .grad
     None, so the wrapped optimizer skips it (Horovod gives it zeros, which momentum and
     weight decay then apply); a second synchronize() before step() reduces again only if
@@ -327,17 +409,30 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
     check_process_set(process_set)
     reduce_op = _check_op(op, rt.size)
     wire, wire_options = _reducer_compression(compression)
+    if shard not in SHARDS or (shard != "none" and wire == "powersgd"):
+        raise ValueError(f"DistributedOptimizer(shard={shard!r}): shard must be one of "
+                         f"{', '.join(SHARDS)}, and none with compression powersgd (its "
+                         f"low-rank factors of whole matrices cannot be reduce-scattered)")
     named = _named(optimizer, named_parameters)
     _check_groups(groups)
     bucket_bytes = _bucket_bytes()
 
     params = list({id(p): p for group in optimizer.param_groups for p in group["params"]
                    if p.requires_grad}.values())
+    if module is not None:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"DistributedOptimizer(module=...) takes a torch.nn.Module, got "
+                            f"{type(module).__name__}")
+        in_module = [p for p in module.parameters() if p.requires_grad]
+        if {id(p) for p in in_module} != {id(p) for p in params}:
+            raise ValueError("DistributedOptimizer(module=...): the module's trainable "
+                             "parameters must be the optimizer's, all of them")
+        params = in_module  # the reducer lays the buckets out in the module's order
     # Collective: the same parameters and options everywhere, or an error on every rank
     # (different buckets would mix one rank's gradients with another's).
     layout = repr(([(tuple(p.shape), str(p.dtype), p.device.type) for p in params], wire,
                    wire_options, reduce_op, float(gradient_predivide_factor),
-                   backward_passes_per_step, bucket_bytes))
+                   backward_passes_per_step, bucket_bytes, shard))
     digest = hashlib.sha256(layout.encode()).hexdigest()
     digests = rt.control.allgather(digest)
     differ = [r for r, d in enumerate(digests) if d != digests[0]]
@@ -350,7 +445,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
     reducer = MPIReducer(comm=rt.comm, bucket_bytes=bucket_bytes, compression=wire,
                          timeline=_ScriptTimeline(), op=reduce_op,
                          predivide_factor=gradient_predivide_factor,
-                         backward_passes_per_step=backward_passes_per_step, **wire_options)
+                         backward_passes_per_step=backward_passes_per_step, shard=shard,
+                         **wire_options)
     reducer.too_many_passes_hint = (
         f"Gradients were computed more than backward_passes_per_step="
         f"{backward_passes_per_step} times before step(); raise backward_passes_per_step "
@@ -374,10 +470,20 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
     opt._hvd_reducer = reducer
     opt._hvd_synchronized = False
     opt._hvd_should_synchronize = True
+    opt._hvd_whole = False  # inside _hvd_whole_state()
+    # The reducer refers to the optimizer weakly: the hooks on the parameters keep the
+    # reducer alive, not the optimizer, whose end closes the reducer. Sharded, it builds an
+    # optimizer of the wrapped class for this rank's part from it, so it gets a twin: an
+    # instance of that class sharing the wrapper's attributes (state and param_groups, also
+    # when load_state_dict() replaces them).
+    if shard == "none":
+        target = weakref.proxy(opt)
+    else:
+        target = cls._hvd_base.__new__(cls._hvd_base)
+        target.__dict__ = opt.__dict__
     try:
-        # the reducer refers to the optimizer weakly: the hooks on the parameters keep the
-        # reducer alive, not the optimizer, whose end closes the reducer
-        reducer.attach(params, weakref.proxy(opt))
+        reducer.attach(module if module is not None else params, target)
+        reducer.optimizer_state_loaded()  # sharded: a state it holds already, split
     except BaseException:
         reducer.close()
         raise
