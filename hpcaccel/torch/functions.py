@@ -89,6 +89,24 @@ def _raw_step(optimizer) -> None:
         optimizer.step()
 
 
+def _broadcast_sharded_options(optimizer, reducer, root_rank) -> None:
+    """A sharded DistributedOptimizer: the ranks' parts together are its one state, so there
+    is no other rank's state to take; root_rank's options are given to every rank, then a
+    state still empty on every rank gets Horovod's step on zero gradients (on each rank's
+    part; the updated parameters are allgathered), as unsharded."""
+    sharded = reducer.sharded
+    # root's options first, so the step below is the same on every rank's part
+    options = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    for group, theirs in zip(optimizer.param_groups, broadcast_object(options, root_rank)):
+        group.update(theirs)
+    mine = sharded.inner is not None and len(sharded.inner.state) > 0
+    if not any(allgather_object(mine)):
+        for piece in sharded.pieces:
+            piece.tensor.grad = torch.zeros_like(piece.tensor)
+        reducer.step()
+        reducer.wait_parameters()
+
+
 def broadcast_optimizer_state(optimizer, root_rank, model=None):
     """Overwrite the optimizer's state and options (lr, momentum, ...) with root_rank's.
 
@@ -97,6 +115,10 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
     parameters only through weight decay); LBFGS is refused."""
     if isinstance(optimizer, torch.optim.LBFGS):
         raise ValueError("cannot broadcast torch.optim.LBFGS state")
+    reducer = getattr(optimizer, "_hvd_reducer", None)
+    if reducer is not None and reducer.sharded is not None:
+        _broadcast_sharded_options(optimizer, reducer, root_rank)
+        return
     state_dict = optimizer.state_dict()
     sparse = set()
     if model is not None:

@@ -245,3 +245,26 @@ def test_job_checkpoints_the_whole_state_and_resumes_sharded_or_not(wrap, tmp_pa
             train(model, opt, 5, first=7)
         for a, b in zip(want, params(model)):
             torch.testing.assert_close(b, a, **TOL)
+
+
+@pytest.mark.parametrize("shard", ["optimizer", "gradients"])
+def test_broadcast_optimizer_state_of_a_fresh_sharded_optimizer_is_horovods(wrap, shard):
+    """Horovod's step on zero gradients (a step counted, weight decay applied) on each
+    rank's part, and root's options everywhere: then training goes on as unsharded."""
+    results = []
+    for mode in ("none", shard):
+        model, opt = make(wrap, mode)
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        hvd.broadcast_optimizer_state(opt, root_rank=0)
+        train(model, opt, 5)
+        results.append(params(model))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, **TOL)
+    # root's options reach every rank before that step, so all ranks step alike
+    model, opt = make(wrap, shard)
+    if world().Get_rank() == 0:
+        opt.param_groups[0]["lr"] = 0.02
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    assert opt.param_groups[0]["lr"] == 0.02
+    train(model, opt, 2)
+    assert_same_on_every_rank(world(), params(model))
