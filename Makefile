@@ -45,6 +45,8 @@ test-bench-smoke:
 	  bash scripts/mpirun.sh 2 bash scripts/pytest_rank.sh benchmarks
 	HPCACCEL_BENCH_SMOKE=1 HPCACCEL_BENCH_OUT=build/bench-smoke $(TIMEOUT) 600 \
 	  $(PY) benchmarks/torch_api/run.py
+	HPCACCEL_BENCH_SMOKE=1 HPCACCEL_BENCH_OUT=build/bench-smoke $(TIMEOUT) 300 \
+	  $(PY) benchmarks/sharding/run.py
 
 # Scaling benchmarks at 1, 2 and 4 ranks (1 thread per rank), then tables and plots.
 # Records numbers, asserts nothing; results in benchmarks/results, see docs/benchmarks.md.
@@ -121,3 +123,16 @@ bench-hosts: setup-test
 	echo "== your own script at 2 hosts x 1: hpcaccel.torch, Horovod, DDP"; \
 	$(PY) benchmarks/torch_api/run.py --hosts
 	$(PY) -m hpcaccel.bench report --results benchmarks/results --plots docs/img | grep '^plot:'
+
+# --shard none / optimizer / gradients side by side (benchmarks/sharding/run.py): memory of
+# the 25M MLP with AdamW at 1, 2 and 4 ranks, optimizer-step time and samples/s at 2 ranks
+# against torch DDP (gloo), and, as root, 2 emulated hosts x 1 rank at BENCH_HOSTS_RATE with
+# the link bound and a timeline's allgather overlap (a hosts instance of its own,
+# HPCACCEL_HOSTS_INSTANCE=2, always taken down). Records numbers, asserts nothing; results in
+# benchmarks/results/shard-*.json.
+.PHONY: bench-shard
+bench-shard: setup-test
+	@export HPCACCEL_HOSTS_INSTANCE=2 HPCACCEL_BENCH_LINK_GBIT=$(BENCH_HOSTS_GBIT) \
+	  BENCH_HOSTS_RATE=$(BENCH_HOSTS_RATE); \
+	trap '[ "$$(id -u)" != 0 ] || bash scripts/hosts.sh down >/dev/null' EXIT; \
+	$(TIMEOUT) 3600 $(PY) benchmarks/sharding/run.py

@@ -21,7 +21,8 @@ def test_knobs_from_flags_reach_the_reducer_options():
     assert reducer_options(cfg) == {"bucket_bytes": 8 * 2**20, "compression": "fp16",
                                     "fusion_bytes": 64 * 2**20, "cycle_time_ms": 2.5,
                                     "powersgd_rank": 4, "powersgd_start_step": 0,
-                                    "allreduce": "ring", "device": "auto"}
+                                    "allreduce": "ring", "device": "auto", "shard": "none"}
+    assert reducer_options(parse_args(["--shard", "gradients"]))["shard"] == "gradients"
 
 
 def test_horovod_knobs_default_to_horovods_own():
