@@ -82,7 +82,10 @@ from .base import Reducer
 from .hierarchical import node_layout
 from .sharding import SHARDS, ShardedOptimizer
 
-_FIRST_BUCKET_BYTES = 1 << 20  # small first bucket: communication starts early in backward
+_FIRST_BUCKET_BYTES = 1 << 20
+# shard gradients: full-size gradient buffers lent to buckets while backward runs. Two: one
+# being filled while the previous one is reduce-scattered.
+POOL_BUFFERS = 2  # small first bucket: communication starts early in backward
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 WIRE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _wire_sums = {}  # torch dtype -> MPI.Op, created once per process
@@ -286,7 +289,8 @@ class MPIReducer(Reducer):
         self._worker_error = None
         self.sharded = None    # ShardedOptimizer, once attached with shard != none
         self._pool = []        # shard gradients: free gradient buffers lent to buckets
-        self._pool_lock = threading.Lock()
+        self._pool_lock = threading.Condition()
+        self._lent = []        # buckets holding a lent buffer
 
     # -- set-up ---------------------------------------------------------------------------
     def broadcast_parameters(self, module, root=0):
@@ -634,13 +638,18 @@ class MPIReducer(Reducer):
 
     # -- sharding ---------------------------------------------------------------------------
     def _lend(self, b: _Bucket) -> None:
-        """shard gradients: give bucket b a gradient buffer from the pool (or a new one)."""
-        need = b.numel + len(b.params)
+        """shard gradients: give bucket b a gradient buffer (each as large as the largest
+        bucket). At most POOL_BUFFERS exist while buckets are in flight: backward then waits
+        for a reduce-scatter to give one back, which bounds the gradient memory whatever the
+        link's speed. A new one is made instead when none of the holders is in flight (they
+        wait for gradients still to come: waiting could deadlock), e.g. during accumulation."""
         with self._pool_lock:
-            fits = [t for t in self._pool if t.numel() >= need]
-            buf = fits[0] if fits else None
-            if buf is not None:
-                self._pool.remove(buf)
+            while (not self._pool and len(self._lent) >= POOL_BUFFERS
+                   and any(x.request is not None for x in self._lent)
+                   and self._worker_error is None):
+                self._pool_lock.wait(timeout=1.0)
+            buf = self._pool.pop() if self._pool else None
+            self._lent.append(b)
         if buf is None:
             most = max(x.numel + len(x.params) for x in self.buckets)
             buf = torch.empty(most, dtype=b.params[0].dtype)
@@ -660,7 +669,10 @@ class MPIReducer(Reducer):
         buf = b.flat._base if b.flat._base is not None else b.flat
         b.flat = b.flags = b.array = None
         with self._pool_lock:
-            self._pool.append(buf)
+            self._lent.remove(b)
+            if len(self._pool) + len(self._lent) < POOL_BUFFERS:
+                self._pool.append(buf)  # else dropped: back to POOL_BUFFERS once idle
+            self._pool_lock.notify_all()
 
     def _reduce_scatter_mean(self, b: _Bucket):
         """Sum this rank's part of the bucket over ranks and take its mean; the used flags

@@ -172,3 +172,32 @@ def test_reduce_scatter_and_allgather_halves(n, kind):
     np.testing.assert_array_equal(buf, total)
     if kind == "ring":
         ops.close()
+
+
+def test_shard_gradients_keeps_a_part_of_the_gradient_and_at_most_two_bucket_buffers():
+    """The reduced gradient a rank keeps is its part, and full-size buffers are lent from a
+    pool bounded at POOL_BUFFERS however far the link lags behind backward."""
+    from hpcaccel.comm.mpi import POOL_BUFFERS
+    from hpcaccel.comm.ring import chunk_bounds
+
+    comm = world()
+    model = Net()
+    opt = make_test_optimizer("adamw", model)
+    red = MPIReducer(comm=comm, shard="gradients", bucket_bytes=256)
+    try:
+        red.attach(model, opt)
+        for step in range(3):
+            x, y = rank_batch(comm, step)
+            red.zero_grad()
+            nn.functional.cross_entropy(model(x, step), y).backward()
+            red.synchronize()
+            assert all(p.grad is None for p in model.parameters())
+            red.step()
+        red.wait_parameters()
+        assert len(red.buckets) > POOL_BUFFERS  # the bound is what keeps it small
+        assert len(red._pool) <= POOL_BUFFERS and not red._lent
+        for b in red.buckets:
+            lo, hi = chunk_bounds(b.numel, comm.Get_size())[comm.Get_rank()]
+            assert b.flat is None and b.kept.numel() == hi - lo
+    finally:
+        red.close()
