@@ -158,6 +158,7 @@ class _Bucket:
         self.part = (0, total)
         self.used = [True] * len(params)
         self.kept = None
+        self.local_flags = None  # this rank's used flags of the step (sharding)
         self.gathered = threading.Event()
         self.gathered.set()
 
@@ -675,8 +676,9 @@ class MPIReducer(Reducer):
             self._pool_lock.notify_all()
 
     def _reduce_scatter_mean(self, b: _Bucket):
-        """Sum this rank's part of the bucket over ranks and take its mean; the used flags
-        are summed whole (small). With compression the gradients travel as 16-bit copies."""
+        """Sum this rank's part of the bucket over ranks and take its mean (the used flags
+        of all buckets are summed in synchronize). With compression the gradients travel as
+        16-bit copies."""
         t0 = time.perf_counter()
         if self.predivide_factor != 1.0:
             b.flat[:b.numel].mul_(1.0 / self.predivide_factor)
@@ -689,12 +691,11 @@ class MPIReducer(Reducer):
             self._shard_ops.reduce_scatter_([wire.view(torch.int16).numpy(), self._MPI.INT16_T],
                                             self._wire_op)
             grads[lo:hi].copy_(wire[lo:hi])
-        self.comm.Allreduce(self._MPI.IN_PLACE, b.flags.numpy(), op=self._MPI.SUM)
+        b.local_flags = b.flags.clone()  # summed for all buckets at once in synchronize()
         if self.op == "average" and self.predivide_factor != 1.0:
             grads[lo:hi].mul_(self.predivide_factor / self.size)
         elif self.op == "average":
             grads[lo:hi].div_(self.size)
-        b.used = [f > 0 for f in b.flags.tolist()]
         if self.shard == "gradients":
             self._give_back(b)
         self.timeline.add("bucket_reduce_scatter", t0, time.perf_counter(), bucket=b.index,
@@ -731,7 +732,14 @@ class MPIReducer(Reducer):
         else:
             for b in self.buckets:
                 self._reduce_scatter_mean(b)
+        # every bucket's used flags in one small allreduce (not one per bucket: across hosts
+        # each costs a round trip)
+        flags = torch.cat([b.local_flags for b in self.buckets])
+        self.comm.Allreduce(self._MPI.IN_PLACE, flags.numpy(), op=self._MPI.SUM)
+        used, start = flags.tolist(), 0
         for b in self.buckets:
+            b.used = [f > 0 for f in used[start:start + len(b.params)]]
+            start += len(b.params)
             b.request = None
             for p in b.params:
                 p.grad = None  # only this rank's part is reduced: the optimizer's pieces hold it
