@@ -639,21 +639,29 @@ class MPIReducer(Reducer):
 
     # -- sharding ---------------------------------------------------------------------------
     def _lend(self, b: _Bucket) -> None:
-        """shard gradients: give bucket b a gradient buffer (each as large as the largest
-        bucket). At most POOL_BUFFERS exist while buckets are in flight: backward then waits
-        for a reduce-scatter to give one back, which bounds the gradient memory whatever the
-        link's speed. A new one is made instead when none of the holders is in flight (they
-        wait for gradients still to come: waiting could deadlock), e.g. during accumulation."""
+        """shard gradients: give bucket b a gradient buffer: the smallest free one it fits
+        in, else a new one of its own size. At most POOL_BUFFERS exist while buckets are in
+        flight: backward then waits for a reduce-scatter to give one back, which bounds the
+        gradient memory whatever the link's speed. A new one is made instead when none of
+        the holders is in flight (they wait for gradients still to come: waiting could
+        deadlock), e.g. during accumulation. synchronize() frees them all: between steps a
+        rank holds only its parts."""
+        need = b.numel + len(b.params)
         with self._pool_lock:
-            while (not self._pool and len(self._lent) >= POOL_BUFFERS
+            while (len(self._pool) + len(self._lent) >= POOL_BUFFERS
+                   and not any(t.numel() >= need for t in self._pool)
                    and any(x.request is not None for x in self._lent)
                    and self._worker_error is None):
                 self._pool_lock.wait(timeout=1.0)
-            buf = self._pool.pop() if self._pool else None
+            fits = sorted((t for t in self._pool if t.numel() >= need), key=torch.Tensor.numel)
+            buf = fits[0] if fits else None
+            if buf is not None:  # by identity: == on tensors compares elements
+                self._pool = [t for t in self._pool if t is not buf]
+            elif self._pool and len(self._pool) + len(self._lent) >= POOL_BUFFERS:
+                self._pool.pop()  # too small: make room for one that fits
             self._lent.append(b)
         if buf is None:
-            most = max(x.numel + len(x.params) for x in self.buckets)
-            buf = torch.empty(most, dtype=b.params[0].dtype)
+            buf = torch.empty(need, dtype=b.params[0].dtype)
         b.bind(buf)
 
     def _give_back(self, b: _Bucket) -> None:
@@ -744,6 +752,8 @@ class MPIReducer(Reducer):
             for p in b.params:
                 p.grad = None  # only this rank's part is reduced: the optimizer's pieces hold it
         self.sharded.set_grads()
+        with self._pool_lock:
+            self._pool.clear()  # temporary buffers: none held between steps
         self._reset_step()
         TRACKER.leave("gradients")
 

@@ -175,8 +175,9 @@ def test_reduce_scatter_and_allgather_halves(n, kind):
 
 
 def test_shard_gradients_keeps_a_part_of_the_gradient_and_at_most_two_bucket_buffers():
-    """The reduced gradient a rank keeps is its part, and full-size buffers are lent from a
-    pool bounded at POOL_BUFFERS however far the link lags behind backward."""
+    """The reduced gradient a rank keeps is its part; full-size buffers are lent from a pool
+    bounded at POOL_BUFFERS however far the link lags behind backward, and freed at the end
+    of the step."""
     from hpcaccel.comm.mpi import POOL_BUFFERS
     from hpcaccel.comm.ring import chunk_bounds
 
@@ -195,7 +196,7 @@ def test_shard_gradients_keeps_a_part_of_the_gradient_and_at_most_two_bucket_buf
             red.step()
         red.wait_parameters()
         assert len(red.buckets) > POOL_BUFFERS  # the bound is what keeps it small
-        assert len(red._pool) <= POOL_BUFFERS and not red._lent
+        assert not red._pool and not red._lent  # temporary buffers: none between steps
         for b in red.buckets:
             lo, hi = chunk_bounds(b.numel, comm.Get_size())[comm.Get_rank()]
             assert b.flat is None and b.kept.numel() == hi - lo
