@@ -111,8 +111,9 @@ def model_state_bytes(model, optimizer, reducer=None, ddp=None) -> dict:
     out["gradients"] = count(grads)
     opt = state_tensors(optimizer)
     sharded = getattr(reducer, "sharded", None) if reducer is not None else None
-    if sharded is not None and sharded.inner is not None:
-        opt += state_tensors(sharded.inner)
+    if sharded is not None:
+        for inner in sharded.optimizers():
+            opt += state_tensors(inner)
     out["optimizer_state"] = count(opt)
     if sharded is not None:
         out["sharded_state_bytes"] = sharded.state_bytes()

@@ -766,11 +766,11 @@ class MPIReducer(Reducer):
         return self.sharded.clip_grad_norm_(max_norm)
 
     def step(self) -> None:
-        """Sharded: step this rank's part of the optimizer and start every bucket's
-        allgather, the first layer's first; returns before they end unless no forward
+        """Sharded: step this rank's part of the optimizer bucket by bucket, the first
+        layer's first, each bucket's allgather starting once its part is stepped (the link
+        does not wait for the whole step); returns before they end unless no forward
         pre-hooks wait for them (a parameter list was attached, or overlap none)."""
-        self.sharded.step()
-        for b in reversed(self.buckets):
+        def gather(b):
             b.gathered.clear()
             if self.overlap == "thread":
                 if self._worker is None:
@@ -779,6 +779,7 @@ class MPIReducer(Reducer):
             else:
                 self._allgather_values(b)
                 b.gathered.set()
+        self.sharded.step(stepped=gather)  # the first layer's bucket first
         if not self._forward_waits:
             self.wait_parameters()
 

@@ -5,9 +5,10 @@ Layout: every bucket's parameters live in one flat buffer of the bucket (`values
 parameter's .data is a view of it, so the model is unchanged to its users). Rank r owns part
 r of each bucket, ring.chunk_bounds(numel, size)[r]. A "piece" is the part of one parameter
 inside this rank's part of one bucket: a torch Parameter viewing those elements (the
-optimizer's in-place update writes straight into the model's memory). This rank's optimizer
-(`inner`, the user's optimizer class with the user's hyperparameters) steps its pieces only,
-so it holds 1/size of the state; the reducer then allgathers each bucket's values.
+optimizer's in-place update writes straight into the model's memory). This rank's optimizers
+(`inner`, one per bucket: the user's optimizer class with the user's hyperparameters) step
+its pieces only, so they hold 1/size of the state. They step bucket by bucket, the first
+layer's first, each bucket's allgather starting as soon as its own step is done.
 
 Elementwise optimizers (SGD, AdamW) give the unsharded result on their pieces. What needs a
 whole parameter or all of them is summed across ranks first: LARS's per-layer norms and the
@@ -83,18 +84,18 @@ class ShardedOptimizer:
         self._all_buckets = list(buckets)  # b.index is its position
         self.pieces = pieces_of(buckets, self.rank, self.size)
         group_of = {p: gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
-        by_group: dict[int, list[Piece]] = {}
-        for piece in self.pieces:
-            if piece.param in group_of:  # attached but not optimized: never stepped
-                by_group.setdefault(group_of[piece.param], []).append(piece)
-        self.group_index = sorted(by_group)
-        self.inner = None
-        if by_group:
-            groups = [{**self._settings(gi), "params": [pc.tensor for pc in by_group[gi]]}
-                      for gi in self.group_index]
-            self.inner = _same_class(optimizer, groups)
-        self.stepped = [pc for gi in self.group_index for pc in by_group[gi]]
-        self.by_tensor = {id(pc.tensor): pc for pc in self.pieces}
+        # bucket index -> (its optimizer, the user's group index of each of its groups)
+        self.inner: dict[int, tuple] = {}
+        for b in buckets:
+            by_group: dict[int, list[Piece]] = {}
+            for piece in self.pieces:
+                if piece.bucket is b and piece.param in group_of:  # else never stepped
+                    by_group.setdefault(group_of[piece.param], []).append(piece)
+            if by_group:
+                index = sorted(by_group)
+                groups = [{**self._settings(gi), "params": [pc.tensor for pc in by_group[gi]]}
+                          for gi in index]
+                self.inner[b.index] = (_same_class(optimizer, groups), index)
         # LARS: its layer-wise norms are those of whole matrices, summed across ranks.
         self.matrices = [p for b in buckets for p in b.params if p.ndim > 1]
         self._matrix_slot = {p: k for k, p in enumerate(self.matrices)}
@@ -128,16 +129,28 @@ class ShardedOptimizer:
                 pc.tensor.grad.mul_(coef.to(pc.tensor.grad.dtype))
         return total.float()
 
-    def step(self) -> None:
+    def step(self, stepped=lambda bucket: None) -> None:
         """Collective for LARS (its norms), else local: step this rank's pieces with the
-        user's current hyperparameters (lr schedule, ...)."""
-        if self.inner is not None:
-            for group, gi in zip(self.inner.param_groups, self.group_index):
-                group.update(self._settings(gi))
+        user's current hyperparameters (lr schedule, ...), bucket by bucket in the order
+        the next forward needs them (the last bucket holds the first layers), calling
+        stepped(bucket) after each."""
         if hasattr(self.user, "layer_norms"):  # hpcaccel's LARS
             self._lars_norms()
-        if self.inner is not None:
-            self.inner.step()
+        for b in reversed(self._all_buckets):
+            inner, index = self.inner.get(b.index, (None, ()))
+            if inner is not None:
+                for group, gi in zip(inner.param_groups, index):
+                    group.update(self._settings(gi))
+                inner.step()
+            stepped(b)
+
+    def optimizers(self) -> list:
+        """Local. This rank's optimizers, one per bucket where it has pieces."""
+        return [inner for inner, _ in self.inner.values()]
+
+    def _state_of(self, pc: Piece) -> dict:
+        inner = self.inner.get(pc.bucket.index, (None,))[0]
+        return inner.state.get(pc.tensor, {}) if inner is not None else {}
 
     def _lars_norms(self) -> None:
         sums = np.zeros(2 * len(self.matrices))
@@ -153,11 +166,12 @@ class ShardedOptimizer:
             sums[2 * slot] += float(w.double().square().sum())
             sums[2 * slot + 1] += float(g.double().square().sum())
         norms = np.sqrt(self._sum(sums))
-        if self.inner is not None:
-            self.inner.layer_norms = {
-                pc.tensor: (torch.tensor(norms[2 * s], dtype=pc.tensor.dtype),
-                            torch.tensor(norms[2 * s + 1], dtype=pc.tensor.dtype))
-                for pc in self.pieces if (s := self._matrix_slot.get(pc.param)) is not None}
+        layer_norms = {
+            pc.tensor: (torch.tensor(norms[2 * s], dtype=pc.tensor.dtype),
+                        torch.tensor(norms[2 * s + 1], dtype=pc.tensor.dtype))
+            for pc in self.pieces if (s := self._matrix_slot.get(pc.param)) is not None}
+        for inner in self.optimizers():
+            inner.layer_norms = layer_norms
 
     def _sum(self, values) -> np.ndarray:
         from mpi4py import MPI
@@ -167,10 +181,12 @@ class ShardedOptimizer:
 
     def state_bytes(self) -> int:
         """Local. Bytes of optimizer state this rank holds (its pieces')."""
-        if self.inner is None:
-            return 0
-        return sum(t.numel() * t.element_size() for st in self.inner.state.values()
-                   for t in st.values() if torch.is_tensor(t))
+        return sum(t.numel() * t.element_size() for inner in self.optimizers()
+                   for st in inner.state.values() for t in st.values() if torch.is_tensor(t))
+
+    def has_state(self) -> bool:
+        """Local. Whether this rank's optimizers hold any state yet."""
+        return any(len(inner.state) for inner in self.optimizers())
 
     # -- checkpoints ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -188,7 +204,7 @@ class ShardedOptimizer:
         # across ranks; anything else (step counts) is taken from the parameter's first piece.
         mine = {}
         for pc in self.pieces:
-            state = self.inner.state.get(pc.tensor, {}) if self.inner is not None else {}
+            state = self._state_of(pc)
             if not state:
                 continue
             key = (pc.bucket.index, pc.index)
@@ -222,8 +238,8 @@ class ShardedOptimizer:
         lo, hi = parts[self.rank]
         local = torch.zeros(hi - lo, dtype=b.values.dtype)
         for pc in self.pieces:
-            if pc.bucket is b and self.inner is not None:
-                value = self.inner.state.get(pc.tensor, {}).get(name)
+            if pc.bucket is b:
+                value = self._state_of(pc).get(name)
                 if value is not None:
                     local[pc.shard_start:pc.shard_start + pc.stop - pc.start] = value.reshape(-1)
         whole = torch.empty(b.numel, dtype=b.values.dtype) if self.rank == root else None
@@ -243,12 +259,11 @@ class ShardedOptimizer:
     def scatter_state(self) -> None:
         """Local. The user's optimizer holds a whole state (loaded from a checkpoint on
         every rank): keep this rank's pieces of it, then empty the user's optimizer."""
-        if self.inner is not None:
-            for pc in self.pieces:
-                saved = self.user.state.get(pc.param)
-                if not saved:
-                    continue
-                self.inner.state[pc.tensor] = {
+        for pc in self.pieces:
+            saved = self.user.state.get(pc.param)
+            inner = self.inner.get(pc.bucket.index, (None,))[0]
+            if saved and inner is not None:
+                inner.state[pc.tensor] = {
                     k: (v.reshape(-1)[pc.start:pc.stop].clone() if _elementwise(v, pc.param)
                         else (v.clone() if torch.is_tensor(v) else v)) for k, v in saved.items()}
         self.user.state.clear()

@@ -99,8 +99,7 @@ def _broadcast_sharded_options(optimizer, reducer, root_rank) -> None:
     options = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     for group, theirs in zip(optimizer.param_groups, broadcast_object(options, root_rank)):
         group.update(theirs)
-    mine = sharded.inner is not None and len(sharded.inner.state) > 0
-    if not any(allgather_object(mine)):
+    if not any(allgather_object(sharded.has_state())):
         for piece in sharded.pieces:
             piece.tensor.grad = torch.zeros_like(piece.tensor)
         reducer.step()
