@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -138,25 +137,10 @@ def checksum(model) -> float:
 
 
 def init_gloo(comm):
-    """torch.distributed over gloo: rank 0's host address over eth0 across hosts, loopback
-    on one host (as benchmarks/torch_api/ddp_train.py)."""
-    import torch.distributed as dist
-    from mpi4py import MPI
-
-    rank, size = comm.Get_rank(), comm.Get_size()
-    hosts = len(set(comm.allgather(MPI.Get_processor_name())))
-    addr = "127.0.0.1"
-    if hosts > 1:
-        addr = comm.bcast(socket.gethostbyname(socket.gethostname()))
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "eth0")
-    port = None
-    if rank == 0:
-        with socket.socket() as s:
-            s.bind((addr, 0))
-            port = s.getsockname()[1]
-    port = comm.bcast(port)
-    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=size)
-    return hosts
+    """torch.distributed over gloo, as benchmarks/torch_api/ddp_train.py starts it."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "torch_api"))
+    from ddp_train import init_gloo as start
+    return start(comm)[2]
 
 
 def add_forward_spans(model, reducer, timeline):

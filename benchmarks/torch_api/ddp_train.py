@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from bench_models import MODELS, build_model, parameter_checksum, synthetic_batches
 
 
-def init_gloo():
+def init_gloo(comm=None):
+    """torch.distributed over gloo: rank 0's host address over eth0 across hosts, loopback
+    on one host. Returns (rank, size, number of hosts). benchmarks/sharding uses it too."""
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD
+    comm = comm or MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     hosts = len(set(comm.allgather(MPI.Get_processor_name())))
     addr = "127.0.0.1"
@@ -38,7 +40,7 @@ def init_gloo():
             port = s.getsockname()[1]
     port = comm.bcast(port)
     dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=size)
-    return rank, size
+    return rank, size, hosts
 
 
 def main():
@@ -53,7 +55,7 @@ def main():
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    rank, size = init_gloo()
+    rank, size, _ = init_gloo()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = torch.nn.parallel.DistributedDataParallel(build_model(args.model),
