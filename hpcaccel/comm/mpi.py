@@ -603,6 +603,18 @@ class MPIReducer(Reducer):
             if active:
                 self._MPI.Request.Testall(active)
 
+    def _finish_buckets(self, reduce, what: str) -> None:
+        """Every launched bucket's reduction done: waited for (overlap thread), or run here
+        (overlap none)."""
+        if self.overlap == "thread":
+            for b in self.buckets:
+                b.done.wait()
+            if self._worker_error is not None:
+                raise RuntimeError(f"gradient {what} failed") from self._worker_error
+        else:
+            for b in self.buckets:
+                reduce(b)
+
     def synchronize(self):
         if self.sharded is not None:
             self._synchronize_shards()
@@ -611,14 +623,8 @@ class MPIReducer(Reducer):
             self._launch(b)  # incomplete buckets: missing gradients are zeros, flags 0
         if self.overlap == "nonblocking":
             self._MPI.Request.Waitall([b.request for b in self.buckets])
-        elif self.overlap == "thread":
-            for b in self.buckets:
-                b.done.wait()
-            if self._worker_error is not None:
-                raise RuntimeError("gradient allreduce failed") from self._worker_error
         else:
-            for b in self.buckets:
-                self._allreduce_mean(b)
+            self._finish_buckets(self._allreduce_mean, "allreduce")
         for b in self.buckets:
             if self.overlap == "nonblocking":
                 self._average(b)
@@ -732,14 +738,7 @@ class MPIReducer(Reducer):
         self.wait_parameters()
         for b in self.buckets[self._next_launch:]:
             self._launch(b)
-        if self.overlap == "thread":
-            for b in self.buckets:
-                b.done.wait()
-            if self._worker_error is not None:
-                raise RuntimeError("gradient reduce-scatter failed") from self._worker_error
-        else:
-            for b in self.buckets:
-                self._reduce_scatter_mean(b)
+        self._finish_buckets(self._reduce_scatter_mean, "reduce-scatter")
         # every bucket's used flags in one small allreduce (not one per bucket: across hosts
         # each costs a round trip)
         flags = torch.cat([b.local_flags for b in self.buckets])

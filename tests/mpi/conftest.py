@@ -46,3 +46,20 @@ def contract_comm(request, backend):
         dup = MPI.COMM_WORLD.Dup()
         yield dup
         dup.Free()
+
+
+@pytest.fixture
+def wrap():
+    """wrap(optimizer, **kw) -> hpcaccel.torch's DistributedOptimizer; their reducers are
+    closed after the test (a reducer would otherwise go when its optimizer is collected)."""
+    from hpcaccel.torch.optimizer import DistributedOptimizer
+
+    made = []
+
+    def factory(optimizer, **kw):
+        opt = DistributedOptimizer(optimizer, **kw)
+        made.append(opt)
+        return opt
+    yield factory
+    for opt in made:
+        opt._hvd_finalizer()

@@ -28,21 +28,6 @@ def initialized():
     hvd.shutdown()
 
 
-@pytest.fixture
-def wrap():
-    """wrap(optimizer, **kw) -> DistributedOptimizer; their reducers are closed after the
-    test (the reducer would otherwise go when the optimizer is collected)."""
-    made = []
-
-    def factory(optimizer, **kw):
-        opt = DistributedOptimizer(optimizer, **kw)
-        made.append(opt)
-        return opt
-    yield factory
-    for opt in made:
-        opt._hvd_finalizer()
-
-
 def world():
     from mpi4py import MPI
     return MPI.COMM_WORLD

@@ -32,21 +32,6 @@ def small_buckets(monkeypatch):
     monkeypatch.setenv("HOROVOD_FUSION_THRESHOLD", "1024")
 
 
-@pytest.fixture
-def wrap():
-    """wrap(optimizer, **kw) -> DistributedOptimizer; their reducers are closed after the
-    test."""
-    made = []
-
-    def factory(optimizer, **kw):
-        opt = DistributedOptimizer(optimizer, **kw)
-        made.append(opt)
-        return opt
-    yield factory
-    for opt in made:
-        opt._hvd_finalizer()
-
-
 def world():
     from mpi4py import MPI
     return MPI.COMM_WORLD
