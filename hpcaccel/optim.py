@@ -108,6 +108,36 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,
     return 1.0
 
 
+def squared_norm(grads) -> float:
+    """Local. The sum of squares of `grads`, in float64: every square of a float32 is exact
+    there, so sums over differently split gradients (whole tensors on one rank, pieces of
+    them across ranks) agree to float64 rounding, far below float32's."""
+    total = torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        total += g.detach().double().square().sum()
+    return float(total)
+
+
+def clip_grad_norm_(grads, max_norm: float, sum_across=None) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (2-norm) over `grads`, in place; returns the total norm.
+
+    The norm is summed in float64 and rounded to float32 once, so the coefficient is the same
+    float32 number whether the gradient is whole on each rank or split in pieces across ranks
+    (`sum_across`: a collective summing one float over the ranks holding the other pieces).
+    torch's own float32 reduction depends on how the gradient is split; AdamW near the
+    clipping threshold amplifies that last-bit difference into a different run (its update
+    is ~lr x sign(g) where the second moment is tiny)."""
+    grads = [g for g in grads if g is not None]
+    sq = squared_norm(grads)
+    if sum_across is not None:
+        sq = sum_across(sq)
+    total = torch.tensor(math.sqrt(sq) if sq >= 0 else float("nan"), dtype=torch.float32)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

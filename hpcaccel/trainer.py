@@ -154,7 +154,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.clip_grad_norm)
+            optim.clip_grad_norm_([p.grad for p in self.trainable], self.cfg.clip_grad_norm)
         optim.set_lr(self.optimizer, self.schedule.lr(self.step - 1))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)

@@ -74,6 +74,7 @@ import time
 import torch
 
 from ..collectives import TRACKER
+from ..optim import clip_grad_norm_
 from . import powersgd
 from .algorithms import CHUNK_BYTES
 from .allreduce_choice import describe as describe_algorithm, make_algorithm
@@ -756,13 +757,13 @@ class MPIReducer(Reducer):
         self._reset_step()
         TRACKER.leave("gradients")
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float, params=None) -> torch.Tensor:
         """Collective. Sharded: the clipping of torch.nn.utils.clip_grad_norm_ over the whole
         gradient (its norm summed across ranks); unsharded: that function itself."""
         if self.sharded is None:
-            return torch.nn.utils.clip_grad_norm_(
-                [p for p in self._params if p.grad is not None], max_norm)
-        return self.sharded.clip_grad_norm_(max_norm)
+            return clip_grad_norm_([p.grad for p in (self._params if params is None else params)],
+                                   max_norm)
+        return self.sharded.clip_grad_norm_(max_norm, params)
 
     def step(self) -> None:
         """Sharded: step this rank's part of the optimizer bucket by bucket, the first

@@ -115,19 +115,17 @@ class ShardedOptimizer:
             shard = b.shard_grad()
             pc.tensor.grad = shard[pc.shard_start:pc.shard_start + pc.stop - pc.start]
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Collective. torch.nn.utils.clip_grad_norm_ over the whole gradient: the squared
-        norm of every piece, summed across ranks."""
-        local = torch.zeros((), dtype=torch.float64)
-        for pc in self.pieces:
-            if pc.tensor.grad is not None:
-                local += pc.tensor.grad.double().square().sum()
-        total = torch.tensor(self._sum([float(local)])[0]).sqrt()
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for pc in self.pieces:
-            if pc.tensor.grad is not None:
-                pc.tensor.grad.mul_(coef.to(pc.tensor.grad.dtype))
-        return total.float()
+    def clip_grad_norm_(self, max_norm: float, params=None) -> torch.Tensor:
+        """Collective. torch.nn.utils.clip_grad_norm_ over the whole gradient (or over the
+        gradient of `params`, the same set on every rank): the squared norm of every piece,
+        summed across ranks (optim.clip_grad_norm_: the same float32 coefficient as the
+        unsharded run's)."""
+        from ..optim import clip_grad_norm_
+
+        chosen = None if params is None else {id(p) for p in params}
+        return clip_grad_norm_([pc.tensor.grad for pc in self.pieces
+                                if chosen is None or id(pc.param) in chosen], max_norm,
+                               sum_across=lambda sq: float(self._sum([sq])[0]))
 
     def step(self, stepped=lambda bucket: None) -> None:
         """Collective for LARS (its norms), else local: step this rank's pieces with the

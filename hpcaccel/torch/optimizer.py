@@ -13,7 +13,8 @@ One reducer, two front doors: the training CLI, and Horovod scripts through this
 Sharded (shard="optimizer" | "gradients", hpcaccel/comm/sharding.py): each rank steps only
 its part of the optimizer (1/size of its state; with "gradients" it keeps only its part of
 the reduced gradient too), then the updated parameters are allgathered. After synchronize()
-.grad is None; clip with optimizer.clip_grad_norm_(); state_dict() is collective.
+.grad is None; clip with optimizer.clip_grad_norm_() (or Horovod's recipe with
+torch.nn.utils.clip_grad_norm_, routed there: torch/clipping.py); state_dict() is collective.
 
 Cross-rank invariants:
   * Every rank wraps an optimizer over the same parameters (same shapes, dtypes, order)
@@ -234,16 +235,19 @@ class _DistributedMethods:
     # is made or loads a state; the wrapped class's step already is, so the hooks run once.
     step.hooked = True
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float, parameters=None) -> torch.Tensor:
         """hpcaccel's: torch.nn.utils.clip_grad_norm_(params, max_norm) over the reduced
         gradients, returning their total 2-norm; after synchronize(), before step() inside
         skip_synchronize(). Sharded, the way to clip (.grad is None there), and collective:
-        each rank clips its part by the norm of the whole gradient."""
+        each rank clips its part by the norm of the whole gradient (of `parameters`, some of
+        this optimizer's, where given: the same on every rank). Sharded,
+        torch.nn.utils.clip_grad_norm_ on its parameters comes here (torch/clipping.py)."""
         if not self._hvd_synchronized:
             raise RuntimeError("optimizer.clip_grad_norm_() clips the reduced gradients: "
                                "call optimizer.synchronize() first, then step() inside "
                                "optimizer.skip_synchronize()")
-        return self._hvd_reducer.clip_grad_norm_(max_norm)
+        return self._hvd_reducer.clip_grad_norm_(
+            max_norm, None if parameters is None else list(parameters))
 
     def wait_parameters(self) -> None:
         """hpcaccel's. Sharded with `module`: wait until step()'s updated parameters have
@@ -488,6 +492,9 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
         reducer.close()
         raise
     opt._hvd_finalizer = weakref.finalize(opt, _close, reducer)
+    if shard != "none":
+        from .clipping import register
+        register(opt)  # Horovod's recipe, torch.nn.utils.clip_grad_norm_, clips globally
     return opt
 
 

@@ -181,6 +181,52 @@ def test_clip_grad_norm_unsharded_is_torchs(wrap):
         opt.step()
 
 
+def train_with_torch_recipe(model, opt, steps, clip, clip_fn=None):
+    """Horovod's documented clipping recipe, torch.nn.utils.clip_grad_norm_ looked up at call
+    time (as `torch.nn.utils.clip_grad_norm_(model.parameters(), c)` is written)."""
+    norms = []
+    for step in range(steps):
+        x, y = rank_batch(world(), step)
+        model.step = step
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.synchronize()
+        norms.append(float((clip_fn or torch.nn.utils.clip_grad_norm_)(model.parameters(), clip)))
+        with opt.skip_synchronize():
+            opt.step()
+    opt.wait_parameters()
+    return norms
+
+
+@pytest.mark.parametrize("shard", ["optimizer", "gradients"])
+def test_horovods_clipping_recipe_clips_a_sharded_optimizer_by_the_global_norm(wrap, shard):
+    model, opt = make(wrap, "none", "adamw")
+    want_norms = train_with_torch_recipe(model, opt, 8, 0.05)
+    want = params(model)
+    model, opt = make(wrap, shard, "adamw")
+    norms = train_with_torch_recipe(model, opt, 8, 0.05)
+    assert min(norms) > 0.05  # every step clipped, by the whole gradient's norm
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(want_norms))
+    for a, b in zip(want, params(model)):
+        torch.testing.assert_close(b, a, **TOL)
+
+
+def test_torchs_clipping_bound_early_fails_on_a_sharded_optimizer(wrap):
+    from hpcaccel.torch import clipping
+
+    bound_before = clipping._ORIGINAL.get("clip_grad_norm_", torch.nn.utils.clip_grad_norm_)
+    model, opt = make(wrap, "optimizer")
+    with pytest.raises(RuntimeError, match=r"optimizer\.clip_grad_norm_"):
+        train_with_torch_recipe(model, opt, 1, 0.05, clip_fn=bound_before)
+    with pytest.raises(RuntimeError, match="norm_type=1"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05, norm_type=1)
+    # parameters of no sharded optimizer: torch's function, unchanged
+    plain = nn.Linear(3, 2)
+    plain(torch.ones(1, 3)).sum().backward()
+    want = torch.cat([p.grad.flatten() for p in plain.parameters()]).norm()
+    torch.testing.assert_close(torch.nn.utils.clip_grad_norm_(plain.parameters(), 1e9), want)
+
+
 def test_refusals(wrap):
     model = Net()
     with pytest.raises(ValueError, match="shard='bogus'"):
