@@ -218,11 +218,13 @@ class _DistributedMethods:
                              "call the closure before step()")
         if self._hvd_should_synchronize:
             if self._hvd_synchronized:
-                warnings.warn("optimizer.step() after optimizer.synchronize() outside "
-                              "optimizer.skip_synchronize(): step() synchronizes again (at "
-                              "least a vote of all ranks), which can slow training down. "
-                              "Wrap step() in `with optimizer.skip_synchronize():` after an "
-                              "explicit synchronize().")
+                # Horovod 0.28.1's text, word for word: scripts filter warnings on it
+                warnings.warn("optimizer.step() called without "
+                              "optimizer.skip_synchronize() context after "
+                              "optimizer.synchronize(). This can cause training "
+                              "slowdown. You may want to consider using "
+                              "optimizer.skip_synchronize() context if you use "
+                              "optimizer.synchronize() in your code.")
             self.synchronize()
         self._hvd_synchronized = False
         if reducer.sharded is not None:

@@ -171,6 +171,32 @@ def test_step_after_synchronize_warns_and_reduces_nothing_twice(wrap):
     assert_grads(model, expect)
 
 
+def test_synchronize_step_warning_is_horovods():
+    """Horovod 0.28.1's test_synchronize_step_warning, as it is: one warning, Horovod's text
+    (scripts filter warnings on it)."""
+    import torch.nn.functional as F
+    x = torch.zeros(1, 1).requires_grad_()
+    y = torch.ones(1, 1).requires_grad_()
+    model = torch.nn.Linear(1, 1)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    loss = F.mse_loss(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.synchronize()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        optimizer.step()
+    assert len(ws) == 1
+    assert str(ws[0].message) == (
+        "optimizer.step() called without optimizer.skip_synchronize() context after "
+        "optimizer.synchronize(). This can cause training slowdown. You may want to "
+        "consider using optimizer.skip_synchronize() context if you use "
+        "optimizer.synchronize() in your code.")
+
+
 class Branches(nn.Module):
     """`sometimes` is used on the ranks asked to; `never` on no rank."""
 
