@@ -33,6 +33,9 @@ PROGRESS = ("auto", "true", "false")
 TASKS = ("auto", "classify", "regress", "segment")  # or package.module:factory
 LOSSES = ("auto", "mse", "l1", "huber")
 ALLREDUCES = ("auto", "sliced", "ring", "hierarchical")
+# --lr where neither the command line nor --config sets it: each optimizer's own (AdamW's
+# step is ~lr x sign(g), so SGD's 0.05 is far too large for it and learns nothing)
+DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3, "lars": 0.05}
 
 
 def _opt(default, help, choices=None, **kw):
@@ -74,7 +77,9 @@ class TrainConfig:
     dropout: float = _opt(0.0, "dropout probability in the built-in models' heads")
     epochs: int = _opt(20, "passes over the training data")
     batch_size: int = _opt(16, "samples per rank per step (global batch = this x ranks)")
-    lr: float = _opt(0.05, "peak learning rate (scaled by --lr-ref-batch, if set)")
+    lr: Optional[float] = _opt(None, "peak learning rate (scaled by --lr-ref-batch, if set)",
+                               shown_default="--optimizer's own: " + ", ".join(
+                                   f"{name} {lr:g}" for name, lr in DEFAULT_LR.items()))
     lr_ref_batch: int = _opt(0, "linear scaling rule: peak lr = --lr x global batch / this "
                              "(Goyal et al. 2017); 0: --lr as given")
     lr_schedule: str = _opt("constant", "after warm-up: constant, cosine (to 0 at the end), or "
@@ -177,6 +182,11 @@ class TrainConfig:
                                    "forward/backward, allreduce and optimizer spans to this "
                                    "file (open in Perfetto, ui.perfetto.dev)")
 
+    def __post_init__(self):
+        # resolved here, so summary.json's config and everything downstream see the lr used
+        if self.lr is None and self.optimizer in DEFAULT_LR:
+            self.lr = DEFAULT_LR[self.optimizer]
+
     def validate(self) -> "TrainConfig":
         positive = {"epochs": self.epochs, "batch_size": self.batch_size,
                     "synthetic_samples": self.synthetic_samples,
@@ -270,7 +280,7 @@ def build_parser(prog: str = "python -m hpcaccel.train", description: str = "",
         parser.add_argument(f"--{_flag(f.name)}", dest=f.name, type=argtype, choices=choices,
                             metavar=None if choices else metavar,
                             default=argparse.SUPPRESS, help=f.metadata["help"] +
-                            f" (default: {f.default})")
+                            f" (default: {f.metadata.get('shown_default', f.default)})")
     return parser
 
 

@@ -125,8 +125,9 @@ def run(argv, control) -> dict:
     # one timeline for the reader, the reducer and the loop; its file is created in start()
     timeline = Timeline(cfg.timeline, control) if cfg.timeline else NullTimeline()
     world, reducer, model, optimizer, train_ds, test_ds, task = setup(cfg, control, timeline)
+    given = config.given_values(argv, quiet=True)[0]  # what the user set (flags, --config)
     if world.is_main:
-        for line in advice.flag_warnings(config.given_values(argv, quiet=True)[0], reducer.name):
+        for line in advice.flag_warnings(given, reducer.name):
             print(f"hpcaccel: warning: {line}", file=sys.stderr, flush=True)
     required = checkpoint.requirements(model, optimizer, reducer.state_dict(), world.size)
     claim = rundir.claim_collectively(cfg, control, model, train_ds, world.size, required,
@@ -169,7 +170,8 @@ def run(argv, control) -> dict:
              f"samples in {len(train_ds.files)} file(s), {reader.steps} steps/epoch; "
              f"task {task_phrase(task)}; model " + (
                  f"{auto_choice(train_ds.sample_shape, task.output_shape)} (auto)"
-                 if cfg.model == "auto" else cfg.model))
+                 if cfg.model == "auto" else cfg.model)
+             + f"; optimizer {optimizer_phrase(cfg, given)}")
     if staging is not None:
         log.info(f"hpcaccel: --stage-dir {cfg.stage_dir}: each host reads at most "
                  f"{staging['train_files_per_host_max']} of {len(train_ds.files)} training file(s)"
@@ -254,6 +256,17 @@ def done_phrase(task, summary: dict) -> str:
         words = name.replace("_", " ") if task.name in BUILTIN else name  # yours as you named it
         parts.append(f"test {words} " + ("n/a" if value is None else f"{value:.4f}"))
     return ", ".join(parts) or "test loss " + f"{summary['test_loss']:.4f}"
+
+
+def optimizer_phrase(cfg, given: dict) -> str:
+    """The start-up line's optimizer and peak lr, and whose lr it is where --lr was not
+    given (each optimizer has its own default: config.DEFAULT_LR)."""
+    phrase = f"{cfg.optimizer}, lr {cfg.lr:g}"
+    if "lr" not in given:
+        phrase += f" ({cfg.optimizer}'s default; --lr sets another)"
+    if cfg.lr_ref_batch:
+        phrase += f" x global batch / {cfg.lr_ref_batch}"
+    return phrase
 
 
 def compression_phrase(cfg) -> str:

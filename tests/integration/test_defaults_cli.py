@@ -1,6 +1,7 @@
 """The defaults a user sees through the CLI: --backend auto on CPU and --progress auto.
 
 Through subprocess pipes stderr is not a terminal, as in a Slurm log."""
+import json
 import os
 import re
 import shlex
@@ -33,13 +34,19 @@ def test_defaults_in_a_pipe_give_plain_epoch_lines_and_the_mpi_reducer_with_its_
     assert [l.split()[1] for l in epochs] == ["1/2", "2/2"]  # one plain line per epoch
     (start,) = [l for l in stdout.splitlines() if l.startswith(f"hpcaccel: {NP} ranks")]
     assert "backend mpi" in start and "auto: CPU training" in start
+    assert "optimizer sgd, lr 0.05 (sgd's default; --lr sets another)" in start
 
 
 def test_progress_true_still_draws_the_bar_in_a_pipe(tmp_path):
+    """(With --optimizer adamw and no --lr: AdamW's own lr, said and recorded.)"""
     r = run_bytes([sys.executable, "-m", "hpcaccel.train", "--out", str(tmp_path / "run"),
-                   "--model", "mlp", "--epochs", "1", "--progress", "true"])
+                   "--model", "mlp", "--epochs", "1", "--progress", "true",
+                   "--optimizer", "adamw"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert b"\r" in r.stderr and b"it/s" in r.stderr
+    assert "optimizer adamw, lr 0.001 (adamw's default" in r.stdout.decode()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["config"]["lr"] == 0.001 and summary["config"]["optimizer"] == "adamw"
 
 
 def in_a_terminal(command: str, timeout=300):

@@ -25,6 +25,22 @@ def test_toml_config_and_cli_override(tmp_path):
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.shuffle, cfg.model) == (5, 8, 1.0, False, "mlp")
 
 
+def test_lr_defaults_to_the_optimizers_own_unless_given(tmp_path):
+    """AdamW at SGD's 0.05 learns nothing: without --lr each optimizer takes its own."""
+    assert parse_args([]).lr == 0.05
+    assert parse_args(["--optimizer", "lars"]).lr == 0.05
+    assert parse_args(["--optimizer", "adamw"]).lr == 0.001
+    assert parse_args(["--optimizer", "adamw", "--lr", "0.05"]).lr == 0.05  # given: kept
+    f = tmp_path / "run.toml"
+    f.write_text('optimizer = "adamw"\n')
+    assert parse_args(["--config", str(f)]).lr == 0.001
+    assert parse_args(["--config", str(f), "--optimizer", "sgd"]).lr == 0.05
+    f.write_text('optimizer = "adamw"\nlr = 0.2\n')
+    assert parse_args(["--config", str(f)]).lr == 0.2
+    assert TrainConfig(optimizer="adamw").to_dict()["lr"] == 0.001  # what summary.json records
+    assert "adamw 0.001" in build_parser().format_help()
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--lr", "-1"], "--lr"),
     (["--batch-size", "0"], "--batch-size"),
