@@ -16,9 +16,11 @@ error feedback is kept per matrix). Hyperparameters (--lr, --momentum, --weight-
 may change: the optimizer keeps this start's (`load_optimizer`). Another --compression
 drops PowerSGD's error feedback, as another world size does.
 
-Cross-rank invariant: model and optimizer state are identical on every rank (same start,
-same averaged gradients), so rank 0's copy stands for all; RNG states differ per rank and
-are gathered.
+Cross-rank invariant: parameters and optimizer state are identical on every rank (same
+start, same averaged gradients), so rank 0's copy stands for all; buffers (BatchNorm's
+running statistics) are agreed by the ranks before the loop saves (buffers.py), and a
+mid-epoch checkpoint gathers each rank's own besides; RNG states differ per rank and are
+gathered.
 """
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def restore(cfg, control, world, model, optimizer, reducer, path, required) -> d
     `required` first, and restore the model, optimizer state, reducer state (PowerSGD) and
     this rank's RNG; None for a fresh start."""
     import torch
-    from . import checkpoint
+    from . import buffers, checkpoint
 
     if path is None:
         # Per-rank RNG streams (dropout, augmentation); initialisation came from rank 0.
@@ -94,7 +94,8 @@ def restore(cfg, control, world, model, optimizer, reducer, path, required) -> d
     if state.get("partial"):  # written by another world size: the epoch's sums carry over
         from .elastic import redistribute_partial
         state["partial"] = redistribute_partial(state["partial"], world.size)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["model"])  # buffers: the ones the ranks agreed on
+    buffers.restore_own(model, state.get("buffers"), world.rank, world.size)  # mid-epoch
     checkpoint.load_optimizer(optimizer, state["optimizer"])
     checkpoint.restore_rank_state(state, reducer, world.rank, world.size,
                                   reseed=cfg.seed * 1_000_003 + 1 + world.rank)
@@ -214,6 +215,7 @@ def run(argv, control) -> dict:
                **({"resized_from_world_size": plan.from_world_size}
                   if plan is not None and plan.resized else {}),
                "wall_seconds": time.perf_counter() - t_start, "config": cfg.to_dict()}
+    trainer.buffers.agree()  # (agreed at the last epoch's end already: nothing to send)
     log.model(model.state_dict())
     log.summary(summary)
     log.info("done: " + (done_phrase(task, summary) if test_ds is not None else

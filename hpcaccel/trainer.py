@@ -20,6 +20,7 @@ import torch
 from . import device as devices
 from . import optim, tasks
 from .augment import augment, generator
+from .buffers import RankBuffers
 from .data import COUNTERS, eval_batches
 from .errors import Diverged
 from .metrics import NullProgress, NullRunLog
@@ -96,6 +97,9 @@ class Trainer:
         self.trainable = [p for g in optimizer.param_groups for p in g["params"]]
         self.timers = {"compute": 0.0, "comm_wait": 0.0}
         self.zero = self.task.zero_sums(self.device)  # the shapes of the task's statistics
+        # BatchNorm statistics: each rank's own while training, agreed before evaluating
+        # and saving (buffers.py), so what is reported is what is saved
+        self.buffers = RankBuffers(model, control)
 
     def train_step(self, x, y, epoch: int = 0) -> tuple[float, dict] | None:
         """One optimizer step: (loss, the task's sums over the batch); None if it was
@@ -107,6 +111,7 @@ class Trainer:
                         generator(self.cfg.seed, epoch, self.control.rank, self.step))
         self.reducer.zero_grad()
         loss, sums = self.forward_backward(x, y)  # allreduces start in the last backward
+        self.buffers.trained()  # this rank's running statistics moved with its own samples
         t1 = time.perf_counter()
         self.reducer.synchronize()  # exposed communication: what backward did not hide
         t2 = time.perf_counter()
@@ -270,6 +275,9 @@ class Trainer:
                 "epoch_seconds": seconds,
                 "samples_per_second": (steps - first) * cfg.batch_size * self.control.size / seconds}
         self.reducer.wait_parameters()
+        # at every epoch's end (not only with a test set): the evaluated model, the
+        # checkpoint below and model.pt are one, and a resumed run agrees at the same steps
+        self.buffers.agree()
         if self.test_ds is not None:
             self.watchdog.beat(self.step, "evaluation")
             with self.timeline.span("evaluate", epoch=epoch + 1):
@@ -288,19 +296,21 @@ class Trainer:
         return last
 
     def checkpoint(self, epoch: int, step_in_epoch: int, partial, last: dict) -> str | None:
-        """Collective (checkpoint.save_collectively): every rank's RNG state, partial epoch
-        sums and reducer state (PowerSGD's residuals differ per rank); rank 0 writes while
-        the others wait idly. The path on rank 0, else None."""
+        """Collective (checkpoint.save_collectively): the model with the agreed buffers,
+        every rank's RNG state, partial epoch sums, reducer state (PowerSGD's residuals
+        differ per rank) and, mid-epoch, its own buffers; rank 0 writes while the others
+        wait idly. The path on rank 0, else None."""
         from . import checkpoint
 
         loss_sum, totals = partial
         self.last_checkpoint = time.monotonic()  # on every rank: the save is collective
-        with self.reducer.full_optimizer_state():  # sharded: gathered, saved unsharded
+        # sharded: the optimizer state gathered, saved unsharded
+        with self.reducer.full_optimizer_state(), self.buffers.saving() as own_buffers:
             return checkpoint.save_collectively(
                 self.control, self.cfg.out, self.cfg.keep_checkpoints, self.model,
                 self.optimizer, epoch, step_in_epoch, self.step,
                 per_rank={"partial": [loss_sum, tasks.flatten(totals).tolist()],
-                          "reducer": self.reducer.state_dict()},
+                          "reducer": self.reducer.state_dict(), "buffers": own_buffers},
                 extra={"last_record": last})
 
     def _results(self, last: dict, train_seconds: float, steps_run: int) -> dict:

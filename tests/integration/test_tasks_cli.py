@@ -3,8 +3,10 @@ of linear data (two outputs), a task of the test's own, segmentation with the bu
 per-pixel model, the built-in diabetes data, requeue of a regression bit for bit, and a
 model whose output does not fit the task as one line with exit 2."""
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -28,6 +30,13 @@ def linear(input_shape, output_shape):
     """One linear layer: its weights are the regression's."""
     return torch.nn.Sequential(torch.nn.Flatten(),
                                torch.nn.Linear(math.prod(input_shape), math.prod(output_shape)))
+
+
+def normalised(input_shape, output_shape):
+    """An MLP with BatchNorm: running statistics each rank updates from its own samples."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(input_shape), 64),
+                               torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
+                               torch.nn.Linear(64, math.prod(output_shape)))
 
 
 def classifier(input_shape, output_shape):
@@ -118,6 +127,34 @@ def test_segmentation_with_the_built_in_per_pixel_model(tmp_path):
     summary = summary_of(out)
     assert summary["test_pixel_accuracy"] > 0.75 and summary["test_mean_iou"] > 0.55, summary
     assert len(summary["test_iou_per_class"]) == 3
+    # the metrics reported are model.pt's (fcn has BatchNorm: its running statistics are
+    # agreed across ranks before evaluating and saving), evaluated here by one process
+    alone = evaluated_alone(out / "model.pt", str(tmp_path / "seg.h5"), "fcn")
+    assert alone["mean_iou"] == summary["test_mean_iou"]
+    assert alone["pixel_accuracy"] == summary["test_pixel_accuracy"]
+    assert alone["loss"] == pytest.approx(summary["test_loss"], rel=1e-6, abs=0)
+
+
+def evaluated_alone(model_path, test_path, model_name) -> dict:
+    """The test metrics of a saved model evaluated by one process of its own (MPI stays out
+    of the test process: tests/integration/conftest.py)."""
+    code = f"""
+import json, torch
+from mpi4py import MPI
+from hpcaccel import tasks
+from hpcaccel.control import ControlPlane
+from hpcaccel.data import open_dataset
+from hpcaccel.models import build_model
+from hpcaccel.trainer import evaluate
+ds = open_dataset({str(test_path)!r})
+task = tasks.resolve("auto", ds.target, "--test-data")
+model = build_model({model_name!r}, ds.sample_shape, task.output_shape)
+model.load_state_dict(torch.load({str(model_path)!r}, weights_only=True))
+print(json.dumps(evaluate(model, ds, ControlPlane(MPI.COMM_SELF), 256, task=task)))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.splitlines()[-1])
 
 
 def test_built_in_diabetes_regression(tmp_path):
@@ -142,8 +179,9 @@ def test_a_model_whose_output_does_not_fit_is_one_line(tmp_path, own):
     assert not (tmp_path / "run" / "run.json").exists()
 
 
-def run_until_signalled(cmd, after_line="epoch 1/", timeout=240):
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def run_until_signalled(cmd, after_line="epoch 1/", timeout=240, env=None):
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
     lines, deadline = [], time.time() + timeout
     for line in proc.stdout:
         lines.append(line)
@@ -155,19 +193,22 @@ def run_until_signalled(cmd, after_line="epoch 1/", timeout=240):
     return proc.returncode, "".join(lines) + out
 
 
-def test_requeued_regression_equals_an_uninterrupted_run(tmp_path):
+def test_requeued_regression_equals_an_uninterrupted_run(tmp_path, own):
+    """With BatchNorm: the checkpoint cut mid-epoch keeps each rank's own running
+    statistics, so the requeued run's evaluations are the uninterrupted run's too."""
     train = linear_data(tmp_path, 4096, 1, "train.h5", noise=0.5, features=16)
     test = linear_data(tmp_path, 256, 2, "test.h5", noise=0.5, features=16)
-    args = ["-m", "hpcaccel.train", "--data", train, "--test-data", test, "--model", "mlp",
-            "--epochs", "4", "--lr", "0.01", "--progress", "false"]
+    args = ["-m", "hpcaccel.train", "--data", train, "--test-data", test, "--model",
+            "own_code:normalised", "--epochs", "4", "--lr", "0.01", "--progress", "false"]
     full, part = tmp_path / "full", tmp_path / "part"
+    env = {**os.environ, **own}
     r = subprocess.run(mpirun_command(2, *args, "--out", str(full)), capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    rc, out = run_until_signalled(mpirun_command(2, *args, "--out", str(part)))
+    rc, out = run_until_signalled(mpirun_command(2, *args, "--out", str(part)), env=env)
     assert rc == 3, out[-3000:]  # checkpointed mid-run: requeue
     r = subprocess.run(mpirun_command(2, *args, "--out", str(part), "--resume", "auto"),
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming from" in r.stdout
     assert_same_model(part / "model.pt", full / "model.pt")

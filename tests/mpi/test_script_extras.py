@@ -218,6 +218,28 @@ def test_job_refuses_another_models_output_directory(tmp_path_factory, capsys):
     assert ("different model" in err) == (hvd.rank() == 0), err
 
 
+def test_the_documented_buffer_agreement_gives_every_rank_one_model():
+    """docs/scripts.md's agree_buffers, run as the docs show it."""
+    import re
+    text = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "scripts.md")).read()
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def agree_buffers" in b]
+    scope = {"hvd": hvd}
+    exec(code, scope)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    rank, size = hvd.rank(), hvd.size()
+    model(torch.randn(4, 2) + rank)  # a training forward on this rank's own samples
+    mine = [b.clone() for b in model.buffers()]
+    scope["agree_buffers"](model)
+    every = all_ranks([b.clone() for b in model.buffers()])
+    for i, b in enumerate(model.buffers()):
+        assert all(torch.equal(r[i], every[0][i]) for r in every)
+    means = all_ranks(mine)
+    torch.testing.assert_close(model[1].running_mean, sum(m[0] for m in means) / size)
+    torch.testing.assert_close(model[1].running_var, sum(m[1] for m in means) / size)
+    assert int(model[1].num_batches_tracked) == 1
+
+
 def test_save_before_resume_is_refused(tmp_path_factory):
     model, opt = model_and_optimizer()
     with hvd.Job(shared_dir(tmp_path_factory, "early"), model, opt, epochs=1) as job:
