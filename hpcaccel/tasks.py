@@ -304,6 +304,62 @@ def from_factory(spec: str, target: Target) -> Task:
     return Custom(attr, loss, metrics, shape)
 
 
+# -- a factory's task against a batch, before training ------------------------------------
+def check_on_batch(task: Task, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   spec: str) -> None:
+    """--task `spec` (a factory's) on the first batch of --data, before training: its loss
+    must run on the model's output and y and be a scalar autograd flows from, and every
+    statistic of `sums` must keep one shape whatever the batch size (a sum over the batch).
+    UsageError, one line, otherwise; found here, each would fail every rank mid-training.
+    The model runs in evaluation mode (no BatchNorm statistics or dropout draws change)."""
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x).float()
+    finally:
+        model.train(was_training)
+    shapes = f"out {_shape(out)}, y {_shape(y)} {str(y.dtype).replace('torch.', '')}"
+    try:
+        loss = task.loss(out, y)
+    except Exception as e:  # noqa: BLE001 - the user's code: any error is bad input
+        raise UsageError(f"--task {spec}: the loss fails on the first batch of --data "
+                         f"({shapes}; out is shaped by the factory's output_shape): "
+                         f"{_error(e)}") from None
+    if not torch.is_tensor(loss) or loss.numel() != 1 or not loss.is_floating_point():
+        got = f"shape {_shape(loss)}" if torch.is_tensor(loss) else type(loss).__name__
+        raise UsageError(f"--task {spec}: the loss must return the batch's mean loss, a "
+                         f"floating-point scalar tensor; on the first batch ({shapes}) it "
+                         f"returned {got}")
+    if any(p.requires_grad for p in model.parameters()) and not loss.requires_grad:
+        raise UsageError(f"--task {spec}: the loss does not depend on the model's output "
+                         f"(no gradient flows from it); compute it from `out`")
+    try:
+        sums = task.sums(out.detach(), y)
+        one = task.zero_sums(device)  # the shapes for a batch of one sample
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"--task {spec}: a metric fails on the first batch of --data "
+                         f"({shapes}): {_error(e)}") from None
+    for name, value in sums.items():
+        shape = tuple(torch.as_tensor(value).shape)
+        if name in one and shape != tuple(one[name].shape):
+            raise UsageError(
+                f"--task {spec}: metric {name} returned shape {shape} for a batch of {len(y)} "
+                f"and {tuple(one[name].shape)} for one sample; a metric returns the sum over "
+                f"the batch of a per-sample quantity, of one shape whatever the batch "
+                f"(e.g. .sum() or .sum(0))")
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape)
+
+
+def _error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
 # -- totals across batches and ranks -------------------------------------------------------
 def flatten(sums: dict) -> np.ndarray:
     """The statistics as one float64 vector (for an allreduce or a checkpoint)."""

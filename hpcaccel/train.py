@@ -73,6 +73,9 @@ def setup(cfg, control, timeline):
         if world.is_main:
             print(f"hpcaccel: --freeze: {len(frozen)} parameter tensors frozen", flush=True)
     model.to(dev)
+    if ":" in cfg.task:  # a factory's loss and metrics meet a batch before training does
+        x, y = collectively(data.first_batch, train_ds, cfg.batch_size)
+        collectively(tasks.check_on_batch, task, model, x, y, cfg.task)
     optimizer = make_optimizer(cfg, model)
     reducer.broadcast_parameters(model)  # all ranks start from rank 0's initialisation
     reducer.attach(model, optimizer)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .files import COUNTERS
 from .hdf5 import H5Dataset, Target, open_dataset, scan, write_blocks, write_file, write_index
-from .reader import RankReader, eval_batches
+from .reader import RankReader, eval_batches, first_batch
 from .sources import BUILTINS, pack_builtin
 
 
@@ -73,5 +73,6 @@ def raise_mismatch(train: H5Dataset, test: H5Dataset):
                      f"({train.sample_shape} / {train.target.describe()})")
 
 
-__all__ = ["COUNTERS", "H5Dataset", "RankReader", "eval_batches", "open_dataset", "scan",
-           "write_blocks", "write_file", "write_index", "resolve", "require_samples", "BUILTINS"]
+__all__ = ["COUNTERS", "H5Dataset", "RankReader", "eval_batches", "first_batch", "open_dataset",
+           "scan", "write_blocks", "write_file", "write_index", "resolve", "require_samples",
+           "BUILTINS"]

@@ -157,3 +157,14 @@ def eval_batches(ds: H5Dataset, rank: int, world: int, batch: int,
             yield torch.from_numpy(x), torch.from_numpy(y)
     finally:
         files.close()
+
+
+def first_batch(ds: H5Dataset, n: int, flag: str = "--data") -> tuple[torch.Tensor, torch.Tensor]:
+    """The dataset's first n samples (fewer if it holds fewer) as (x, y) tensors: what a
+    check before training runs on; opens the first file only."""
+    files = Handles(ds.files, ds.lengths, 1, flag)
+    try:
+        x, y = files.read([(0, min(n, ds.samples))])
+    finally:
+        files.close()
+    return torch.from_numpy(x), torch.from_numpy(y)

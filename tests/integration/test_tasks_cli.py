@@ -39,6 +39,13 @@ def normalised(input_shape, output_shape):
                                torch.nn.Linear(64, math.prod(output_shape)))
 
 
+def unsummed(target):
+    """A metric per sample, never summed over the batch: fails the first-batch check."""
+    def loss(out, y):
+        return (out - y).abs().mean()
+    return loss, {"error": lambda out, y: (out - y).abs().sum(1)}
+
+
 def classifier(input_shape, output_shape):
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(input_shape), 10))
 
@@ -177,6 +184,21 @@ def test_a_model_whose_output_does_not_fit_is_one_line(tmp_path, own):
     assert errors == ["hpcaccel: error: --model own_code:classifier: outputs shaped (10,) per "
                       "sample, the task needs (2,)"], r.stderr[-2000:]
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_a_task_whose_metric_is_not_summed_is_one_line_before_training(tmp_path, own):
+    """(Each way a factory's task can fail the first-batch check: tests/unit/test_tasks.py.)"""
+    data = linear_data(tmp_path, 64, 1, "train.h5")
+    r = train_cli(2, "--data", data, "--out", str(tmp_path / "run"), "--task",
+                  "own_code:unsummed", "--model", "mlp", "--batch-size", "8", env=own,
+                  timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    errors = [l for l in r.stderr.splitlines() if l.startswith("hpcaccel:")]
+    assert errors == ["hpcaccel: error: --task own_code:unsummed: metric error returned shape "
+                      "(8,) for a batch of 8 and (1,) for one sample; a metric returns the sum "
+                      "over the batch of a per-sample quantity, of one shape whatever the "
+                      "batch (e.g. .sum() or .sum(0))"], r.stderr[-2000:]
 
 
 def run_until_signalled(cmd, after_line="epoch 1/", timeout=240, env=None):

@@ -163,6 +163,86 @@ def test_a_factory_of_our_own(monkeypatch):
         assert needle in str(e.value)
 
 
+def _factory(loss, metrics, shape):
+    return lambda target: (loss, metrics, shape)
+
+
+@pytest.mark.parametrize("made,needle", [
+    (_factory(lambda out, y: (out.reshape(y.shape) - y).abs().mean(), {}, (3,)),
+     "the loss fails on the first batch of --data (out (4, 3), y (4,) float32; out is shaped "
+     "by the factory's output_shape): RuntimeError: shape '[4]' is invalid"),
+    (_factory(lambda out, y: (out.squeeze(1) - y).abs(), {}, (1,)),
+     "the loss must return the batch's mean loss, a floating-point scalar tensor; on the "
+     "first batch (out (4, 1), y (4,) float32) it returned shape (4,)"),
+    (_factory(lambda out, y: (out.squeeze(1) - y).abs().mean().item(), {}, (1,)),
+     "it returned float"),
+    (_factory(lambda out, y: y.mean(), {}, (1,)), "the loss does not depend on the model's output"),
+    (_factory(lambda out, y: (out.squeeze(1) - y).abs().mean(),
+              {"error": lambda out, y: (out.squeeze(1) - y).abs()}, (1,)),
+     "metric error returned shape (4,) for a batch of 4 and (1,) for one sample; a metric "
+     "returns the sum over the batch"),
+    (_factory(lambda out, y: (out.squeeze(1) - y).abs().mean(),
+              {"broken": lambda out, y: out.nope}, (1,)),
+     "a metric fails on the first batch of --data (out (4, 1), y (4,) float32): "
+     "AttributeError"),
+], ids=["output-shape-misfits-y", "loss-per-sample", "loss-a-float", "loss-without-gradient",
+        "metric-per-sample", "metric-raises"])
+def test_a_factorys_task_is_checked_on_the_first_batch(monkeypatch, made, needle):
+    """What would fail every rank mid-training is one line before it."""
+    monkeypatch.setitem(sys.modules, "mine", types.SimpleNamespace(task=made))
+    target = Target((), "float32", 0)
+    task = tasks.resolve("mine:task", target, "--data d")
+    torch.manual_seed(0)
+    model = build_model("mlp", (5,), task.output_shape)
+    x, y = torch.randn(4, 5), torch.randn(4)
+    with pytest.raises(UsageError) as e:
+        tasks.check_on_batch(task, model, x, y, "mine:task")
+    assert str(e.value).startswith("--task mine:task: ") and needle in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_fitting_factory_passes_the_check_and_changes_nothing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mine", types.SimpleNamespace(task=_factory(
+        lambda out, y: (out.squeeze(1) - y).abs().mean(),
+        {"hit": lambda out, y: ((out.squeeze(1) - y).abs() < 0.5).sum()}, (1,))))
+    task = tasks.resolve("mine:task", Target((), "float32", 0), "--data d")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(4, 5), torch.randn(4)
+    rng = torch.get_rng_state()  # dropout draws nothing: the run's stream is untouched
+    tasks.check_on_batch(task, model, x, y, "mine:task")
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def documented_task_code() -> str:
+    """docs/training.md's own task (mytasks.py), as the docs show it."""
+    import os
+    import re
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "training.md")
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", open(path).read(), re.S)
+               if "# mytasks.py" in b]
+    return code
+
+
+def test_the_documented_task_counts_samples_within_10_percent(monkeypatch):
+    """The docs' within_10pct: per sample, as documented (a sample counts once, whatever
+    y's shape), and it passes the first-batch check."""
+    module = types.ModuleType("mytasks")
+    exec(documented_task_code(), module.__dict__)
+    monkeypatch.setitem(sys.modules, "mytasks", module)
+    target = Target((3,), "float32", 0)
+    task = tasks.resolve("mytasks:within_10pct", target, "--data d")
+    y = torch.tensor([[1.0, 2.0, 4.0], [1.0, 2.0, 4.0]])
+    out = torch.tensor([[1.05, 2.1, 3.9], [1.05, 2.5, 4.0]])  # all within; one of three
+    assert task.metrics(means_over(task, [(out, y)])) == {"within_10pct": 0.5}
+    torch.manual_seed(0)
+    tasks.check_on_batch(task, build_model("mlp", (2,), task.output_shape), torch.randn(2, 2), y,
+                         "mytasks:within_10pct")
+
+
 @pytest.mark.parametrize("model", ["mlp", "cnn", "resnet", "auto"])
 @pytest.mark.parametrize("output", [(10,), (3,), (2, 4), (3, 8, 8)])
 def test_built_in_models_fit_every_output_shape(model, output):
