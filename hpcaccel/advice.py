@@ -20,6 +20,16 @@ def flag_warnings(given: dict, backend: str) -> list[str]:
     return lines
 
 
+def task_warnings(task: str, target, where: str) -> list[str]:
+    """`task`: the task's name; `target`: what y holds (data.Target); `where`: "--data PATH"."""
+    if task == "regress" and target.integer:
+        fits = "segment" if target.shape else "classify"
+        return [f"--task regress on {where}: y holds {target.describe()}; regression treats "
+                f"the label numbers as quantities (class 7 as more than class 3), which rarely "
+                f"learns and can diverge; --task {fits} (or auto) learns the classes"]
+    return []
+
+
 def merge_stats(per_rank: list[dict]) -> dict:
     """The data scan's per-rank statistics (hdf5.scan) as one: the smallest label over all
     ranks, float targets' count, sum and sum of squares added up, x's from the first rank

@@ -10,7 +10,8 @@ written atomically by rank 0, and the newest K are kept (never deleting the one 
 What a start must match to continue a checkpoint (`Requirements`, checked by `header` and
 `load` before anything is loaded): the model (parameter names and shapes), the optimizer
 (`--optimizer`: its state, momentum buffers or Adam moments, means nothing to another), the
-trainable parameters (`--freeze`: the optimizer's parameter groups), and, where both
+task and its loss (`--task`, `--loss`: train_loss and the metrics must not change meaning
+mid-run), the trainable parameters (`--freeze`: the optimizer's parameter groups), and, where both
 compress with PowerSGD at the same world size, the matrices it compresses (the per-rank
 error feedback is kept per matrix). Hyperparameters (--lr, --momentum, --weight-decay, ...)
 may change: the optimizer keeps this start's (`load_optimizer`). Another --compression
@@ -65,15 +66,25 @@ class Requirements:
     group_sizes: tuple | None = None   # trainable tensors per optimizer parameter group
     powersgd: tuple | None = None      # (rank, keys of the matrices it compresses)
     world_size: int | None = None
+    task: str | None = None            # the task's name (--task auto resolved)
+    loss: str | None = None            # its loss (--loss; cross-entropy for classifiers)
 
 
-def requirements(model, optimizer, reducer_state: dict, world_size: int) -> Requirements:
+def requirements(model, optimizer, reducer_state: dict, world_size: int,
+                 task=None) -> Requirements:
     """This start's requirements: `reducer_state` is the attached reducer's state_dict()
-    (PowerSGD's, where it compresses, lists the matrices by key)."""
+    (PowerSGD's, where it compresses, lists the matrices by key); `task`: the tasks.Task
+    trained (None: not checked, as for a script's Job)."""
     psgd = (reducer_state or {}).get("powersgd")
     return Requirements(
         fingerprint(model), optimizer_name(optimizer), _group_sizes(optimizer.state_dict()),
-        (psgd["rank"], frozenset(psgd["params"])) if psgd else None, world_size)
+        (psgd["rank"], frozenset(psgd["params"])) if psgd else None, world_size,
+        task.name if task is not None else None, task.loss_name if task is not None else None)
+
+
+def task_fields(task) -> dict:
+    """What a checkpoint records of the task trained, for `Requirements` to check."""
+    return {"task": task.name, "loss": task.loss_name}
 
 
 def _group_sizes(optimizer_state: dict) -> tuple:
@@ -221,7 +232,18 @@ def _check(state, path: str, required: Requirements | None) -> None:
 
 def _cannot_continue(state, path: str, required: Requirements) -> str | None:
     """Why this start cannot continue the checkpoint's training state; None if it can.
-    (Checkpoints written before the optimizer's name was recorded are not checked for it.)"""
+    (Checkpoints written before the optimizer's name, the task or the loss was recorded are
+    not checked for it.)"""
+    again = (f"or start a new run from its weights (--init-from {path}, in a new --out)")
+    task = state.get("task")
+    if required.task and task and task != required.task:
+        return (f"--task {required.task}: the checkpoint {path} was trained with --task {task}; "
+                f"continue with --task {task}, {again}")
+    loss = state.get("loss")
+    if required.loss and loss and loss != required.loss:
+        return (f"--loss {required.loss}: the checkpoint {path} was trained with --loss {loss}, "
+                f"and train_loss and test_loss would change meaning mid-run; continue with "
+                f"--loss {loss}, {again}")
     theirs = state.get("optimizer_name")
     if required.optimizer and theirs and theirs != required.optimizer:
         return (f"--optimizer {required.optimizer}: the checkpoint {path} was trained with "

@@ -49,6 +49,10 @@ class Task:
     """(metric, label) pairs the per-epoch line and the final line show, e.g. ("r2", "r2")."""
     target: Target = Target()
     """What y holds (set by `resolve`)."""
+    loss_name: str | None = None
+    """The loss as --loss names it (cross-entropy for classify and segment); None for a
+    factory's, which its task name identifies. A checkpoint records it: train_loss must not
+    change meaning mid-run (checkpoint.Requirements)."""
     chosen_by_auto = False
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -88,6 +92,7 @@ class Task:
 class Classify(Task):
     name = "classify"
     headline = (("accuracy", "acc"),)
+    loss_name = "cross-entropy"
 
     def __init__(self, classes: int, label_smoothing: float = 0.0):
         self.classes, self.label_smoothing = int(classes), float(label_smoothing)
@@ -151,6 +156,7 @@ class Regress(Task):
 class Segment(Task):
     name = "segment"
     headline = (("pixel_accuracy", "pixel acc"), ("mean_iou", "miou"))
+    loss_name = "cross-entropy"
 
     def __init__(self, classes: int, target_shape, label_smoothing: float = 0.0):
         self.classes, self.label_smoothing = int(classes), float(label_smoothing)

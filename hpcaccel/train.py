@@ -131,9 +131,10 @@ def run(argv, control) -> dict:
     world, reducer, model, optimizer, train_ds, test_ds, task = setup(cfg, control, timeline)
     given = config.given_values(argv, quiet=True)[0]  # what the user set (flags, --config)
     if world.is_main:
-        for line in advice.flag_warnings(given, reducer.name):
+        for line in (advice.flag_warnings(given, reducer.name)
+                     + advice.task_warnings(task.name, train_ds.target, f"--data {cfg.data}")):
             print(f"hpcaccel: warning: {line}", file=sys.stderr, flush=True)
-    required = checkpoint.requirements(model, optimizer, reducer.state_dict(), world.size)
+    required = checkpoint.requirements(model, optimizer, reducer.state_dict(), world.size, task)
     claim = rundir.claim_collectively(cfg, control, model, train_ds, world.size, required,
                                       info=print if world.is_main else lambda line: None,
                                       task=task.name)

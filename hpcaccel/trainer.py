@@ -311,7 +311,7 @@ class Trainer:
                 self.optimizer, epoch, step_in_epoch, self.step,
                 per_rank={"partial": [loss_sum, tasks.flatten(totals).tolist()],
                           "reducer": self.reducer.state_dict(), "buffers": own_buffers},
-                extra={"last_record": last})
+                extra={"last_record": last, **checkpoint.task_fields(self.task)})
 
     def _results(self, last: dict, train_seconds: float, steps_run: int) -> dict:
         samples = steps_run * self.cfg.batch_size * self.control.size

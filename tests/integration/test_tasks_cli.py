@@ -201,6 +201,27 @@ def test_a_task_whose_metric_is_not_summed_is_one_line_before_training(tmp_path,
                       "batch (e.g. .sum() or .sum(0))"], r.stderr[-2000:]
 
 
+def test_regress_on_class_labels_warns_and_a_resume_keeps_the_loss(tmp_path):
+    """--task regress on digits' labels: one warning from rank 0. Continuing the run with
+    another --loss would change what train_loss means mid-file: refused in one line."""
+    out = tmp_path / "run"
+    r = train_cli(2, "--task", "regress", "--model", "mlp", "--epochs", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [l for l in r.stderr.splitlines() if l.startswith("hpcaccel: warning:")]
+    assert warnings == ["hpcaccel: warning: --task regress on --data digits: y holds class "
+                        "labels, 10 classes; regression treats the label numbers as quantities "
+                        "(class 7 as more than class 3), which rarely learns and can diverge; "
+                        "--task classify (or auto) learns the classes"], r.stderr[-2000:]
+    r = train_cli(2, "--task", "regress", "--model", "mlp", "--epochs", "2", "--out", str(out),
+                  "--resume", "auto", "--loss", "l1", timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [l for l in r.stderr.splitlines() if l.startswith("hpcaccel: error:")]
+    assert len(errors) == 1 and errors[0].startswith("hpcaccel: error: --loss l1: the checkpoint "
+                                                     ), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert "was trained with --loss mse" in errors[0]
+
+
 def run_until_signalled(cmd, after_line="epoch 1/", timeout=240, env=None):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)

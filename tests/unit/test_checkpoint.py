@@ -4,7 +4,8 @@ before anything is loaded; and what may change (hyperparameters). One process, r
 import pytest
 import torch
 
-from hpcaccel import checkpoint, optim
+from hpcaccel import checkpoint, optim, tasks
+from hpcaccel.data import Target
 from hpcaccel.errors import UsageError
 
 
@@ -44,6 +45,29 @@ def test_another_optimizer_is_refused_before_loading_naming_both(tmp_path, their
         assert "\n" not in str(e.value)
     state = checkpoint.load(path, requirements(model, trained(theirs, mlp())))  # the same: fine
     assert state["optimizer_name"] == theirs
+
+
+def test_another_loss_or_task_is_refused_naming_both(tmp_path):
+    """train_loss (and the metrics) must not change meaning in the middle of a run."""
+    model = mlp()
+    opt = trained("sgd", model)
+    floats = Target((4,), "float32", 0)
+    mse = tasks.Regress((4,), "mse")
+    state = checkpoint.build(model, opt, 1, 0, 8, [], checkpoint.task_fields(mse))
+    path = checkpoint.save(str(tmp_path), state, keep=2)
+    for check in (checkpoint.header, checkpoint.load):
+        with pytest.raises(UsageError) as e:
+            check(path, checkpoint.requirements(model, opt, {}, 2, tasks.Regress((4,), "l1")))
+        assert str(e.value) == (
+            f"--loss l1: the checkpoint {path} was trained with --loss mse, and train_loss and "
+            f"test_loss would change meaning mid-run; continue with --loss mse, or start a new "
+            f"run from its weights (--init-from {path}, in a new --out)")
+    with pytest.raises(UsageError, match=rf"^--task classify: the checkpoint {path} was trained "
+                                         rf"with --task regress; continue with --task regress"):
+        checkpoint.header(path, checkpoint.requirements(model, opt, {}, 2, tasks.Classify(4)))
+    checkpoint.header(path, checkpoint.requirements(model, opt, {}, 2, mse))  # the same: fine
+    checkpoint.header(path, checkpoint.requirements(model, opt, {}, 2))  # a script's: unchecked
+    assert floats.kind == "float targets"
 
 
 def test_other_frozen_parameters_are_refused_naming_freeze(tmp_path):
