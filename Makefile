@@ -2,13 +2,14 @@
 #   make train   set up, then train on the embedded digits dataset with 8 MPI ranks
 #                (a new run each time: the previous one moves to runs/digits/previous/)
 #   make test    set up (with test tools), then run every test: 1 process, 2 and 4 ranks
+# and the quick loop while editing: make test-quick (unit tests and 2-rank smokes, minutes)
 PY      := .venv/bin/python
 NP      ?= 8
 ARGS    ?=
 TIMEOUT := timeout --signal=TERM --kill-after=30
 
 .PHONY: setup setup-test train test test-unit test-mpi test-slurm test-bench-smoke bench clean \
-        test-python-min test-hosts
+        test-python-min test-hosts test-quick test-quick-unit test-quick-mpi test-quick-train
 
 setup:
 	@bash scripts/setup.sh train
@@ -19,30 +20,55 @@ setup-test:
 train: setup
 	bash scripts/mpirun.sh $(NP) $(PY) -m hpcaccel.train --out runs/digits --overwrite true $(ARGS)
 
-# test-slurm and test-hosts share one munged: they run one after the other, never together.
-test: setup-test
-	@$(MAKE) --no-print-directory test-unit test-python-min test-mpi test-bench-smoke \
-	  test-slurm test-hosts test-user-setup
+# make test: the stages below in turn, each timed (scripts/test_stages.sh); every stage runs
+# even after one fails, and the end prints the stage times and the 15 slowest tests (also in
+# build/test-reports/summary.txt). test-slurm and test-hosts share one munged: they run one
+# after the other, never together. docs/testing.md: what each stage checks and costs.
+TEST_STAGES := setup-test test-unit test-python-min test-mpi test-bench-smoke test-slurm \
+               test-hosts test-user-setup
+test:
+	@bash scripts/test_stages.sh $(TEST_STAGES)
+
+# The edit-test loop (a few minutes): the unit tests, then 2-rank smokes of the reducer, the
+# script API and a training run (tests marked `quick`). make test is the full suite.
+test-quick: setup-test
+	@bash scripts/test_stages.sh test-quick-unit test-quick-mpi test-quick-train
+test-quick-unit:
+	$(TIMEOUT) 600 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) tests/unit $(call JUNIT,quick-unit)
+test-quick-mpi:
+	HPCACCEL_TEST_REPORT_NAME=quick-mpi $(TIMEOUT) 300 bash scripts/mpirun.sh 2 \
+	  bash scripts/pytest_rank.sh -m quick tests/mpi
+test-quick-train:
+	$(TIMEOUT) 300 $(PY) -m pytest -q -p no:cacheprovider -m quick tests/integration $(call JUNIT,quick-train)
+
+# JUnit XML for make test's report, where scripts/test_stages.sh asked for it.
+JUNIT = $(if $(HPCACCEL_TEST_REPORTS),--junitxml=$(HPCACCEL_TEST_REPORTS)/$(1).xml)
+# Single-process tests in parallel, one worker per core (pytest-xdist), tests handed out one
+# by one (a module fixture, a run several tests read, is made at most once per worker).
+TEST_WORKERS ?= auto
 
 test-unit:
-	$(TIMEOUT) 3600 $(PY) -m pytest -q -p no:cacheprovider tests/unit tests/integration
+	$(TIMEOUT) 3600 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) \
+	  tests/unit tests/integration $(call JUNIT,unit-integration)
 
 # Each MPI rank runs pytest; rank 0 reports, other ranks' output goes to build/test-logs.
+MPI_NP ?= 2 4
 test-mpi:
-	@for np in 2 4; do \
+	@for np in $(MPI_NP); do \
 	  echo "== MPI tests at $$np ranks"; \
-	  $(TIMEOUT) 900 bash scripts/mpirun.sh $$np bash scripts/pytest_rank.sh tests/mpi || exit 1; \
+	  HPCACCEL_TEST_REPORT_NAME=mpi $(TIMEOUT) 900 bash scripts/mpirun.sh $$np \
+	    bash scripts/pytest_rank.sh tests/mpi || exit 1; \
 	done
 
 # Templates as real Slurm jobs on a one-node cluster that scripts/slurm_cluster.sh starts
 # (installs slurm-wlm and munge if missing; needs root, skipped otherwise). A few minutes.
 test-slurm:
-	$(TIMEOUT) 900 $(PY) -m pytest -q -p no:cacheprovider tests/slurm
+	$(TIMEOUT) 900 $(PY) -m pytest -q -p no:cacheprovider tests/slurm $(call JUNIT,slurm)
 
 # The benchmarks at tiny sizes, 2 ranks: they keep working (numbers not recorded).
 test-bench-smoke:
-	HPCACCEL_BENCH_SMOKE=1 HPCACCEL_BENCH_OUT=build/bench-smoke $(TIMEOUT) 600 \
-	  bash scripts/mpirun.sh 2 bash scripts/pytest_rank.sh benchmarks
+	HPCACCEL_BENCH_SMOKE=1 HPCACCEL_BENCH_OUT=build/bench-smoke HPCACCEL_TEST_REPORT_NAME=bench \
+	  $(TIMEOUT) 600 bash scripts/mpirun.sh 2 bash scripts/pytest_rank.sh benchmarks
 	HPCACCEL_BENCH_SMOKE=1 HPCACCEL_BENCH_OUT=build/bench-smoke $(TIMEOUT) 600 \
 	  $(PY) benchmarks/torch_api/run.py
 	HPCACCEL_BENCH_SMOKE=1 HPCACCEL_BENCH_OUT=build/bench-smoke $(TIMEOUT) 300 \
@@ -75,7 +101,7 @@ clean:
 # otherwise). First run on a machine: long (torch download, Horovod build); later: minutes.
 .PHONY: test-user-setup horovod-retry
 test-user-setup: setup-test
-	$(TIMEOUT) 3600 $(PY) -m pytest -q -p no:cacheprovider tests/setup
+	$(TIMEOUT) 3600 $(PY) -m pytest -q -p no:cacheprovider tests/setup $(call JUNIT,user-setup)
 
 # Build Horovod again after a failed build (set-up remembers a failure and does not retry).
 horovod-retry:
@@ -85,13 +111,13 @@ horovod-retry:
 # its own under build/ made once (torch 2.8.0, the newest for Python 3.9); skipped with a
 # message where no such Python is installed.
 test-python-min:
-	@bash scripts/test_python_min.sh
+	@bash scripts/test_python_min.sh $(call JUNIT,python-min)
 
 # hpcaccel across 2 emulated hosts (scripts/hosts.sh: network namespaces, TCP between them)
 # and a 2-node Slurm cluster on them. Needs root, skipped otherwise. A few minutes; the
 # hosts are taken down at the end, and also here after a killed or failed run.
 test-hosts:
-	$(TIMEOUT) 1500 $(PY) -m pytest -q -p no:cacheprovider tests/hosts; rc=$$?; \
+	$(TIMEOUT) 1500 $(PY) -m pytest -q -p no:cacheprovider tests/hosts $(call JUNIT,hosts); rc=$$?; \
 	  [ "$$(id -u)" != 0 ] || { bash scripts/slurm_cluster.sh stop 2 >/dev/null; \
 	                           bash scripts/hosts.sh down >/dev/null; }; exit $$rc
 

@@ -6,6 +6,10 @@ rank=${OMPI_COMM_WORLD_RANK:-${PMI_RANK:-${SLURM_PROCID:-0}}}
 size=${OMPI_COMM_WORLD_SIZE:-${PMI_SIZE:-${SLURM_NTASKS:-1}}}
 args=(-m pytest -p no:cacheprovider --with-mpi -q "$@")
 if [ "$rank" = 0 ]; then
+  # make test's report of the slowest tests (scripts/test_report.py): rank 0's times
+  if [ -n "${HPCACCEL_TEST_REPORTS:-}" ]; then
+    args+=("--junitxml=$HPCACCEL_TEST_REPORTS/${HPCACCEL_TEST_REPORT_NAME:-mpi}-np$size-$$.xml")
+  fi
   exec "$ROOT/.venv/bin/python" "${args[@]}"
 fi
 mkdir -p "$ROOT/build/test-logs"

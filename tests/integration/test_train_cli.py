@@ -27,6 +27,7 @@ def test_digits_at_4_ranks_reaches_95_percent(tmp_path, backend):
     assert r.stdout.count("hpcaccel: 4 ranks on 1 node(s)") == 1  # one start-up line
 
 
+@pytest.mark.quick
 def test_user_model_and_synthetic_data_at_2_ranks(tmp_path):
     (tmp_path / "mymodels.py").write_text(
         "import torch\n"

@@ -36,6 +36,7 @@ def chunked_mpi_reducer(comm, **kw):
     return MPIReducer(comm=comm, chunk_bytes=52, **kw)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "sliced"])
 def test_mean_of_gradients_odd_sizes_many_tensors_and_big_tensor(make, contract_comm, backend,
                                                                   chunked):
@@ -65,6 +66,7 @@ def test_mean_of_gradients_odd_sizes_many_tensors_and_big_tensor(make, contract_
     red.close()
 
 
+@pytest.mark.quick
 def test_parameters_stay_identical_across_ranks(make, contract_comm):
     comm = contract_comm
     torch.manual_seed(comm.Get_rank())  # different init per rank: broadcast must fix it
