@@ -8,8 +8,10 @@ from .sources import BUILTINS, pack_builtin
 
 
 def resolve(data: str, test_data: str | None, *, samples: int, shape, classes: int, seed: int,
-            pack: bool, wait, inspect: bool = True, share=None) -> tuple[H5Dataset, H5Dataset | None]:
+            pack: bool, wait, inspect: bool = True, share=None,
+            flags: tuple[str, str] = ("--data", "--test-data")) -> tuple[H5Dataset, H5Dataset | None]:
     """Turn --data/--test-data into datasets (metadata: files, lengths, shape, classes).
+    `flags`: how errors name the two (a script's call names its own arguments).
 
     Collective when `share` is given. Built-in sources are packed by the ranks with `pack`
     True (one per node) while the others wait in `wait(error)`, a collective that raises on
@@ -30,7 +32,7 @@ def resolve(data: str, test_data: str | None, *, samples: int, shape, classes: i
     result, error = None, None
     if inspect or share is None:
         try:
-            result = _open_both(data, test_data, samples, shape, classes, seed)
+            result = _open_both(data, test_data, samples, shape, classes, seed, flags)
         except Exception as e:  # reported on every rank by wait()
             error = e
     wait(error)
@@ -48,27 +50,27 @@ def require_samples(ds: H5Dataset, batch: int, world: int, flag: str = "--data",
                          f"ranks x {batch_flag} = {world} x {batch} = {need}")
 
 
-def _open_both(data, test_data, samples, shape, classes, seed):
+def _open_both(data, test_data, samples, shape, classes, seed, flags=("--data", "--test-data")):
     if data in BUILTINS:
         train_path, test_path = pack_builtin(data, samples, shape, classes, seed)
         train = open_dataset(train_path)
         test = open_dataset(test_path) if test_data is None else None
     else:
-        train = open_dataset(data, "--data")
+        train = open_dataset(data, flags[0])
         test = None
     if test_data is not None:
-        test = open_dataset(test_data, "--test-data")
+        test = open_dataset(test_data, flags[1])
     if test is not None and (test.sample_shape != train.sample_shape or test.target != train.target):
-        raise_mismatch(train, test)
+        raise_mismatch(train, test, flags[1])
     return train, test
 
 
-def raise_mismatch(train: H5Dataset, test: H5Dataset):
+def raise_mismatch(train: H5Dataset, test: H5Dataset, flag: str = "--test-data"):
     from ..errors import UsageError
     if test.sample_shape == train.sample_shape and test.target.kind != train.target.kind:
-        raise UsageError(f"--test-data {test.files[0]}: y holds {test.target.describe()}, the "
+        raise UsageError(f"{flag} {test.files[0]}: y holds {test.target.describe()}, the "
                          f"training data {train.target.describe()}")
-    raise UsageError(f"--test-data {test.files[0]}: sample shape {test.sample_shape} / "
+    raise UsageError(f"{flag} {test.files[0]}: sample shape {test.sample_shape} / "
                      f"{test.target.describe()} differ from the training data "
                      f"({train.sample_shape} / {train.target.describe()})")
 

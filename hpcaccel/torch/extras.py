@@ -57,6 +57,28 @@ def _or_exit(control, fn, *args, **kwargs):
         raise SystemExit(UsageError.exit_code) from None
 
 
+# The refusals rundir.py and checkpoint.py share with hpcaccel.train name its flags; a Job
+# takes these arguments instead (longest first: "--resume auto" before "--resume ").
+_SCRIPT_WORDS = (("--overwrite true", "overwrite=True"), ("--overwrite:", "overwrite=True:"),
+                 ("--resume auto", 'resume="auto"'),
+                 ("--resume none", 'resume="none"'), ("--resume ", "resume="),
+                 ("a new --out", "a new out"), ("--out ", "out "))
+
+
+def _script_words(text: str) -> str:
+    for flag, argument in _SCRIPT_WORDS:
+        text = text.replace(flag, argument)
+    return text
+
+
+def _in_script_words(fn, *args, **kwargs):
+    """fn(...), with a refusal's remedies named as a Job's arguments."""
+    try:
+        return fn(*args, **kwargs)
+    except UsageError as e:
+        raise UsageError(_script_words(str(e))) from None
+
+
 def _say(control, line: str) -> None:
     if control.is_main:
         print(line, flush=True)
@@ -107,9 +129,9 @@ class RankData:
             control, data.resolve, source, test, samples=defaults.synthetic_samples,
             shape=shape, classes=defaults.synthetic_classes, seed=seed,
             pack=rt.local_rank == 0, wait=control.agree, inspect=control.is_main,
-            share=control.broadcast)
+            share=control.broadcast, flags=("RankData source", "RankData test"))
         _or_exit(control, control.collectively, data.require_samples, self.dataset,
-                 batch_size, self._size, "RankData", "batch_size")
+                 batch_size, self._size, "RankData source", "batch_size")
         self.batch_size, self.epochs, self.shuffle, self.seed = batch_size, epochs, shuffle, seed
         self.stage_dir, self.prefetch = stage_dir, prefetch
         self.staging: dict | None = None  # stage_run's summary once staged
@@ -273,10 +295,11 @@ class Job:
         mine = rundir.identity(model, data.dataset if data is not None else None,
                                data.batch_size * rt.size if data is not None else None,
                                self.epochs)
-        _or_exit(control, control.collectively, rundir.check_paths, out, {})
-        self.claim = _or_exit(control, rundir.claim_shared, control, out, resume, overwrite,
-                              mine, self._required,
-                              info=print if control.is_main else lambda line: None)
+        _or_exit(control, _in_script_words, control.collectively, rundir.check_paths, out, {})
+        self.claim = _or_exit(control, _in_script_words, rundir.claim_shared, control, out,
+                              resume, overwrite, mine, self._required,
+                              info=(lambda line: print(_script_words(line), flush=True))
+                              if control.is_main else lambda line: None)
         self.global_step = 0
         self.stall_timeout = stall_timeout
         self.watchdog = None  # started by resume(), once loading and staging are done
@@ -307,7 +330,8 @@ class Job:
         if path is None:
             return Position()
         control = self._control
-        state = _or_exit(control, control.collectively, checkpoint.load, path, self._required)
+        state = _or_exit(control, _in_script_words, control.collectively, checkpoint.load, path,
+                         self._required)
         self.model.load_state_dict(state["model"])
         # the reducer's state first: it may lay its buckets out anew (the checkpoint's size),
         # and a sharded optimizer then keeps its part of the whole state in the new ones

@@ -216,6 +216,27 @@ def test_job_refuses_another_models_output_directory(tmp_path_factory, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert ("different model" in err) == (hvd.rank() == 0), err
+    # the remedies a script has: its Job's arguments, not the CLI's flags (rank 0's line,
+    # checked on every rank, so that all fail alike and none waits in a later collective)
+    (line,) = all_ranks(err.splitlines())[0]
+    assert line.startswith(f"hpcaccel: error: out {out}: ") and "--" not in line, line
+    assert "use a new out, or overwrite=True to move its outputs to" in line, line
+    with hvd.Job(out, other, other_opt, epochs=1, overwrite=True):
+        pass
+    said = all_ranks(capsys.readouterr().out)[0]
+    assert "hpcaccel: overwrite=True: moved the previous run's outputs to" in said, said
+
+
+def test_rank_data_names_the_argument_a_missing_file_came_from(shards, capsys):
+    for kwargs, named in (({"source": "/nonexistent/train.h5"}, "RankData source"),
+                          ({"source": shards, "test": "/nonexistent/test.h5"}, "RankData test")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            hvd.RankData(batch_size=4, **kwargs)
+        assert e.value.code == 2
+        path = kwargs.get("test") or kwargs["source"]
+        said = all_ranks(capsys.readouterr().err)  # checked on every rank: all fail alike
+        assert said == [f"hpcaccel: error: {named} {path}: no such file\n"] + [""] * (hvd.size() - 1)
 
 
 def test_the_documented_buffer_agreement_gives_every_rank_one_model():
