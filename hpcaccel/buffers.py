@@ -19,8 +19,9 @@ changes no parameter and no gradient, only the statistics later steps update fro
 
 Cross-rank invariant: after `agree()` every rank holds bitwise the same buffers. The sum is
 one allreduce; rank 0's result is then broadcast, so no MPI library's reduction order can
-leave two ranks an ulp apart. Every method is collective, and whether it communicates at
-all (`agreed`) changes at the same steps on every rank.
+leave two ranks an ulp apart. agree() and saving() are collective; whether they communicate
+at all (`agreed`) changes at the same steps on every rank, as every rank trains the same
+steps.
 """
 from __future__ import annotations
 
