@@ -7,6 +7,9 @@
 # namespaces with its own hostname (hpca-nodeI), address (198.18.0.I), spool, pid and log
 # file, declared as a node of SOCKETS x CORES; slurmctld listens on the bridge address
 # 198.18.0.254. munged's socket is a file, shared by every host. No stand-in GPUs there.
+# Their Slurm node names (hpca-cnI) are not host names: no host resolves them, and Slurm
+# reaches each node at its NodeAddr, as on clusters whose node names are not in DNS. Job
+# scripts that take a node name for a host name fail here as they would there.
 # The several-node cluster is a second cluster beside the one-node one (its own BASE,
 # default /tmp/hpcaccel-slurm-nodes, and slurmctld port 6820), so both can run at once.
 #
@@ -51,6 +54,7 @@ GPUS=${HPCACCEL_SLURM_GPUS:-2}
 HOSTS_SH=$(cd "$(dirname "$0")" && pwd)/hosts.sh
 # names and addresses of the emulated hosts: as scripts/hosts.sh makes them
 EMU_NODE=hpca-node
+EMU_SLURM_NODE=hpca-cn  # Slurm's NodeName of host I: hpca-cnI (not a host name)
 EMU_NET=198.18.0
 MUNGE_PID=/run/munge/munged.pid
 # munged is shared by the whole machine: stop it only if this script started it
@@ -96,7 +100,7 @@ start_munge() {
 
 # The nodes: this machine, or the emulated hosts.
 node_names() {
-  if [ "$NODES" -gt 1 ]; then seq -f "$EMU_NODE%g" 1 "$NODES"; else echo "$HOST"; fi
+  if [ "$NODES" -gt 1 ]; then seq -f "$EMU_SLURM_NODE%g" 1 "$NODES"; else echo "$HOST"; fi
 }
 
 write_conf() {
@@ -167,7 +171,9 @@ EOF
   [ "$NODES" -gt 1 ] && echo "TmpFS=$BASE/tmp/%n" >>"$CONF.new"
   # An emulated host that is killed (scripts/hosts.sh kill) is declared down after this
   # long instead of the default 300 s, so a --no-kill (elastic) job that lost it completes
-  # within a test's time: its epilog waits on every node of the allocation.
+  # within a test's time: its epilog waits on every node of the allocation. Slurm pings a
+  # node silent for a third of it and marks it NOT_RESPONDING when that fails, which is
+  # when an elastic job learns of the loss: 10-20 s after the kill here (measured).
   [ "$NODES" -gt 1 ] && echo "SlurmdTimeout=30" >>"$CONF.new"
   cat >>"$CONF.new" <<EOF
 # lets the node declare another layout than the machine has
@@ -175,10 +181,10 @@ SlurmdParameters=config_overrides
 GresTypes=gpu
 # layout $LAYOUT gpus $GPUS nodes $NODES
 EOF
-  local i addr=127.0.0.1 name=$HOST
+  local i addr=127.0.0.1 name=$HOST hostname=$HOST
   for ((i = 1; i <= NODES; i++)); do
-    [ "$NODES" -gt 1 ] && name=$EMU_NODE$i addr=$EMU_NET.$i
-    echo "NodeName=$name NodeAddr=$addr CPUs=$((sockets * cores)) Sockets=$sockets CoresPerSocket=$cores ThreadsPerCore=1 RealMemory=4000 ${gres}State=UNKNOWN" >>"$CONF.new"
+    [ "$NODES" -gt 1 ] && name=$EMU_SLURM_NODE$i hostname=$EMU_NODE$i addr=$EMU_NET.$i
+    echo "NodeName=$name NodeHostname=$hostname NodeAddr=$addr CPUs=$((sockets * cores)) Sockets=$sockets CoresPerSocket=$cores ThreadsPerCore=1 RealMemory=4000 ${gres}State=UNKNOWN" >>"$CONF.new"
   done
   echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >>"$CONF.new"
 }
@@ -219,7 +225,7 @@ start_slurmds() {
   local i
   for ((i = 1; i <= NODES; i++)); do
     # inside host i (its network, hostname and /etc/hosts); slurmd daemonizes there
-    bash "$HOSTS_SH" exec "$i" slurmd -N "$EMU_NODE$i"
+    bash "$HOSTS_SH" exec "$i" slurmd -N "$EMU_SLURM_NODE$i"
   done
 }
 

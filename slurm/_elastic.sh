@@ -1,35 +1,65 @@
 #@param min_nodes      posint 1   elastic: go on after losing nodes while at least this many are left (--min-nodes)
-#@param probe_seconds  posint 10  elastic: how often the batch shell checks that every node of the step still answers
+#@param probe_seconds  posint 10  elastic: how often the batch shell asks Slurm for the state of the step's nodes (one scontrol call for all)
 #@param checkpoint_seconds posint 300 elastic: hpcaccel.train checkpoints at least this often (--checkpoint-every-seconds): the most work a lost node costs
 #@sbatch --no-kill
 # --- elastic: a lost node does not end the job ---------------------------------------------
 # --no-kill: Slurm keeps the allocation when one of its nodes fails. The training step runs
-# on the nodes in hpcaccel_nodes; while it runs this shell checks every PROBE_SECONDS that
-# each of them still answers on slurmd's port (their ranks could otherwise wait forever on a
-# dead peer). A node that does not answer is lost: the step is ended and launched again on
+# on the nodes in hpcaccel_nodes; while it runs this shell asks Slurm every PROBE_SECONDS
+# for their state (their ranks could otherwise wait forever on a dead peer). A node Slurm
+# reports DOWN, NOT_RESPONDING or FAIL is lost: the step is ended and launched again on
 # the nodes left, from the last checkpoint, while at least MIN_NODES are left, at most
 # MAX_RESTARTS times. hpcaccel.train continues the checkpoint on fewer ranks with the same
-# global batch (more samples per rank, in more micro-batches). A step that fails while every
-# node answers is not relaunched: the same error would come back.
+# global batch (more samples per rank, in more micro-batches). A step that fails while
+# Slurm reports every node up is not relaunched: the same error would come back.
 MIN_NODES={{min_nodes}}
 PROBE_SECONDS={{probe_seconds}}
-SLURMD_PORT=$(scontrol show config 2>/dev/null | awk '$1 == "SlurmdPort" {print $3}')
-SLURMD_PORT=${SLURMD_PORT:-6818}
+# Slurm pings a node silent for SlurmdTimeout/3 and marks it NOT_RESPONDING when the ping
+# fails, DOWN after SlurmdTimeout: the longest it takes Slurm to tell that a node is lost
+SLURMD_TIMEOUT=$(scontrol show config 2>/dev/null | awk '$1 == "SlurmdTimeout" {print $3}')
+SLURMD_TIMEOUT=${SLURMD_TIMEOUT:-300}
 mapfile -t hpcaccel_nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 hpcaccel_launches=0
 
 hpcaccel_now() { date '+%Y-%m-%dT%H:%M:%S'; }
 
-# hpcaccel_answers NODE: does the node's slurmd accept a connection (within 5 s)?
-hpcaccel_answers() {
-  timeout 5 bash -c "exec 3<>/dev/tcp/$1/$SLURMD_PORT" 2>/dev/null
+# hpcaccel_lost: the nodes of hpcaccel_nodes that Slurm reports lost, a line "NAME STATE"
+# each. One controller query for all of them, the node states Slurm's own tools show: it
+# needs no node name to resolve as a host (NodeAddr may differ) and opens no connection to
+# a slurmd. Nothing when the controller cannot be asked (busy, failing over): that says
+# nothing about the nodes.
+hpcaccel_lost() {
+  local IFS=,
+  timeout 60 scontrol show node -o "${hpcaccel_nodes[*]}" 2>/dev/null | awk '
+    { name = ""; state = ""
+      for (i = 1; i <= NF; i++) {  # the first NodeName= and State=: a Reason= may hold words
+        if (name == "" && $i ~ /^NodeName=/) name = substr($i, 10)
+        if (state == "" && $i ~ /^State=/) state = substr($i, 7)
+      }
+      n = split(state, part, "+")  # e.g. MIXED+NOT_RESPONDING, DOWN+DRAIN+NOT_RESPONDING
+      for (i = 1; i <= n; i++)
+        if (part[i] ~ /^(DOWN|NOT_RESPONDING|FAIL|FAILING)$/) { print name, state; break }
+    }'
 }
 
-# hpcaccel_lost: print the nodes of hpcaccel_nodes that do not answer, one per line
-hpcaccel_lost() {
-  local n
-  for n in "${hpcaccel_nodes[@]}"; do hpcaccel_answers "$n" || echo "$n"; done
+# hpcaccel_await_lost RC: after the step failed with exit RC while Slurm reported every
+# node up, set `lost` as hpcaccel_lost prints it. A launcher may end before Slurm knows:
+# mpirun ends a second after losing a daemon, Slurm marks the node at its next ping. So
+# Slurm is asked again every PROBE_SECONDS for up to SLURMD_TIMEOUT. Not after exit 2,
+# hpcaccel.train's bad input, which no lost node causes.
+hpcaccel_await_lost() {
+  local deadline=$(($(date +%s) + SLURMD_TIMEOUT))
+  lost=$(hpcaccel_lost)
+  if [ -n "$lost" ] || [ "$1" = 2 ] || [ "$SLURMD_TIMEOUT" = 0 ]; then return; fi
+  echo "hpcaccel: elastic: the step failed (exit $1) at $(hpcaccel_now) while Slurm reports every node up; asking Slurm again for up to $SLURMD_TIMEOUT s (SlurmdTimeout) whether a node was lost"
+  while [ -z "$lost" ] && [ "$(date +%s)" -lt "$deadline" ] && [ "$got_usr1$got_term" = 00 ]; do
+    sleep "$PROBE_SECONDS" & wait $!  # a trapped signal interrupts the wait
+    lost=$(hpcaccel_lost)
+  done
 }
+
+# from hpcaccel_lost's lines: hpcaccel_names "n2 n3", hpcaccel_says "n2 MIXED+NOT_RESPONDING, n3 DOWN"
+hpcaccel_names() { awk '{print $1}' <<<"$1" | xargs; }
+hpcaccel_says() { awk '{printf "%s%s %s", (NR > 1 ? ", " : ""), $1, $2}' <<<"$1"; }
 
 # hpcaccel_launch_on NODE...: the step's launch restricted to these nodes (array `step`);
 # a relaunch overlaps the ended step, which Slurm keeps holding CPUs until it declares the
@@ -86,7 +116,7 @@ hpcaccel_run_elastic() {
         next=$(($(date +%s) + PROBE_SECONDS))
         lost=$(hpcaccel_lost)
         if [ -n "$lost" ]; then
-          echo "hpcaccel: elastic: lost node(s) $(echo $lost) at $(hpcaccel_now): their slurmd does not answer; ending the step"
+          echo "hpcaccel: elastic: lost node(s) $(hpcaccel_names "$lost") at $(hpcaccel_now): Slurm reports $(hpcaccel_says "$lost"); ending the step"
           hpcaccel_end_step
           break
         fi
@@ -103,17 +133,17 @@ hpcaccel_run_elastic() {
       exit "$rc"
     fi
     if [ -z "$lost" ]; then  # the step ended by itself: was a node lost?
-      lost=$(hpcaccel_lost)
-      [ -n "$lost" ] && echo "hpcaccel: elastic: lost node(s) $(echo $lost) at $(hpcaccel_now): the step failed (exit $rc) and their slurmd does not answer"
+      hpcaccel_await_lost "$rc"
+      [ -n "$lost" ] && echo "hpcaccel: elastic: lost node(s) $(hpcaccel_names "$lost") at $(hpcaccel_now): the step failed (exit $rc) and Slurm reports $(hpcaccel_says "$lost")"
     fi
     if [ "$got_term" = 1 ]; then echo "hpcaccel: SIGTERM: not relaunching"; exit "$rc"; fi
     if [ -z "$lost" ]; then
-      echo "hpcaccel: the step failed (exit $rc) with every node answering: not relaunching"
+      echo "hpcaccel: the step failed (exit $rc) while Slurm reports every node up: not relaunching"
       exit "$rc"
     fi
     left=()
     for n in "${hpcaccel_nodes[@]}"; do
-      grep -qxF "$n" <<<"$lost" || left+=("$n")
+      [[ " $(hpcaccel_names "$lost") " == *" $n "* ]] || left+=("$n")
     done
     hpcaccel_nodes=("${left[@]}")
     if [ "${#hpcaccel_nodes[@]}" -lt "$MIN_NODES" ]; then

@@ -1,6 +1,8 @@
 """The Slurm templates on a cluster of several nodes: one slurmd per emulated host
 (scripts/slurm_cluster.sh start 2x1 2), each node 2 sockets x 1 core. Jobs go through
-`python -m hpcaccel.slurm render` and sbatch, as users submit them.
+`python -m hpcaccel.slurm render` and sbatch, as users submit them. The nodes' Slurm names
+(hpca-cn1, hpca-cn2) are not host names (the hosts are hpca-node1, hpca-node2): Slurm
+reaches them at their NodeAddr, and nothing may take a node name for a host name.
 
 This cluster is a second one beside tests/slurm's one-node cluster (own BASE and port).
 The job helpers (render, sbatch, polling with deadlines) are tests/slurm_support.py's Cluster.
@@ -20,6 +22,7 @@ from slurm_support import TERMINAL, Cluster, probe, site  # noqa: F401  (fixture
 from support import assert_same_model
 
 NODES = 2
+NAMES = [f"hpca-cn{i}" for i in range(1, NODES + 1)]  # Slurm's NodeName of host i (hpca-nodeI)
 LAYOUT = "2x1"  # sockets x cores per node: the machine's 2 real CPUs, so binding is real
 BASE = "/tmp/hpcaccel-slurm-nodes"
 DIGITS = ["--data", "digits", "--epochs", "1", "--backend", "mpi"]
@@ -91,7 +94,7 @@ def test_cpu_template_on_2_nodes_runs_a_rank_per_socket_on_each_node(cluster, si
     jobid = cluster.sbatch(script, tmp_path / "job.sbatch")
     [job] = cluster.wait(jobid, timeout=240)
     _completed([job], tmp_path)
-    assert job["NodeList"] == "hpca-node[1-2]", job
+    assert job["NodeList"] == "hpca-cn[1-2]", job
 
     got = _records(probe_dir)
     assert [r["rank"] for r in got] == list(range(2 * NODES)), got
@@ -116,7 +119,7 @@ def test_sweep_tasks_run_on_both_nodes(cluster, site, tmp_path):
     jobs = cluster.wait(jobid, timeout=300)
     assert len(jobs) == 4
     _completed(jobs, tmp_path)
-    assert {j["NodeList"] for j in jobs} == {"hpca-node1", "hpca-node2"}, [j["NodeList"] for j in jobs]
+    assert {j["NodeList"] for j in jobs} == set(NAMES), [j["NodeList"] for j in jobs]
     for i, lr in enumerate([0.1, 0.05, 0.02, 0.01]):
         assert _summary(sweep_dir / f"task-{i}")["config"]["lr"] == lr
 
@@ -183,12 +186,17 @@ def test_elastic_job_goes_on_on_the_node_left_when_a_node_is_lost(
                             "--set", "probe_seconds=3", "--set", "checkpoint_seconds=5",
                             *ROOT_OK, *site, "--", *ELASTIC)
     assert "#SBATCH --no-kill" in script
+    slurmd_log = os.path.join(BASE, "log", f"slurmd-{NAMES[0]}.log")
+    logged = os.path.getsize(slurmd_log)
     jobid = cluster.sbatch(script, tmp_path / "elastic.sbatch")
     log = tmp_path / f"elastic-{jobid}.out"
     cluster.wait_for_line(log, "epoch 1/3", jobid, timeout=240)
     time.sleep(2)  # into the second epoch, past a timed checkpoint or not
     killed = time.time()
     hosts.kill(2)  # every process of hpca-node2 (its slurmd and its ranks) dies
+    with open(slurmd_log, errors="replace") as fh:  # what node 1's slurmd logged meanwhile
+        fh.seek(logged)
+        before_the_loss = fh.read()
 
     # the relaunched run's first step: rank 0 writes progress.json at once
     first_step, deadline = None, time.monotonic() + 300
@@ -202,18 +210,26 @@ def test_elastic_job_goes_on_on_the_node_left_when_a_node_is_lost(
     [job] = cluster.wait(jobid, timeout=300)
     text = log.read_text()
     assert job["JobState"] == "COMPLETED", text
-    lost = re.search(r"hpcaccel: elastic: lost node\(s\) hpca-node2 at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)", text)
+    # told by Slurm's controller: hpca-cn2 resolves to no host
+    lost = re.search(r"hpcaccel: elastic: lost node\(s\) hpca-cn2 at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d): "
+                     r".*Slurm reports hpca-cn2 (\S*NOT_RESPONDING|DOWN\S*)", text)
     assert lost, text
-    assert "relaunching at" in text and "on the 1 node(s) left (hpca-node1)" in text, text
+    assert "relaunching at" in text and "on the 1 node(s) left (hpca-cn1)" in text, text
+    # asking the controller opens no connection to a slurmd: none logs an empty one
+    assert "Zero Bytes were transmitted" not in before_the_loss, before_the_loss[-3000:]
     assert "2 ranks continue the checkpoint of 4 ranks: global batch 32 kept as 2 x " \
            "--batch-size 16 with --accum-steps 2" in text, text
 
     s = _summary(run_dir)
     assert (s["world_size"], s["nodes"], s["restarts"], s["steps"]) == (2, 1, 1, 3 * 128), s
     assert s["test_accuracy"] == pytest.approx(uninterrupted_accuracy, abs=0.01)
-    detected = time.mktime(time.strptime(lost.group(1), "%Y-%m-%dT%H:%M:%S"))
+    stamp = lambda text: time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))  # noqa: E731
+    detected = stamp(lost.group(1))
+    relaunched = stamp(re.search(r"relaunching at (\S+)", text).group(1))
     last = s["last_restart"]
-    print(f"\nelastic ({launcher}): node lost -> detected {detected - killed:.0f} s (probe every 3 s); "
+    print(f"\nelastic ({launcher}): node lost -> detected {detected - killed:.0f} s (Slurm: "
+          f"{lost.group(2)}; probe every 3 s, SlurmdTimeout 30 s) -> relaunched "
+          f"{relaunched - killed:.0f} s; "
           f"lost -> first step of the relaunched run "
           f"{(first_step - killed) if first_step else float('nan'):.1f} s; steps lost "
           f"{s['steps_lost']} ({last['seconds_lost']} s of work past the checkpoint); "
