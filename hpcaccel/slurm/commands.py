@@ -7,7 +7,7 @@
   python -m hpcaccel.slurm submit cpu ...same...              # prints the job id
   python -m hpcaccel.slurm render cpu --set cores_per_socket=32 --script train.py -- --epochs 20
   python -m hpcaccel.slurm render cpu --elastic --nodes 4 --min-nodes 2 --max-restarts 3 \\
-      --set cores_per_socket=32 -- --data /scratch/ds/index.json   # goes on when nodes fail
+      --set cores_per_socket=32 -- --data /scratch/ds/index.json --batch-size 24  # goes on when nodes fail
   python -m hpcaccel.slurm submit sweep --sweep lr.toml -- --epochs 20
   python -m hpcaccel.slurm collect runs/hpcaccel-sweep-1234 [--format md|csv] [--rank-by test_r2]
 
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 
+from . import elastic as slurm_elastic
 from . import sweep as slurm_sweep
 from . import template as slurm_template
 from ..cli import Parser, usage_error
@@ -49,6 +50,8 @@ TEMPLATE_DIR = os.environ.get("HPCACCEL_SLURM_TEMPLATES") or _template_dir()
 # shortcuts for common parameters: --nodes N is --set nodes=N
 SHORTCUTS = ("nodes", "time", "partition", "account", "job_name", "script", "min_nodes",
              "max_restarts")
+# how errors name a parameter the user did not set: as the flag one would type
+FLAG_NAMES = {**{key: "--" + key.replace("_", "-") for key in SHORTCUTS}, "elastic": "--elastic"}
 
 
 def template_path(name: str) -> str:
@@ -107,11 +110,12 @@ RESERVED_TRAIN_FLAGS = {
 }
 
 
-def check_train_flags(train_args: list, sweep: list | None, sweep_path: str | None) -> None:
+def check_train_flags(train_args: list, sweep: list | None, sweep_path: str | None):
     """Parse the train flags (and each sweep entry with them) as the job will, so a typo
     fails now rather than after hours in the queue. What the template owns is checked on
     the parsed values, not on the spelling, so neither `--out=X` nor a --config file
-    setting `out` can override the template's --out and --resume."""
+    setting `out` can override the template's --out and --resume. Returns the parsed
+    TrainConfig (None for a sweep, whose entries differ)."""
     from ..config import given_values, parse_args
 
     try:
@@ -130,20 +134,30 @@ def check_train_flags(train_args: list, sweep: list | None, sweep_path: str | No
 
     def parse(extra, where):
         try:
-            parse_args(extra + train_args, quiet=True)
+            return parse_args(extra + train_args, quiet=True)
         except UsageError as e:  # the temporary file's name means nothing to the user
             message = str(e).replace(f"--config {extra[-1]}: ", "") if extra else str(e)
             raise UsageError(f"{where}: {message}") from None
 
     if not sweep:
-        parse([], "train flags (after --)")
-        return
+        return parse([], "train flags (after --)")
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(len(sweep)):
             path = os.path.join(tmp, f"entry-{i}.toml")
             with open(path, "w") as fh:
                 fh.write(slurm_sweep.entry_toml(sweep, i))
             parse(["--config", path], f"--sweep {sweep_path}: entry {i}")
+    return None
+
+
+def check_elastic(tpl, settings: dict, train) -> None:
+    """An elastic job must have a node to lose, and every node count it may go on with
+    must keep the run's global batch (slurm/elastic.py); `train`: the parsed train flags."""
+    values = slurm_template.resolve(tpl, settings, FLAG_NAMES)
+    ranks = slurm_template.directive_value(tpl, values, "--ntasks-per-node")
+    slurm_elastic.check(int(values["nodes"]), int(values["min_nodes"]), int(ranks or 1),
+                        train.batch_size, train.accum_steps, settings["elastic"][1],
+                        settings.get("min_nodes", (None, None))[1])
 
 
 def render_from_args(args) -> str:
@@ -162,15 +176,18 @@ def render_from_args(args) -> str:
     sweep = slurm_sweep.load(args.sweep) if args.sweep else None
     train_args = list(args.train_args)
     rendered = slurm_template.render(tpl, settings, train_args, dict(_pairs(args.env, "--env")),
-                                     args.sbatch or (), sweep)
+                                     args.sbatch or (), sweep, FLAG_NAMES)
+    elastic = settings.get("elastic", ("false",))[0] == "true"
     if settings.get("script"):  # the arguments after -- are the script's own
-        if settings.get("elastic", ("false",))[0] == "true":
+        if elastic:
             raise UsageError(f"{settings['elastic'][1]}: relaunches hpcaccel.train, which "
                              f"continues a checkpoint on fewer nodes; a --script cannot be "
                              f"relaunched that way (drop --elastic, or train with hpcaccel.train)")
         check_script(*settings["script"], (settings.get("chdir") or ("", ""))[0])
     else:
-        check_train_flags(train_args, sweep, args.sweep)
+        train = check_train_flags(train_args, sweep, args.sweep)
+        if elastic:
+            check_elastic(tpl, settings, train)
     return rendered
 
 

@@ -11,7 +11,9 @@ A template (slurm/*.sbatch) is a bash script with a few `#@` lines the renderer 
                                      renders empty (optional partition, account, ...)
   #@if NAME / #@else / #@endif       the lines between (body, directives, includes) are
                                      kept only when parameter NAME is `true` (or, after
-                                     #@else, when it is not); blocks may nest
+                                     #@else, when it is not); blocks may nest. A
+                                     parameter declared in such a block may be set only
+                                     where the block is kept (it would do nothing else)
 
 and `{{NAME}}` placeholders. In the body every value is inserted shell-quoted
 (shlex.quote), so no value can inject shell code. An #SBATCH line is a comment to bash, so
@@ -106,6 +108,7 @@ class Template:
     # per directive and body line: the #@if conditions it lies in, ((NAME, wanted), ...)
     directive_when: list = field(default_factory=list)
     body_when: list = field(default_factory=list)
+    param_when: dict = field(default_factory=dict)   # name -> the #@if conditions it lies in
 
     @property
     def placeholders(self) -> set:
@@ -117,7 +120,8 @@ def parse(name: str, text: str, read_include=None) -> Template:
     """Parse template `name` from `text`; read_include(file) -> text for #@include lines."""
     tpl = Template(name)
     _parse_into(tpl, text, read_include, f"template {name}", depth=0, conditions=[])
-    named = {n for when in tpl.body_when + tpl.directive_when for n, _ in when}
+    named = {n for when in tpl.body_when + tpl.directive_when + list(tpl.param_when.values())
+             for n, _ in when}
     if named - set(tpl.params):
         raise UsageError(f"template {name}: #@if of undeclared parameter "
                          f"{sorted(named - set(tpl.params))[0]!r}")
@@ -164,6 +168,7 @@ def _parse_into(tpl: Template, text: str, read_include, where: str, depth: int,
                 raise UsageError(f"{at}: unknown parameter type {ptype!r} ({', '.join(TYPES)} or a|b)")
             default = None if default == "-" else "" if default == "''" else default
             tpl.params[pname] = Param(pname, ptype, default, parts[3] if len(parts) > 3 else "")
+            tpl.param_when[pname] = tuple(conditions)
         elif kind == "default":
             pname, _, value = rest.partition(" ")
             if pname not in tpl.params:
@@ -181,42 +186,68 @@ def _parse_into(tpl: Template, text: str, read_include, where: str, depth: int,
         raise UsageError(f"{where}: #@if {conditions[-1][0]} without #@endif")
 
 
-def resolve(tpl: Template, settings: dict) -> dict:
+def _kept(when, values: dict) -> bool:
+    """Do `values` keep a line under the #@if conditions `when`, ((NAME, wanted), ...)?"""
+    return all((values.get(name) == "true") == wanted for name, wanted in when)
+
+
+def resolve(tpl: Template, settings: dict, flag_names: dict | None = None) -> dict:
     """Check user settings {name: (value, flag that set it)} and fill in defaults.
-    Errors name the flag the user typed."""
+    Errors name the flag the user typed; a parameter the user did not set is named as
+    `flag_names` spells it (e.g. {"elastic": "--elastic"}), else `--set NAME`."""
+    def flag(pname: str) -> str:
+        if pname in settings:
+            return settings[pname][1]
+        return (flag_names or {}).get(pname, f"--set {pname}")
+
     values = {}
-    for pname, (value, flag) in settings.items():
+    for pname, (value, given) in settings.items():
         if pname in COMPUTED:
-            raise UsageError(f"{flag}: {pname} is computed by the renderer and cannot be set")
+            raise UsageError(f"{given}: {pname} is computed by the renderer and cannot be set")
         if pname not in tpl.params:
-            raise UsageError(f"{flag}: template {tpl.name} has no parameter {pname!r} "
+            raise UsageError(f"{given}: template {tpl.name} has no parameter {pname!r} "
                              f"(python -m hpcaccel.slurm params {tpl.name} lists them)")
         value, param = str(value), tpl.params[pname]
         # an optional parameter (default '') may be set empty; anything else must check out
         problem = None if value == "" == param.default else param.check(value)
         if problem:
-            raise UsageError(f"{flag}: {pname} {problem}, got {value!r}")
+            raise UsageError(f"{given}: {pname} {problem}, got {value!r}")
         values[pname] = value
     for pname, param in tpl.params.items():
         if pname not in values:
             if param.default is None:
                 raise UsageError(f"--set {pname}=VALUE is required by template {tpl.name}: {param.help}")
             values[pname] = param.default
+    for pname in settings:  # e.g. --min-nodes without --elastic: set, but it would do nothing
+        when = tpl.param_when.get(pname, ())
+        if not _kept(when, values):
+            name, wanted = next((n, w) for n, w in when if (values.get(n) == "true") != w)
+            need = flag(name) if wanted else f"--set {name}=false"
+            raise UsageError(f"{flag(pname)}: {pname} is used only with {need}: add "
+                             f"{need} or drop {flag(pname).split('=')[0]}")
     if "time" in values and "signal_seconds" in values:
         limit, warn = _time_seconds(values["time"]), int(values["signal_seconds"])
         if warn >= limit:
             if "signal_seconds" in settings:
-                flag = settings["signal_seconds"][1]
-                raise UsageError(f"{flag}: signal_seconds ({warn}) must be less than the time "
-                                 f"limit ({values['time']} = {limit} s)")
-            flag = settings.get("time", (None, "--time"))[1]
-            raise UsageError(f"{flag}: the time limit ({values['time']} = {limit} s) must be longer "
-                             f"than signal_seconds ({warn}); lower it with --set signal_seconds=N")
+                raise UsageError(f"{flag('signal_seconds')}: signal_seconds ({warn}) must be less "
+                                 f"than the time limit ({values['time']} = {limit} s)")
+            raise UsageError(f"{flag('time')}: the time limit ({values['time']} = {limit} s) must "
+                             f"be longer than signal_seconds ({warn}); lower it with --set "
+                             f"signal_seconds=N")
     if values.get("min_nodes") and values.get("nodes") and int(values["min_nodes"]) > int(values["nodes"]):
-        flag = settings.get("min_nodes", (None, "--set min_nodes"))[1]
-        raise UsageError(f"{flag}: min_nodes ({values['min_nodes']}) must not be more than "
-                         f"nodes ({values['nodes']})")
+        raise UsageError(f"{flag('min_nodes')}: min_nodes ({values['min_nodes']}) must not be "
+                         f"more than nodes ({values['nodes']})")
     return values
+
+
+def directive_value(tpl: Template, values: dict, flag: str) -> str | None:
+    """The value the template's own directive `flag` (e.g. --ntasks-per-node) renders to
+    with `values` (from resolve); None where the template has none, or it renders empty."""
+    for directive, when in zip(tpl.directives, tpl.directive_when):
+        name, sep, value = directive.partition("=")
+        if name == flag and sep and _kept(when, values):
+            return PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), value) or None
+    return None
 
 
 def site_setup(values: dict, env: dict) -> str:
@@ -240,7 +271,7 @@ def site_setup(values: dict, env: dict) -> str:
 
 
 def render(tpl: Template, settings: dict | None = None, train_args=(), env: dict | None = None,
-           extra_directives=(), sweep: list | None = None) -> str:
+           extra_directives=(), sweep: list | None = None, flag_names: dict | None = None) -> str:
     """The ready sbatch script.
 
     settings: {param: (value, flag)}; train_args: flags for hpcaccel.train (or a script's
@@ -248,9 +279,10 @@ def render(tpl: Template, settings: dict | None = None, train_args=(), env: dict
     template owns, a sweep's keys);
     env: exports;
     extra_directives: further "--flag=value" strings; sweep: a list of config dicts (one
-    per array task) for templates that run sweeps.
+    per array task) for templates that run sweeps; flag_names: how errors name parameters
+    the user did not set (resolve).
     """
-    values = resolve(tpl, settings or {})
+    values = resolve(tpl, settings or {}, flag_names)
     uses_sweep = "sweep_json" in tpl.placeholders
     if uses_sweep and not sweep:
         raise UsageError(f"--sweep FILE is required by template {tpl.name}")
@@ -270,7 +302,7 @@ def render(tpl: Template, settings: dict | None = None, train_args=(), env: dict
     raw = {"site_setup", "train_args"}  # built above from quoted pieces
 
     def kept(when) -> bool:
-        return all((values.get(name) == "true") == wanted for name, wanted in when)
+        return _kept(when, values)
 
     directives = []
     flag_of = {pname: flag for pname, (_, flag) in (settings or {}).items()}

@@ -1,16 +1,45 @@
-"""Elastic jobs (`render cpu --elastic`) without a cluster: the batch shell's relaunch loop
-run by bash with stand-ins for srun and Slurm's client commands. The nodes are named n1,
-n2, which no host resolves, as where NodeName is not a host name: a lost node is what
-Slurm's controller reports, nothing else. The loop on a real 2-node cluster is
-tests/hosts/test_slurm_nodes.py."""
+"""Elastic jobs (`render cpu --elastic`) without a cluster: the render-time check that every
+node count the job may go on with keeps the global batch (hpcaccel/slurm/elastic.py), and
+the batch shell's relaunch loop run by bash with stand-ins for srun and Slurm's client
+commands. The nodes are named n1, n2, which no host resolves, as where NodeName is not a
+host name: a lost node is what Slurm's controller reports, nothing else. The loop on a real
+2-node cluster is tests/hosts/test_slurm_nodes.py."""
 import contextlib
 import io
+import itertools
 import os
 import subprocess
 
 import pytest
 
 from hpcaccel import slurm
+from hpcaccel.errors import UsageError
+from hpcaccel.slurm import elastic
+
+
+def _keeps(nodes, min_nodes, ranks, batch):
+    return all(nodes * ranks * batch % (k * ranks) == 0 for k in range(min_nodes, nodes + 1))
+
+
+@pytest.mark.parametrize("nodes,min_nodes,ranks", [
+    (n, m, r) for n, m, r in itertools.product(range(2, 9), range(1, 9), (1, 2, 4)) if m <= n])
+def test_the_check_refuses_exactly_what_cannot_keep_the_global_batch_and_its_fixes_work(
+        nodes, min_nodes, ranks):
+    for batch in (1, 7, 16, 24, 32):
+        if _keeps(nodes, min_nodes, ranks, batch):
+            elastic.check(nodes, min_nodes, ranks, batch)
+            continue
+        with pytest.raises(UsageError) as e:
+            elastic.check(nodes, min_nodes, ranks, batch, min_nodes_flag="--min-nodes")
+        line = str(e.value)
+        assert line.startswith("--min-nodes: the global batch") and "\n" not in line, line
+        suggested = line.split(": use ")[1]
+        sizes = suggested.split("--batch-size ")[1].split(" (")[0].replace(",", " or").split(" or ")
+        assert sizes and all(_keeps(nodes, min_nodes, ranks, int(b)) for b in sizes), line
+        if "--min-nodes " in suggested:
+            lowest = int(suggested.split("--min-nodes ")[1].split()[0])
+            assert lowest < nodes and _keeps(nodes, lowest, ranks, batch), line
+            assert not _keeps(nodes, lowest - 1, ranks, batch), line
 
 
 # a job of 2 nodes x 2 ranks (cores_per_socket 1, 2 sockets) that asks Slurm every second

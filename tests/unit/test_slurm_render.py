@@ -37,10 +37,11 @@ CASES = {
     "cpu-script": ["render", "cpu", "--set", "cores_per_socket=8", "--script",
                    "examples/horovod_script.py", "--set", "script_runner=horovod", "--",
                    "--epochs", "5", "--fp16-allreduce"],
-    # a lost node does not end the job: relaunch on the nodes left (srun, and mpirun)
+    # a lost node does not end the job: relaunch on the nodes left (srun, and mpirun);
+    # global batch 4 x 2 x 24 = 192, kept on 8, 6 and 4 ranks
     "cpu-elastic": ["render", "cpu", "--elastic", "--nodes", "4", "--min-nodes", "2",
                     "--max-restarts", "3", "--set", "cores_per_socket=32", "--",
-                    "--data", "/scratch/ds/index.json", "--epochs", "90"],
+                    "--data", "/scratch/ds/index.json", "--epochs", "90", "--batch-size", "24"],
     "cpu-elastic-mpirun": ["render", "cpu", "--elastic", "--nodes", "2", "--set",
                            "cores_per_socket=16", "--set", "launcher=mpirun", "--set",
                            "checkpoint_seconds=120", "--set", "probe_seconds=5", "--",
@@ -154,6 +155,27 @@ def test_requeue_exit_code_is_the_trainers():
     (["render", "sweep", "--sweep", SWEEP, "--elastic"], "--elastic: template sweep has no parameter 'elastic'"),
     (["render", "cpu", "--set", "cores_per_socket=4", "--set", "elastic=yes"],
      "--set elastic: elastic must be one of true, false"),
+    # the global batch 4 x 2 x 32 = 256 cannot be kept on the 6 ranks of 3 nodes
+    (["render", "cpu", "--elastic", "--nodes", "4", "--min-nodes", "2", "--set", "cores_per_socket=32",
+      "--", "--batch-size", "32"],
+     "--min-nodes: the global batch 256 (4 nodes x 2 ranks x --batch-size 32) cannot be split evenly "
+     "over 6 ranks (3 nodes), which the job goes on with after losing nodes (down to --min-nodes 2); "
+     "it splits evenly over 8 or 4 ranks (4 or 2 nodes): use --batch-size 30 or 33 (global batch 240 or 264)"),
+    (["render", "cpu", "--elastic", "--nodes", "5", "--set", "cores_per_socket=32"],  # --batch-size 16
+     "--elastic: the global batch 160 (5 nodes x 2 ranks x --batch-size 16) cannot be split evenly over "
+     "6 ranks (3 nodes), which the job goes on with after losing nodes (down to --min-nodes 1); it splits "
+     "evenly over 10, 8, 4 or 2 ranks (5, 4, 2 or 1 nodes): use --min-nodes 4 or --batch-size 12 or 24"),
+    # gpu: a rank per GPU (4 per node); a --config file's batch size counts as the flag's
+    (["render", "gpu", "--elastic", "--nodes", "3", "--set", "gpus_per_node=4", "--set", "min_nodes=2",
+      "--", "--config", os.path.join(GOLDEN, "batch-3.toml")],
+     "--set min_nodes: the global batch 36 (3 nodes x 4 ranks x --batch-size 3) cannot be split evenly "
+     "over 8 ranks (2 nodes)"),
+    (["render", "cpu", "--elastic", "--set", "cores_per_socket=4"],
+     "--elastic: needs --nodes 2 or more: with 1 node there is none to lose"),
+    (["render", "cpu", "--min-nodes", "2", "--nodes", "4", "--set", "cores_per_socket=4"],
+     "--min-nodes: min_nodes is used only with --elastic: add --elastic or drop --min-nodes"),
+    (["render", "gpu", "--set", "gpus_per_node=4", "--set", "probe_seconds=5"],
+     "--set probe_seconds: probe_seconds is used only with --elastic"),
     (["collect", "/nonexistent/sweep"], "collect /nonexistent/sweep: no such directory"),
     (["collect", "x", "--", "--lr", "1"], "collect: takes no train flags"),
 ])
@@ -246,7 +268,8 @@ def test_elastic_runs_the_relaunch_loop_and_keeps_the_requeue(capsys):
     assert "#SBATCH --signal=B:USR1@300" in out  # a time limit still ends in a requeue
     assert "MIN_NODES=2\n" in out and "MAX_RESTARTS=3\n" in out
     assert "program+=(--checkpoint-every-seconds 300)" in out
-    assert out.rstrip().endswith("hpcaccel_run_elastic \"${program[@]}\" --data /scratch/ds/index.json --epochs 90")
+    assert out.rstrip().endswith("hpcaccel_run_elastic \"${program[@]}\" --data /scratch/ds/index.json "
+                                 "--epochs 90 --batch-size 24")
     _, plain, _ = render(capsys, CASES["cpu-minimal"])
     for needle in ("--no-kill", "hpcaccel_run_elastic", "MIN_NODES", "checkpoint-every-seconds"):
         assert needle not in plain
