@@ -41,4 +41,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 echo "test-python-min: unit tests under $("$venv/bin/python" --version), $("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)')"
-exec timeout --signal=TERM --kill-after=30 900 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/unit "$@"
+exec timeout --signal=TERM --kill-after=30 900 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+  -n "${TEST_WORKERS:-auto}" tests/unit "$@"
