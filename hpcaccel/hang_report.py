@@ -31,6 +31,13 @@ def rank_state(rank: int, phase: str, step: int) -> dict:
     return {"rank": rank, "phase": phase, "step": step, "seq": snap["seq"], "open": snap["open"]}
 
 
+# what each channel's collectives are, in a verdict: (one, several)
+LABELS = {"control": ("control-plane collective", "control-plane collectives"),
+          "gradients": ("gradient bucket allreduce", "gradient bucket allreduces"),
+          "collectives": ("hpcaccel.torch collective",
+                          "hpcaccel.torch collectives")}
+
+
 def summarize(states: dict[int, dict], size: int) -> tuple[list[int], list[str]]:
     """Pure. (blamed ranks, lines) from the reports of ranks `states` of `size`."""
     lines, blamed = [], []
@@ -46,28 +53,89 @@ def summarize(states: dict[int, dict], size: int) -> tuple[list[int], list[str]]
         lines.append(f"rank(s) {outside[:16]} outside any collective (the others wait in one): "
                      f"they are behind, in {states[outside[0]]['phase']} after step "
                      f"{states[outside[0]]['step']}")
-    # Every rank issues the same collectives in order: one whose count on a channel is below
-    # the others' while it waits in another collective either skipped one there or waits
-    # for one that ran ahead; the one at the later step is the one that skipped.
-    behind = {}
-    for channel in CHANNELS:
-        top = max(states[r]["seq"].get(channel, 0) for r in inside) if inside else 0
-        for r in inside:
-            seq = states[r]["seq"].get(channel, 0)
-            if seq < top and states[r]["open"].get(channel) is None:
-                behind.setdefault(r, (channel, seq, top))
-    if behind:
-        last = max(states[r]["step"] for r in behind)
-        odd = sorted(r for r in behind if states[r]["step"] == last)
+    splits = _splits(states, inside)
+    if splits:
+        odd, verdict = _odd_ones(states, splits)
         blamed += [r for r in odd if r not in blamed]
-        channel, seq, top = behind[odd[0]]
-        lines.append(f"rank(s) {odd[:16]} issued fewer {channel} collectives ({seq} against "
-                     f"{top}), went on to step {last} and wait in another one: they skipped a "
-                     f"collective")
+        lines += verdict
     if not blamed:
         lines.append("every rank reported and waits in the same collective: a peer outside the "
                      "job, or the network, holds them up")
     return sorted(set(blamed)), lines
+
+
+def _splits(states, inside) -> list[tuple[str, int, list[int], list[int]]]:
+    """(channel, top, ahead, short) where ranks inside collectives disagree: `ahead` wait in
+    collective #top of the channel, which `short` (count below top, waiting in another
+    channel) never issued. Every rank issues the same collectives in the same order, so
+    either the ahead ones issued one too many or the short ones skipped one."""
+    found = []
+    for channel in CHANNELS:
+        seq = {r: states[r]["seq"].get(channel, 0) for r in inside}
+        top = max(seq.values(), default=0)
+        ahead = [r for r in inside if (states[r]["open"].get(channel) or {}).get("seq") == top]
+        short = [r for r in inside if seq[r] < top and states[r]["open"].get(channel) is None]
+        if ahead and short:
+            found.append((channel, top, ahead, short))
+    return found
+
+
+def _odd_ones(states, splits) -> tuple[list[int], list[str]]:
+    """The ranks that did something the others did not, and the lines saying what.
+
+    Who, in order: the minority of a split (at three ranks or more, the side fewer ranks
+    are on); else the ranks at a later step than the others (the others could not have
+    completed that step: these skipped a collective); else ranks that issued more
+    collectives of the channel they wait in this step than in their previous step (a
+    training loop issues the same ones every step: an extra collective); else both sides,
+    said as such. The conclusion says skipped where they went on to a later step, extra
+    where they broke their own rhythm, and either where only their number tells."""
+    involved = sorted({r for _, _, a, s in splits for r in a + s})
+    minority = set()
+    for _, _, ahead, short in splits:
+        if len(ahead) != len(short):
+            minority.update(ahead if len(ahead) < len(short) else short)
+    steps = {r: states[r]["step"] for r in involved}
+    later = [r for r in involved if steps[r] > min(steps.values())]
+    extra = {r for channel, _, ahead, _ in splits for r in ahead
+             if states[r].get("last_step") is not None
+             and states[r]["this_step"][channel] > states[r]["last_step"][channel]}
+    if minority:
+        odd = sorted(minority)
+    elif later:
+        odd = later
+    elif extra and len(extra) < len(involved):
+        odd = sorted(extra)
+    else:
+        odd = involved
+    lines = []
+    for channel, top, ahead, short in splits:
+        one, several = LABELS.get(channel, (channel, channel))
+        who = [r for r in short if r in odd]
+        if who:
+            counts = sorted({states[r]["seq"].get(channel, 0) for r in who})
+            lines.append(f"rank(s) {who[:16]} issued fewer {several} "
+                         f"({', '.join(map(str, counts))} against {top}) and wait in another "
+                         f"collective")
+        who = [r for r in ahead if r in odd]
+        if who:
+            lines.append(f"rank(s) {who[:16]} wait in {one} #{top} "
+                         f"({states[who[0]]['open'][channel]['kind']}), which rank(s) "
+                         f"{short[:16]} never issued")
+    if later and set(odd) <= set(later):
+        lines.append(f"rank(s) {odd[:16]} went on to step {max(steps.values())} while the "
+                     f"others completed step {min(steps.values())} only: they skipped a "
+                     f"collective")
+    elif set(odd) <= extra:
+        lines.append(f"rank(s) {odd[:16]} issued more collectives in this step than in their "
+                     f"previous one: they issued an extra collective")
+    elif odd == involved and not minority:
+        lines.append(f"rank(s) {odd[:16]} each wait in a collective the others never issued: "
+                     f"one side skipped a collective or issued an extra one")
+    else:
+        lines.append(f"rank(s) {odd[:16]} did not issue what the others did: they skipped a "
+                     f"collective or issued an extra one")
+    return odd, lines
 
 
 class HangReport:

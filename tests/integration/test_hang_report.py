@@ -39,6 +39,49 @@ def test_rule_blames_nobody_when_all_wait_in_the_same_collective():
     assert summarize(states, 2)[0] == []
 
 
+def script_state(rank, seq, opened, step=4, this_step=None, last_step=None):
+    """A script's rank: counts on the three channels, waiting in `opened` = (channel, kind)."""
+    channel, kind = opened
+    return {"rank": rank, "phase": "training", "step": step, "seq": dict(seq),
+            "this_step": this_step, "last_step": last_step,
+            "open": {c: {"seq": seq[c], "kind": kind, "step": step, "bytes": 4, "waiting_s": 5.0}
+                     if c == channel else None for c in ("control", "gradients", "collectives")}}
+
+
+def extra_collective_states(rhythm=True):
+    # Each step: one bucket allreduce, one hvd.allreduce, one vote. Rank 1 made an extra
+    # hvd.allreduce (#3) after step 4's vote; rank 0 went on into step 5's vote (#13).
+    per_step = {"control": 1, "gradients": 1, "collectives": 1}
+    return {0: script_state(0, {"control": 13, "gradients": 5, "collectives": 2},
+                            ("control", "allreduce-max"), this_step=per_step if rhythm else None,
+                            last_step=per_step if rhythm else None),
+            1: script_state(1, {"control": 12, "gradients": 5, "collectives": 3},
+                            ("collectives", "allreduce"),
+                            this_step={"control": 0, "gradients": 1, "collectives": 2}
+                            if rhythm else None, last_step=per_step if rhythm else None)}
+
+
+def test_rule_names_the_rank_that_issued_an_extra_collective():
+    blamed, lines = summarize(extra_collective_states(), 2)
+    text = "\n".join(lines)
+    assert blamed == [1], text
+    assert "rank(s) [1] wait in hpcaccel.torch collective #3 (allreduce), which rank(s) [0] " \
+           "never issued" in text
+    assert "they issued an extra collective" in text and "[0, 1]" not in text
+    assert "collectives collectives" not in text
+
+
+def test_rule_names_the_odd_rank_by_majority_and_says_when_it_cannot_tell():
+    # three ranks: ranks 0 and 1 agree (in the vote), rank 2 alone made the extra call
+    states = extra_collective_states(rhythm=False)
+    states[2] = dict(states[1], rank=2)
+    states[1] = dict(states[0], rank=1)
+    assert summarize(states, 3)[0] == [2]
+    # two ranks and nothing to tell which side is odd: both, and the report says so
+    blamed, lines = summarize(extra_collective_states(rhythm=False), 2)
+    assert blamed == [0, 1] and "one side skipped a collective or issued an extra one" in lines[-1]
+
+
 def hang_run(tmp_path, np_, fault, rank, *extra):
     """(result, OUT/hang-report.txt) of a run in which `rank` does `fault` at step 5."""
     (tmp_path / "faultymodel.py").write_text(FAULTY)
