@@ -294,10 +294,23 @@ def format_failure(rank: int, e: BaseException) -> str:
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    from . import departure
     from .control import ControlPlane
 
     control = ControlPlane()  # MPI.COMM_WORLD: the whole job
     rank = control.rank
+    # Leaving is an event: however this rank ends, the others' waits learn it (a rank
+    # still waiting in a collective this one never entered fails, naming it)
+    departure.install(departure.Departures(control.comm))
+    try:
+        return _main(argv, control, rank)
+    finally:
+        departure.announce(2)
+
+
+def _main(argv, control, rank) -> int:
+    from . import departure
+
     try:
         result = run(argv, control)
         return REQUEUE_EXIT_CODE if "stopped_by" in result else 0
@@ -320,6 +333,7 @@ def main(argv=None) -> int:
         sys.stderr.flush()
         from .runlock import release_held
         release_held()  # MPI_Abort skips exit handlers: OUT's lock would stay behind
+        departure.announce(3)  # peers fail naming this rank, should the abort not end them
         control.abort(1)
         return 1
 

@@ -74,6 +74,7 @@ import time
 import torch
 
 from ..collectives import TRACKER
+from ..departure import check
 from ..optim import clip_grad_norm_
 from . import powersgd
 from .algorithms import CHUNK_BYTES
@@ -82,6 +83,7 @@ from .algorithms import LibraryShards
 from .base import Reducer
 from .hierarchical import node_layout
 from .sharding import SHARDS, ShardedOptimizer
+from .waits import agreement, guarded, wait_bucket, wait_requests
 
 _FIRST_BUCKET_BYTES = 1 << 20
 # shard gradients: full-size gradient buffers lent to buckets while backward runs. Two: one
@@ -293,6 +295,10 @@ class MPIReducer(Reducer):
         self._pool = []        # shard gradients: free gradient buffers lent to buckets
         self._pool_lock = threading.Condition()
         self._lent = []        # buckets holding a lent buffer
+        # hpcaccel.torch: agrees on each step's exchange across ranks in its engine (raises
+        # where ranks are elsewhere); `urgent` where it must come before the buckets
+        self.exchange = None
+        self._broken = False   # a wait failed: a bucket's allreduce may never complete
 
     # -- set-up ---------------------------------------------------------------------------
     def broadcast_parameters(self, module, root=0):
@@ -513,6 +519,7 @@ class MPIReducer(Reducer):
         if b.flat is None:
             self._lend(b)
         TRACKER.enter("bucket allreduce", b.flat.numel() * b.flat.element_size(), "gradients")
+        b.seq = TRACKER.seq["gradients"]  # this bucket's collective number (waits.py)
         # Parameters without a gradient this step send what .grad holds: None -> zeros and
         # an unset flag; a gradient kept from before (not zeroed by the caller) -> its value.
         used = list(b.touched)
@@ -605,16 +612,21 @@ class MPIReducer(Reducer):
                 self._MPI.Request.Testall(active)
 
     def _finish_buckets(self, reduce, what: str) -> None:
-        """Every launched bucket's reduction done: waited for (overlap thread), or run here
-        (overlap none)."""
+        """Every launched bucket's reduction done: waited for (overlap thread; failing where a
+        peer left or is elsewhere, waits.py), or run here (overlap none); agreed."""
+        agree = agreement(self)
+        if agree is not None and self.overlap != "thread":
+            guarded(self, agree)  # first: a rank elsewhere would hang the blocking ones below
         if self.overlap == "thread":
             for b in self.buckets:
-                b.done.wait()
+                guarded(self, wait_bucket, b, agree)
             if self._worker_error is not None:
                 raise RuntimeError(f"gradient {what} failed") from self._worker_error
         else:
             for b in self.buckets:
                 reduce(b)
+        if agree is not None:
+            guarded(self, agree)
 
     def synchronize(self):
         if self.sharded is not None:
@@ -623,7 +635,10 @@ class MPIReducer(Reducer):
         for b in self.buckets[self._next_launch:]:
             self._launch(b)  # incomplete buckets: missing gradients are zeros, flags 0
         if self.overlap == "nonblocking":
-            self._MPI.Request.Waitall([b.request for b in self.buckets])
+            agree = agreement(self)
+            guarded(self, wait_requests, self.buckets, agree)
+            if agree is not None:
+                guarded(self, agree)
         else:
             self._finish_buckets(self._allreduce_mean, "allreduce")
         for b in self.buckets:
@@ -660,6 +675,9 @@ class MPIReducer(Reducer):
                    and any(x.request is not None for x in self._lent)
                    and self._worker_error is None):
                 self._pool_lock.wait(timeout=1.0)
+                for x in self._lent:  # one in flight whose peer left would never give it back
+                    if x.request is not None:
+                        check("gradients", x.seq, f"bucket reduce-scatter {x.index}")
             fits = sorted((t for t in self._pool if t.numel() >= need), key=torch.Tensor.numel)
             buf = fits[0] if fits else None
             if buf is not None:  # by identity: == on tensors compares elements
@@ -862,15 +880,15 @@ class MPIReducer(Reducer):
         return f"{self.name} ({what})"
 
     def close(self):
-        if self._worker is not None and self.sharded is not None:
+        if self._worker is not None and self.sharded is not None and not self._broken:
             self.wait_parameters()
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._worker is not None:
+        if self._worker is not None and not self._broken:  # broken: it may wait forever
             self._queue.put(None)
             self._worker.join()
-            self._worker = None
+        self._worker = None
         getattr(self.algorithm, "close", lambda: None)()
         if self.comm is not None:
             self.comm.Free()

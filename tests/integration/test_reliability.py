@@ -1,5 +1,5 @@
-"""No rank ever hangs: a crash, a SIGKILL, a hang or a NaN on one rank ends every rank
-quickly with a clear message; bad data is one line and exit code 2."""
+"""No rank ever hangs: a crash, a SIGKILL, a hang, a NaN or a rank that ends early on one
+rank ends every rank quickly with a clear message; bad data is one line and exit code 2."""
 import json
 import time
 
@@ -28,6 +28,8 @@ class Faulty(torch.nn.Module):
             kind = os.environ["FAULT"]
             if kind == "raise":
                 raise RuntimeError("user model exploded")
+            if kind == "exit":  # this rank ends normally, mid-training
+                raise SystemExit(0)
             if kind == "sigkill":
                 os.kill(os.getpid(), 9)
             if kind == "hang":
@@ -81,6 +83,16 @@ def test_exception_on_one_rank_ends_all_within_30s(tmp_path, faulty_dir, np_):
 def test_sigkill_of_one_rank_ends_all_within_30s(tmp_path, faulty_dir, np_):
     r, seconds = faulty_run(np_, tmp_path, faulty_dir, "sigkill", 1)
     assert r.returncode != 0 and seconds < 30, (seconds, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("np_", [2, 4])
+def test_a_rank_that_ends_mid_training_ends_every_rank_naming_it(tmp_path, faulty_dir, np_):
+    # sys.exit(0) in the last rank's forward at step 5: it ends normally (departure.py)
+    # while the others wait in step 5's gradient exchange; before, until --stall-timeout
+    r, seconds = faulty_run(np_, tmp_path, faulty_dir, "exit", np_ - 1)
+    assert r.returncode != 0 and seconds < 30, (seconds, r.stderr[-2000:])
+    assert (f"PeerLeft: rank {np_ - 1} left the job: hpcaccel.train ended on it, after 4 "
+            f"gradients collective(s); this rank waits in gradients collective #5") in r.stderr
 
 
 @pytest.mark.parametrize("np_", [2, 4])

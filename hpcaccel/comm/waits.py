@@ -1,0 +1,82 @@
+"""How the mpi reducer waits for its buckets: only while every peer can still come.
+
+A bucket's allreduce runs on the communication thread (or as a nonblocking request); the
+training thread waits for it in synchronize(). A peer that has left the job (departure.py)
+never takes part, so while it waits the training thread checks for departures and fails
+(PeerLeft, naming the rank) instead of waiting forever. hpcaccel.torch also agrees on each
+step's exchange (`agree`, hpcaccel/torch/exchange.py): a peer in another collective fails
+it. The round is cheapest once the buckets are done (their allreduces brought the ranks
+together), so it runs then, or as soon as a wait for a bucket lasts POLL_SECONDS (a peer
+may be elsewhere: its buckets would never come); first where ranks have joined (they take
+part in the buckets only after it). The allreduce that can never complete stays behind in
+the communication thread; the reducer is then broken (close() does not wait for it).
+
+Cross-rank invariant: bucket k of a step is gradients collective `b.seq` on every rank
+(collectives.TRACKER counts bucket launches, and every rank launches every bucket of every
+step in index order), so a departed rank's count says exactly whether it took part.
+"""
+from __future__ import annotations
+
+import time
+
+from ..departure import check
+
+POLL_SECONDS = 0.02  # how often a waiting rank looks for departures (it wakes at once when done)
+
+
+class Once:
+    """A step's agreement on its exchange, run at most once (None: nothing to agree on)."""
+
+    def __init__(self, agree):
+        self.agree, self.done = agree, agree is None
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            self.agree()
+
+
+def agreement(reducer) -> Once | None:
+    """This step's agreement on its exchange, run at once where urgent (ranks joined)."""
+    if reducer.exchange is None:
+        return None
+    agree = Once(reducer.exchange)
+    if reducer.exchange.urgent:
+        guarded(reducer, agree)
+    return agree
+
+
+def guarded(reducer, wait, *args) -> None:
+    """A wait that may fail (a peer left or is elsewhere): then buckets already started may
+    never complete, and the reducer is broken."""
+    try:
+        wait(*args)
+    except BaseException:
+        reducer._broken = True
+        raise
+
+
+def wait_bucket(b, agree: Once | None = None) -> None:
+    """Training thread: wait until bucket b's reduction is done (overlap thread)."""
+    while not b.done.wait(POLL_SECONDS):
+        if agree is not None:
+            agree()
+        _check(b)
+
+
+def wait_requests(buckets, agree: Once | None = None) -> None:
+    """Training thread: wait for the buckets' nonblocking requests (overlap nonblocking)."""
+    from mpi4py import MPI
+
+    requests = [b.request for b in buckets]
+    pause, t0 = 1e-4, time.monotonic()
+    while not MPI.Request.Testall(requests):
+        if agree is not None and time.monotonic() - t0 > POLL_SECONDS:
+            agree()
+        _check(buckets[-1])  # the last one: a peer that left before it never comes
+        time.sleep(pause)
+        pause = min(pause * 2, POLL_SECONDS)
+
+
+def _check(b) -> None:
+    check("gradients", getattr(b, "seq", 0), f"bucket allreduce {b.index}")
