@@ -5,10 +5,10 @@ op Sum, out of place (a new tensor each call, as hvd.allreduce returns one):
                    "mpi4py Allreduce"                 bare comm.Allreduce(src, dst)
                    "hpcaccel.torch"                   hvd.allreduce through hpcaccel.torch
                    "hpcaccel.torch, check skipped"    the same with the engine's agreement
-                                                      check (Operation.agree) patched out
-                                                      here, to measure what the check costs
-                   "mpi4py Allreduce, check's 256 B"  a bare Allreduce of the check's own
-                                                      message (16 + 16 int64)
+                                                      check (agreement.Rounds.agree) patched
+                                                      out here, to measure what it costs
+                   "mpi4py Allreduce, check's 272 B"  a bare Allreduce of the check's own
+                                                      message (16 + 16 + 2 int64, bitwise or)
   --api horovod    real Horovod's hvd.allreduce (a process of its own: its background
                    thread keeps polling and would slow anything measured beside it)
 
@@ -48,8 +48,8 @@ def main():
 
     impls = {}
     if args.api == "hpcaccel":
-        from hpcaccel.torch.engine import Operation
-        checked = Operation.agree
+        from hpcaccel.torch.agreement import Rounds
+        checked = Rounds.agree
 
         def bare(t):
             src, dst = t.numpy(), np.empty(t.numel(), np.float32)
@@ -59,20 +59,20 @@ def main():
             call = api_call(t)
 
             def run():
-                Operation.agree = lambda self, *args: None
+                Rounds.agree = lambda self, op: None
                 try:
                     return call()
                 finally:
-                    Operation.agree = checked
+                    Rounds.agree = checked
             return run
 
         def check_message(t):
-            both = np.zeros(32, np.int64)
-            return lambda: comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
+            both = np.zeros(34, np.int64)
+            return lambda: comm.Allreduce(MPI.IN_PLACE, both, op=MPI.BOR)
 
         impls = {"mpi4py Allreduce": bare, "hpcaccel.torch": api_call,
                  "hpcaccel.torch, check skipped": unchecked,
-                 "mpi4py Allreduce, check's 256 B": check_message}
+                 "mpi4py Allreduce, check's 272 B": check_message}
         barrier = comm.Barrier
     else:
         impls = {"Horovod": api_call}

@@ -2,13 +2,20 @@
 ranks and sizes, and what this build offers (Horovod's basics, same names and values).
 
 One Runtime per process, made by init() and torn down by shutdown(). Everything in
-hpcaccel.torch reaches MPI through it: its control plane for small values and objects,
-its collective engine (engine.py) for tensors, and the Reducer a DistributedOptimizer
-builds on its communicator.
+hpcaccel.torch reaches MPI through it: its collective engine (engine.py) for tensors, its
+control plane for small values and objects (control_ops.py: on the engine too), and the
+Reducer a DistributedOptimizer builds on its communicator (each step agreed on the engine,
+exchange.py).
+
+Leaving is an event (hpcaccel/departure.py): a rank whose script returns or calls
+sys.exit, that calls shutdown(), or that an uncaught exception ends tells the other ranks
+before MPI is finalized, and their pending and next collectives fail naming it.
 """
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 
 # Horovod's reduction ops, with Horovod's values (scripts compare and pass them as ints).
 Average, Sum, Adasum, Min, Max, Product = 0, 1, 2, 3, 4, 5
@@ -35,7 +42,6 @@ class Runtime:
     def __init__(self, comm):
         from mpi4py import MPI
 
-        from ..control import ControlPlane
         from ..comm.hierarchical import node_layout
 
         self.MPI = MPI
@@ -48,15 +54,42 @@ class Runtime:
         cross = comm.Split(color=self.local_rank, key=self.rank)
         self.cross_rank, self.cross_size = cross.Get_rank(), cross.Get_size()
         cross.Free()
-        # small values and objects (broadcast_object, the optimizer's votes): its own
-        # communicator, so they never match a tensor collective in flight on the engine's
-        self.control = ControlPlane(comm.Dup())
+        from .control_ops import EngineControlPlane
         from .engine import Engine
         self.engine = Engine(comm.Dup())
+        # small values and objects (Job's votes and gathers, the optimizer's votes): on the
+        # engine too, agreed in order with the tensor collectives (control_ops.py)
+        self.control = EngineControlPlane(comm.Dup(), self.engine)
         self.timeline = None
+        self._reducers = []  # DistributedOptimizers' reducers, by creation order (weakly)
+        from .. import departure
+        from ..collectives import TRACKER
+        self.departures = departure.Departures(
+            comm, counts=lambda: {**TRACKER.seq, "rounds": self.engine.rounds.count})
+        departure.install(self.departures)
 
-    def close(self):
+    def add_reducer(self, reducer) -> int:
+        """Local. Remember a DistributedOptimizer's reducer; its number (creation order,
+        the same on every rank) by which a joined rank finds it (join_ops.py)."""
+        self._reducers.append(weakref.ref(reducer))
+        return len(self._reducers) - 1
+
+    def reducer(self, index: int):
+        found = self._reducers[index]()
+        if found is None:
+            raise RuntimeError(f"DistributedOptimizer #{index} is gone on this rank, but the "
+                               f"other ranks still step it")
+        return found
+
+    def close(self, reason: int = 1):
+        """Finish what was submitted, tell the other ranks this one leaves (`reason`, an
+        index of departure.REASONS), free the communicators. Local."""
+        from .. import departure
+
         self.engine.close()
+        self.departures.announce(reason)
+        if departure.current() is self.departures:
+            departure.install(None)
         if self.timeline is not None:
             self.timeline.close()
             self.timeline = None
@@ -111,6 +144,22 @@ def init(comm=None, process_sets=None):
         _runtime = Runtime(_world(comm))
         if _runtime.size > 1:
             _end_job_on_uncaught_exception()
+        global _exit_registered
+        if not _exit_registered:
+            _exit_registered = True
+            atexit.register(_at_exit)
+
+
+_exit_registered = False
+
+
+def _at_exit() -> None:
+    """The script ended (returned, sys.exit) without shutdown(): shut down, telling the
+    other ranks, before mpi4py finalizes MPI (a later exit handler: atexit runs first)."""
+    from mpi4py import MPI
+
+    if _runtime is not None and not MPI.Is_finalized():
+        _shutdown(reason=0)
 
 
 def _end_job_on_uncaught_exception() -> None:
@@ -130,6 +179,8 @@ def _end_job_on_uncaught_exception() -> None:
         sys.stderr.flush()
         from ..runlock import release_held
         release_held()  # a Job's run.lock: the next start need not wait for it to go stale
+        if _runtime is not None:  # peers fail naming this rank, should the abort not end them
+            _runtime.departures.announce(3)
         from mpi4py import MPI
         MPI.COMM_WORLD.Abort(1)
     hook.__hpcaccel__ = True
@@ -143,12 +194,17 @@ def _only_global(process_sets) -> bool:
 
 
 def shutdown():
-    """Stop hpcaccel.torch in this process (pending operations are finished first).
-    init() may be called again afterwards."""
+    """Stop hpcaccel.torch in this process (pending operations are finished first). The
+    other ranks' collectives that this rank never enters fail, naming it (as Horovod's
+    "Horovod has been shut down"). init() may be called again afterwards."""
+    _shutdown(reason=1)
+
+
+def _shutdown(reason: int) -> None:
     global _runtime
     with _lock:
         if _runtime is not None:
-            _runtime.close()
+            _runtime.close(reason)
             _runtime = None
 
 

@@ -1,92 +1,81 @@
-"""The collective engine behind hpcaccel.torch's allreduce/allgather/broadcast: operations
-run in the background, one at a time, in the order this rank submitted them; a handle
-(an int, as Horovod's) answers poll() and synchronize().
+"""The collective engine behind hpcaccel.torch: operations run in the background, one at a
+time, in the order this rank submitted them; a handle (an int, as Horovod's) answers poll()
+and synchronize().
 
-Horovod matches operations across ranks by name in a coordinator. Here each operation
-first agrees on what it is: one small allreduce of its descriptor (kind, name, dtype,
-shape, op, root) as MAX of (d, -d), which equals (d, -d) on every rank exactly when all
-ranks sent the same d. If any rank differs, every rank learns it from that same result,
-they all gather the readable descriptions and all fail the operation with one message
-naming the ranks; nothing is summed. So a mismatch is an error on every rank, never a hang
-inside a data collective and never silently mixed data. What the check costs per call is
-measured in benchmarks/test_torch_api.py.
+Each operation first agrees with the other ranks on what it is, in one small allreduce
+(agreement.py: a mismatch is an error on every rank, never a hang inside a data collective
+and never silently mixed data; ranks that called hvd.join() take part with zeros). What the
+check costs per call is measured by benchmarks/torch_api/allreduce_calls.py.
 
 Cross-rank invariants:
   * Every rank submits the same operations in the same order (as MPI requires; Horovod
     allowed any order of names). A different order is reported as a mismatch.
   * One thread (the engine's) calls MPI on the engine's communicator, a duplicate that no
     other part uses; so the engine never interferes with the reducer or the control plane.
+  * While it waits for a round, the engine checks for ranks that left the job
+    (departure.py): a rank that ended fails the others' next round, naming it.
 """
 from __future__ import annotations
 
 import itertools
 import queue
+import re
 import threading
 import time
-import zlib
-
-import numpy as np
 
 from ..collectives import TRACKER
+from ..departure import PeerLeft, abandon, check
+from .agreement import Rounds, descriptor
 
-DESCRIPTOR_LEN = 16
-
-
-def descriptor(kind: str, name: str, fields: list) -> np.ndarray:
-    """Fixed-length int64 fingerprint of an operation; equal on two ranks iff they agree
-    on kind, name and `fields` (dtype names, shapes, op, root, factors as strings/ints)."""
-    d = np.zeros(DESCRIPTOR_LEN, dtype=np.int64)
-    d[0] = zlib.crc32(kind.encode())
-    d[1] = zlib.crc32(name.encode())
-    d[2] = zlib.crc32(repr(fields).encode())
-    d[3] = len(fields)
-    return d
+_AUTO_NAME = re.compile(r"\.noname\.\d+$")
 
 
 class Operation:
     """One collective: `run(comm)` does the data movement and returns the result; `kind`,
-    `name` and `fields()` describe it for the agreement check (what must match)."""
+    `name` and `fields()` describe it for the agreement (what must match). `channel`: the
+    hang report's (collectives.py) it counts on; None: not counted."""
 
     kind = "?"
+    channel = "collectives"
 
     def __init__(self, name: str):
         self.name = name
+        self.auto_named = bool(_AUTO_NAME.search(name))
 
     def fields(self) -> list:
         return []
 
+    def nbytes(self) -> int:
+        """The bytes it moves from this rank, for the hang report."""
+        return sum(t.numel() * t.element_size() for t in getattr(self, "inputs", ()))
+
     def describe(self) -> str:
         return f"{self.kind} {self.name!r} ({', '.join(map(str, self.fields()))})"
 
-    def agree(self, comm, stall):
-        """Collective. None when every rank submitted the same operation, else the message.
-        `stall`: a StallCheck, told while this rank waits for the others to arrive."""
-        from mpi4py import MPI
+    def descriptor(self):
+        return descriptor(self.kind, self.name, self.fields())
 
-        d = descriptor(self.kind, self.name, self.fields())
-        both = np.concatenate([d, -d])
-        stall.wait(comm.Iallreduce(MPI.IN_PLACE, both, op=MPI.MAX), self)
-        if np.array_equal(both[:DESCRIPTOR_LEN], d) and np.array_equal(both[DESCRIPTOR_LEN:], -d):
-            return None
-        return mismatch_message(comm.allgather(self.describe()))
+    def after_agree(self, comm) -> str | None:
+        """Collective, after every rank agreed (none joined): what else ranks must know
+        before run() (allgather's first dimensions); an error message, or None."""
+        return None
+
+    def join_spec(self):
+        """What a rank that joined needs to take part with zeros (join_ops.py), or None where
+        the operation cannot run while ranks have joined (Horovod refuses it too)."""
+        return None
 
     def run(self, comm):
         raise NotImplementedError
 
 
-def mismatch_message(descriptions: list[str]) -> str:
-    """Every rank's description grouped: which ranks asked for what."""
-    groups: dict[str, list[int]] = {}
-    for r, text in enumerate(descriptions):
-        groups.setdefault(text, []).append(r)
-    parts = [f"rank(s) {_ranks(ranks)}: {text}" for text, ranks in groups.items()]
-    return ("ranks disagree about a collective (all ranks must call the same operations in "
-            "the same order, with the same names, dtypes, shapes, op and root): " + "; ".join(parts))
+class JoinOp(Operation):
+    """hvd.join(): take part in the others' operations with zeros until every rank joined."""
 
+    kind = "join"
 
-def _ranks(ranks: list[int]) -> str:
-    shown = ", ".join(map(str, ranks[:8]))
-    return shown + (f" (+{len(ranks) - 8} more)" if len(ranks) > 8 else "")
+    def __init__(self):
+        super().__init__("join")
 
 
 class StallCheck:
@@ -110,7 +99,9 @@ class StallCheck:
                            else float(env.get("HOROVOD_STALL_CHECK_TIME_SECONDS", 60)))
         self.shutdown_after = float(env.get("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", 0)) or None
 
-    def wait(self, request, op) -> None:
+    def wait(self, request, what: str, round_: int, buffer=None) -> None:
+        """Wait for agreement round `round_`'s request (on `buffer`); fails (PeerLeft) where a
+        rank that left the job never entered it."""
         import sys
 
         t0 = time.perf_counter()
@@ -121,17 +112,22 @@ class StallCheck:
             return
         pause, warned = 1e-4, False
         while not request.Test():
+            try:
+                check("rounds", round_, what)
+            except PeerLeft:
+                abandon(request, buffer)
+                raise
             time.sleep(pause)
             pause = min(pause * 2, 0.01)
             waited = time.perf_counter() - t0
             if self.warn_after is not None and not warned and waited > self.warn_after:
                 warned = True
                 print(f"hpcaccel.torch: rank {self.rank} has waited {waited:.0f} s in "
-                      f"{op.describe()} for ranks that have not submitted it (they are stalled "
+                      f"{what} for ranks that have not submitted it (they are stalled "
                       f"or skipped it)", file=sys.stderr, flush=True)
             if self.shutdown_after is not None and waited > self.shutdown_after:
                 print(f"hpcaccel.torch: rank {self.rank}: stalled {waited:.0f} s in "
-                      f"{op.describe()}; ending every rank (HOROVOD_STALL_SHUTDOWN_TIME_SECONDS)",
+                      f"{what}; ending every rank (HOROVOD_STALL_SHUTDOWN_TIME_SECONDS)",
                       file=sys.stderr, flush=True)
                 from mpi4py import MPI
                 MPI.COMM_WORLD.Abort(1)
@@ -151,13 +147,16 @@ class Engine:
         self.timeline = None
         self._jobs: dict[int, _Job] = {}
         self._ids = itertools.count(1)
-        self._stall = StallCheck(comm.Get_rank())
+        self.rounds = Rounds(comm, StallCheck(comm.Get_rank()))
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="hpcaccel-collectives",
                                         daemon=True)
         self._thread.start()
         self._auto_count = 0
         self._algorithm = None
+        self._busy = threading.Lock()   # held while an operation runs, in either thread
+        self._pending = 0               # submitted and not yet done
+        self._counting = threading.Lock()
 
     def algorithm(self):
         """The allreduce algorithm for the engine's communicator (hpcaccel's choice: the
@@ -180,8 +179,31 @@ class Engine:
         handle = next(self._ids)
         job = _Job(op)
         self._jobs[handle] = job
+        with self._counting:
+            self._pending += 1
         self._queue.put(job)
         return handle
+
+    def call(self, op: Operation):
+        """Run `op` now and return its result (HorovodInternalError if it failed): in the
+        calling thread when nothing submitted is queued or running (no hand-off to the
+        engine's thread and back), else after what was submitted, in the engine's thread.
+        Either way in submission order, one operation at a time on the engine's
+        communicator."""
+        from .basics import HorovodInternalError
+
+        with self._counting:
+            idle = self._pending == 0 and self._busy.acquire(blocking=False)
+        if not idle:
+            return self.wait(self.submit(op))
+        job = _Job(op)
+        try:
+            self._execute(job)
+        finally:
+            self._busy.release()
+        if job.error is not None:
+            raise HorovodInternalError(job.error) from None
+        return job.result
 
     def poll(self, handle: int) -> bool:
         job = self._jobs.get(handle)
@@ -208,22 +230,39 @@ class Engine:
             job = self._queue.get()
             if job is None:
                 return
-            op = job.op
-            TRACKER.enter(op.kind, 0, "collectives")
-            t0 = time.perf_counter()
-            try:
-                problem = op.agree(self.comm, self._stall)
+            with self._busy:
+                self._execute(job)
+            with self._counting:
+                self._pending -= 1
+            job.done.set()
+
+    def _execute(self, job) -> None:
+        """Agree on job's operation with the other ranks and run it (or, for join, take
+        part in theirs); its result or error into the job. Holding self._busy."""
+        op = job.op
+        if op.channel is not None:
+            TRACKER.enter(op.kind, op.nbytes(), op.channel)
+        t0 = time.perf_counter()
+        try:
+            if isinstance(op, JoinOp):
+                from .join_ops import take_part
+                job.result = self.rounds.join(lambda spec: take_part(spec, self))
+            else:
+                problem = self.rounds.agree(op)
                 if problem is not None:
                     job.error = problem
                 else:
                     job.result = op.run(self.comm)
-            except Exception as e:  # noqa: BLE001 - reported by synchronize() on this rank
-                job.error = f"{op.kind} {op.name!r} failed: {type(e).__name__}: {e}"
-            finally:
-                TRACKER.leave("collectives")
-                if self.timeline is not None:
-                    self.timeline.add(op.kind, t0, time.perf_counter(), name=op.name)
-                job.done.set()
+        except PeerLeft as e:
+            job.error = (f"{op.kind} {op.name!r}: {e} (uneven data per rank? a rank that "
+                         f"runs out of batches calls hvd.join())")
+        except Exception as e:  # noqa: BLE001 - reported by synchronize() on this rank
+            job.error = f"{op.kind} {op.name!r} failed: {type(e).__name__}: {e}"
+        finally:
+            if op.channel is not None:
+                TRACKER.leave(op.channel)
+            if self.timeline is not None:
+                self.timeline.add(op.kind, t0, time.perf_counter(), name=op.name)
 
     def close(self):
         """Finish what was submitted, stop the thread, free the communicator. Local."""

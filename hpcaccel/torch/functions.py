@@ -34,6 +34,9 @@ class _ObjectOp(Operation):
     def fields(self):
         return [] if self.root is None else [f"root {self.root}"]
 
+    def nbytes(self):
+        return len(self.payload or b"")
+
     def run(self, comm):
         if self.root is None:
             return [pickle.loads(b) for b in comm.allgather(self.payload)]

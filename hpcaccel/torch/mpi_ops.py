@@ -90,15 +90,13 @@ class AllgatherOp(Operation):
     def fields(self):
         return [_meta(t, skip_first=True) for t in self.inputs]
 
-    def agree(self, comm, stall):
-        """As every operation (everything but the first dimensions must match), then the
-        first dimensions every rank needs to place the rows."""
-        problem = super().agree(comm, stall)
-        if problem is None:
-            self.rows = comm.allgather([t.shape[0] if t.dim() else -1 for t in self.inputs])
-            if any(r == -1 for rows in self.rows for r in rows):
-                return f"allgather {self.name!r}: tensors need at least one dimension"
-        return problem
+    def after_agree(self, comm):
+        """Everything but the first dimensions matched; now the first dimensions every
+        rank needs to place the rows."""
+        self.rows = comm.allgather([t.shape[0] if t.dim() else -1 for t in self.inputs])
+        if any(r == -1 for rows in self.rows for r in rows):
+            return f"allgather {self.name!r}: tensors need at least one dimension"
+        return None
 
     def run(self, comm):
         results = []
@@ -126,6 +124,9 @@ class BroadcastOp(Operation):
 
     def fields(self):
         return [f"root {self.root}", _meta(self.tensor)]
+
+    def nbytes(self):
+        return self.tensor.numel() * self.tensor.element_size()
 
     def run(self, comm):
         host = _host(self.tensor)

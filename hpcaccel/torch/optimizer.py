@@ -37,6 +37,7 @@ import weakref
 import torch
 
 from ..config import SHARDS
+from ..departure import PeerLeft
 from ..timeline import NullTimeline
 from . import basics
 from .basics import Adasum, Average, OP_NAMES, Sum, runtime
@@ -186,7 +187,10 @@ class _DistributedMethods:
             # same on every rank (see the module's invariants), so all vote or none does.
             again = self._hvd_synchronized
             if not again or runtime().control.any(reducer.pending):
-                reducer.synchronize()
+                try:
+                    reducer.synchronize()
+                except PeerLeft as e:  # Horovod's error for a collective that cannot complete
+                    raise basics.HorovodInternalError(str(e)) from None
         self._hvd_synchronized = True
 
     @contextlib.contextmanager
@@ -494,6 +498,9 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=Compressi
         reducer.close()
         raise
     opt._hvd_finalizer = weakref.finalize(opt, _close, reducer)
+    if rt.size > 1:  # every step's exchange agreed on the engine (exchange.py)
+        from .exchange import agree_each_exchange
+        agree_each_exchange(reducer, rt)
     if shard != "none":
         from .clipping import register
         register(opt)  # Horovod's recipe, torch.nn.utils.clip_grad_norm_, clips globally

@@ -1,7 +1,8 @@
 """The scripts in examples/ as users run them, at 2 ranks under mpirun: the hpcaccel.torch
 script (RankData, Job) trains; stopped by SIGTERM it checkpoints, and the same command
 continues to exactly the parameters and metrics of an uninterrupted run; a rank that stalls
-ends the job with a hang report naming it; the plain Horovod script runs unchanged through
+ends the job with a hang report naming it, one that skips a vote is an error on both ranks
+naming what each was in; the plain Horovod script runs unchanged through
 python -m hpcaccel.horovod. Every run is bounded by a timeout."""
 import os
 import re
@@ -77,7 +78,7 @@ STALL = '''
 import os, runpy, sys, time
 import numpy as np
 import hpcaccel.torch as hvd
-from hpcaccel import control
+from hpcaccel.torch.control_ops import EngineControlPlane as plane
 from hpcaccel.torch.extras import Job
 
 vote = Job.should_stop
@@ -87,11 +88,11 @@ def should_stop(self):
         if os.environ["STALL"] == "hang":
             time.sleep(3600)  # stuck in the script's own code
         else:  # this rank skips the step's vote, goes on, and waits in the next collective
-            issued = control.ControlPlane.allreduce
-            def skipped(plane, values, op="sum"):
-                control.ControlPlane.allreduce = issued
+            issued = plane.allreduce
+            def skipped(self, values, op="sum"):
+                plane.allreduce = issued
                 return np.array(values, dtype=np.float64).reshape(-1)
-            control.ControlPlane.allreduce = skipped
+            plane.allreduce = skipped
     return vote(self)
 
 Job.should_stop = should_stop
@@ -100,25 +101,39 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
-@pytest.mark.parametrize("stall", ["hang", "skip"])
-def test_a_stalled_rank_ends_the_job_with_a_hang_report_naming_it(tmp_path, stall):
+def stalled_run(tmp_path, stall):
     (tmp_path / "stall.py").write_text(STALL)
     out = tmp_path / "run"
     t0 = time.time()
     r = mpirun_python(2, str(tmp_path / "stall.py"), EXAMPLE, "--out", str(out), *ARGS,
                       "--stall-timeout", "5", timeout=180, env={"STALL": stall})
-    took = time.time() - t0
     assert r.returncode not in (0, 3), r.stdout[-2000:] + r.stderr[-3000:]
+    assert not (out / "run.lock").exists()  # released before the abort
+    return r, out, time.time() - t0
+
+
+def test_a_stalled_rank_ends_the_job_with_a_hang_report_naming_it(tmp_path):
+    r, out, took = stalled_run(tmp_path, "hang")
     report = (out / "hang-report.txt").read_text()
     assert report.startswith("hpcaccel: hang report (2 of 2 ranks reported): rank(s) 1 to "
                              "blame"), report
     assert "hpcaccel: hang report" in r.stderr and "no progress for" in r.stderr
-    assert not (out / "run.lock").exists()  # released before the abort
-    if stall == "hang":
-        assert "rank 1: training after step 4, in no collective" in report, report
-        assert "rank 0: training after step 4, control in allreduce-max" in report, report
-    else:
-        assert "skipped a collective" in report, report
+    assert "rank 1: training after step 4, in no collective" in report, report
+    assert "rank 0: training after step 4, control in allreduce-max" in report, report
+    assert took < 150
+
+
+def test_a_rank_that_skips_a_vote_is_an_error_on_both_ranks_not_a_hang(tmp_path):
+    # Rank 1 skips step 5's vote and goes on into step 6's gradient exchange; the vote and
+    # the exchange are agreed on one engine, so both ranks fail at once, naming what each
+    # was in (before, both waited for the stall timeout on two communicators).
+    r, out, took = stalled_run(tmp_path, "skip")
+    disagree = ("ranks disagree about a collective (all ranks must call the same operations "
+                "in the same order, with the same names, dtypes, shapes, op and root): "
+                "rank(s) 0: allreduce-max 'control' (1); rank(s) 1: gradient exchange "
+                "'DistributedOptimizer #0'")
+    assert r.stderr.count(disagree) == 2, r.stderr[-3000:]  # once from each rank
+    assert not (out / "hang-report.txt").exists() and "no progress for" not in r.stderr
     assert took < 150
 
 

@@ -1,0 +1,146 @@
+"""Ranks agree on each operation before it runs: hpcaccel.torch's engine, one round per
+operation, in submission order, on the engine's communicator and thread.
+
+Horovod matches operations across ranks by name in a coordinator. Here each operation is
+a fixed-length fingerprint d (kind, name, dtypes, shapes, op, root: descriptor()), and one
+round is one small allreduce with bitwise OR of (d, ~d, joined ranks' bits). All ranks
+sent the same d exactly when no bit is set in both halves: a bit that differs between two
+ranks' d is 1 in one rank's d and in the other's ~d. Every rank reads the same result,
+so all of them take the same branch:
+
+  * mismatch: every rank gathers the readable descriptions and the operation fails on
+    every rank with one message naming the ranks (nothing moves; the next round is clean);
+  * agreed, no rank joined: the operation runs;
+  * agreed, some ranks joined (hvd.join(): a joined rank sends zeros and its bit): the
+    lowest rank that did not join broadcasts what joined ranks need to take part (the
+    operation's `join_spec()`), they take part with zeros, as Horovod's joined ranks do;
+    an operation Horovod refuses with joined ranks (allgather, broadcast, ...) fails on
+    the ranks that submitted it, and the joined ranks wait on;
+  * every rank joined: join() returns on every rank, with the rank that joined last.
+
+Every channel of a script goes through these rounds: the tensor collectives, the control
+plane's values and objects (control_ops.py) and each step's gradient exchange of a
+DistributedOptimizer (exchange.py; its buckets then move on the reducer's own thread). So
+a rank in another collective than the others is an error on every rank, whatever the
+channel, never a hang.
+
+Cross-rank invariants:
+  * Every rank takes part in every round, joined or not, and rounds are numbered alike on
+    every rank; a rank that left (departure.py) after n rounds fails a peer's round n+1.
+  * Rank order: a round where several ranks joined counts the highest of them as the last
+    to join (Horovod's coordinator reads joins in rank order within a cycle).
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+DESCRIPTOR_LEN = 16
+
+
+def descriptor(kind: str, name: str, fields: list) -> np.ndarray:
+    """Fixed-length int64 fingerprint of an operation; equal on two ranks iff they agree
+    on kind, name and `fields` (dtype names, shapes, op, root, factors as strings/ints).
+    Never all zeros (a joined rank's contribution)."""
+    d = np.zeros(DESCRIPTOR_LEN, dtype=np.int64)
+    d[0] = zlib.crc32(kind.encode())
+    d[1] = zlib.crc32(name.encode())
+    d[2] = zlib.crc32(repr(fields).encode())
+    d[3] = len(fields)
+    d[DESCRIPTOR_LEN - 1] = 1
+    return d
+
+
+def mismatch_message(descriptions: list[str]) -> str:
+    """Every rank's description grouped: which ranks asked for what."""
+    groups: dict[str, list[int]] = {}
+    for r, text in enumerate(descriptions):
+        groups.setdefault(text, []).append(r)
+    parts = [f"rank(s) {ranks_text(ranks)}: {text}" for text, ranks in groups.items()]
+    hint = ("; a rank with fewer batches than the others calls hvd.join() when it runs out"
+            if len(groups) > 1 and any(t.startswith("gradient exchange") for t in groups) else "")
+    return ("ranks disagree about a collective (all ranks must call the same operations in "
+            "the same order, with the same names, dtypes, shapes, op and root): "
+            + "; ".join(parts) + hint)
+
+
+def ranks_text(ranks: list[int]) -> str:
+    shown = ", ".join(map(str, ranks[:8]))
+    return shown + (f" (+{len(ranks) - 8} more)" if len(ranks) > 8 else "")
+
+
+JOINED = "join (this rank ran out of data and called hvd.join())"
+
+
+class Rounds:
+    """The agreement rounds of one engine. Engine thread only; every method collective."""
+
+    def __init__(self, comm, stall):
+        """stall: waits for a round's request (engine.StallCheck)."""
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self.comm, self.stall = comm, stall
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.words = (self.size + 63) // 64
+        self.everyone = (1 << self.size) - 1
+        self.count = 0         # rounds so far (departure.py's "rounds" channel)
+        self.joined = 0        # bit r: rank r has joined (since the last completed join)
+        self.last_joined = -1
+
+    def _round(self, d, what: str) -> tuple[bool, int]:
+        """(agreed, joined ranks' bits) of one round; d None: this rank has joined."""
+        buf = np.zeros(2 * DESCRIPTOR_LEN + self.words, dtype=np.int64)
+        if d is None:
+            bits = buf[2 * DESCRIPTOR_LEN:].view(np.uint64)
+            bits[self.rank // 64] = np.uint64(1) << np.uint64(self.rank % 64)
+        else:
+            buf[:DESCRIPTOR_LEN], buf[DESCRIPTOR_LEN:2 * DESCRIPTOR_LEN] = d, ~d
+        self.count += 1
+        request = self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.BOR)
+        self.stall.wait(request, what, self.count, buf)
+        agreed = not np.any(buf[:DESCRIPTOR_LEN] & buf[DESCRIPTOR_LEN:2 * DESCRIPTOR_LEN])
+        words = buf[2 * DESCRIPTOR_LEN:].view(np.uint64)
+        joined = sum(int(w) << (64 * i) for i, w in enumerate(words))
+        newly = joined & ~self.joined
+        if newly:
+            self.last_joined = newly.bit_length() - 1
+        self.joined = joined
+        return agreed, joined
+
+    def _spec(self, mine, joined: int):
+        """What the joined ranks need, from the lowest rank that has not joined."""
+        root = next(r for r in range(self.size) if not joined >> r & 1)
+        return self.comm.bcast(mine if self.rank == root else None, root=root)
+
+    def agree(self, op) -> str | None:
+        """For a rank that has not joined: None when `op` runs now (every rank agreed;
+        joined ranks take part with zeros), else the error it fails with on every rank
+        that submitted it."""
+        agreed, joined = self._round(op.descriptor(), op.describe())
+        if not agreed:
+            return mismatch_message(self.comm.allgather(op.describe()))
+        if not joined:
+            return op.after_agree(self.comm)
+        if self._spec(op.join_spec(), joined) is None:
+            who = [r for r in range(self.size) if joined >> r & 1]
+            return (f"{op.describe()} is not supported while rank(s) {ranks_text(who)} have "
+                    f"joined (hvd.join()): as in Horovod, only allreduces, barriers and "
+                    f"the gradient exchange run with joined ranks")
+        return None
+
+    def join(self, take_part) -> int:
+        """For a rank that joined: take part in what the others run (take_part(spec), with
+        zeros) until every rank has joined; then the rank that joined last."""
+        while True:
+            agreed, joined = self._round(None, "join")
+            if not agreed:
+                self.comm.allgather(JOINED)
+                continue
+            if joined == self.everyone:
+                last, self.joined, self.last_joined = self.last_joined, 0, -1
+                return last
+            spec = self._spec(None, joined)
+            if spec is not None:
+                take_part(spec)

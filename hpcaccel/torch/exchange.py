@@ -1,0 +1,61 @@
+"""Each step's gradient exchange of a DistributedOptimizer, agreed on hvd's engine.
+
+The reducer (hpcaccel/comm/mpi.py) moves a step's buckets on its own communicator and
+thread, started during backward. Its synchronize() also runs one `ExchangeOp` on the
+engine (once the buckets are done, or when waiting for them lasts 20 ms: waits.py), in
+program order with the script's other operations: the engine's round (agreement.py) checks
+that every rank is in the same DistributedOptimizer's exchange. A
+rank in hvd.allreduce('train_loss') while another is in optimizer.step() (uneven data
+without join) is then an error on both, naming what each was in, instead of two ranks
+waiting forever on two communicators; a rank that joined (hvd.join()) takes part in the
+buckets with zeros; one that left fails the exchange, naming it.
+
+Cost per step: one round (a 34-int64 allreduce of the engine, run in the training thread
+when the engine is idle); measured in docs/reliability.md.
+"""
+from __future__ import annotations
+
+from .engine import Operation
+
+
+class ExchangeOp(Operation):
+    kind = "gradient exchange"
+    channel = None  # its buckets count on the gradients channel (the reducer enters them)
+
+    def __init__(self, index: int, reducer):
+        super().__init__(f"DistributedOptimizer #{index}")
+        self.index, self.reducer = index, reducer
+
+    def fields(self):
+        r = self.reducer
+        return [f"{len(r.buckets)} buckets", f"{sum(b.numel for b in r.buckets)} values"]
+
+    def join_spec(self):
+        from ..comm.joined import joinable
+        from .join_ops import spec
+        return spec(self, "exchange", self.index) if joinable(self.reducer) else None
+
+    def run(self, comm):
+        return None  # the buckets move on the reducer's thread
+
+
+class Agreement:
+    """The reducer's `exchange` hook: agrees on one step's exchange when called."""
+
+    def __init__(self, engine, index: int, reducer):
+        self.engine, self.index, self.reducer = engine, index, reducer
+
+    @property
+    def urgent(self) -> bool:
+        """Ranks have joined: they take part in the buckets only after the round."""
+        return self.engine.rounds.joined != 0
+
+    def __call__(self) -> None:
+        self.engine.call(ExchangeOp(self.index, self.reducer))
+
+
+def agree_each_exchange(reducer, runtime) -> None:
+    """From now on every synchronize() of `reducer` is agreed on runtime's engine; it is
+    runtime's DistributedOptimizer number `index` (creation order, the same on every rank),
+    by which a joined rank finds it."""
+    reducer.exchange = Agreement(runtime.engine, runtime.add_reducer(reducer), reducer)
