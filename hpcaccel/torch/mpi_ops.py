@@ -19,6 +19,7 @@ from . import reduce_ops
 from .basics import Adasum, Average, Max, Min, OP_NAMES, Product, Sum, runtime
 from .compression import Compression
 from .engine import Operation
+from .join_ops import join  # noqa: F401 - Horovod's name, here with the other collectives
 from .process_sets import check_process_set, global_process_set
 
 # -- operations (run in the engine thread) -------------------------------------------------
@@ -46,6 +47,12 @@ class AllreduceOp(Operation):
         scales = [f"prescale {self.prescale:g}"] if self.prescale != 1 else []
         scales += [f"postscale {self.postscale:g}"] if self.postscale != 1 else []
         return [f"op {OP_NAMES[self.op]}", *scales] + [_meta(t) for t in self.inputs]
+
+    def join_spec(self):
+        """A joined rank reduces zeros of the same dtypes and shapes (join_ops.py)."""
+        from .join_ops import spec
+        return spec(self, "allreduce", [(str(t.dtype), tuple(t.shape)) for t in self.inputs],
+                    self.op, self.prescale, self.postscale)
 
     def run(self, comm):
         size = comm.Get_size()
@@ -206,6 +213,10 @@ class ReducescatterOp(Operation):
 
 class BarrierOp(Operation):
     kind = "barrier"
+
+    def join_spec(self):
+        from .join_ops import spec
+        return spec(self, "barrier")
 
     def run(self, comm):
         return None  # agreeing on the barrier already waited for every rank
@@ -592,12 +603,6 @@ def barrier(process_set=global_process_set):
     """Wait until every rank has called barrier()."""
     check_process_set(process_set)
     synchronize(_submit(BarrierOp(_name(None, "barrier"))))
-
-
-def join(device=-1) -> int:
-    from .unsupported import not_supported
-    not_supported("join()", instead="equal numbers of batches per rank (hpcaccel's reader "
-                  "gives every rank the same number of steps)")
 
 
 def alltoall(tensor, splits=None, name=None, process_set=global_process_set):

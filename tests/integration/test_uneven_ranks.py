@@ -1,8 +1,9 @@
 """Ranks out of step in a script of one's own (hpcaccel.torch), under real mpirun: a rank
 that leaves (its script returns, sys.exit, an uncaught exception, hvd.shutdown()) while
 the others still communicate fails their pending collective within seconds, naming it;
-uneven data without join is an error on every rank, naming what each was in. Before, the
-ranks waited forever (a stall warning every 60 s). Every run is bounded by a timeout, so a hang
+uneven data without join is an error on every rank, naming what each was in; a sharded
+optimizer refuses a joined rank. Before, the ranks waited forever (a stall warning every
+60 s). Every run is bounded by a timeout, so a hang
 fails the test."""
 import re
 import time
@@ -19,7 +20,8 @@ hvd.init()
 how, leaver = os.environ["HOW"], hvd.size() - 1
 model = torch.nn.Linear(4, 2)
 opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                               named_parameters=model.named_parameters())
+                               named_parameters=model.named_parameters(),
+                               shard="optimizer" if how == "join-sharded" else "none")
 
 def step():
     opt.zero_grad()
@@ -33,6 +35,15 @@ if how == "uneven":  # the last rank ran out of data: into the epoch's end, no j
     if hvd.rank() != leaver:
         step()
     hvd.allreduce(torch.ones(1), name="train_loss")
+elif how == "join-sharded":  # a joined rank cannot step a part of the optimizer
+    if hvd.rank() == leaver:
+        hvd.join()
+    else:
+        try:
+            step()
+        except hvd.HorovodInternalError as e:
+            print(f"FAILED {hvd.rank()} {time.time()} {e}", flush=True)
+            raise
 elif hvd.rank() == leaver:
     time.sleep(0.5)  # the others wait in their collective by now
     print(f"LEFT {time.time()}", flush=True)
@@ -94,3 +105,12 @@ def test_uneven_data_without_join_is_an_error_on_every_rank_naming_both(tmp_path
     assert r.stderr.count(disagree) == 2, out[-3000:]  # once from each rank
     assert "DONE" not in out
 
+
+def test_a_sharded_optimizer_refuses_a_joined_rank_naming_it(tmp_path):
+    r, seconds = run(tmp_path, 2, "join-sharded")
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    failed = re.search(r"FAILED 0 \S+ (.*)", r.stdout)
+    assert failed, out[-3000:]
+    assert ("gradient exchange 'DistributedOptimizer #0' (1 buckets, 10 values) is not "
+            "supported while rank(s) 1 have joined") in failed.group(1)

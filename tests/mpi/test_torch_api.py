@@ -260,7 +260,7 @@ def test_barrier_and_what_is_not_supported():
     r, n = ranks()
     hvd.barrier()
     for call in (lambda: hvd.alltoall(torch.ones(2)),
-                 lambda: hvd.join(), lambda: hvd.SyncBatchNorm(3), lambda: hvd.elastic.run,
+                 lambda: hvd.SyncBatchNorm(3), lambda: hvd.elastic.run,
                  lambda: hvd.add_process_set([0]),
                  lambda: hvd.allreduce(torch.ones(1), process_set=hvd.ProcessSet([0]))):
         with pytest.raises(NotImplementedError, match="instead"):
