@@ -63,7 +63,15 @@ MUNGE_OURS=$BASE/run/munged.ours
 say() { echo "slurm_cluster: $*"; }
 die() { echo "slurm_cluster: error: $*" >&2; exit "${2:-1}"; }
 
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# alive PIDFILE: its process runs. A zombie does not: a daemon killed with its emulated host
+# (scripts/hosts.sh down/kill) stays one until init reaps it, seconds later here, and a
+# cluster taken for running then gets jobs its dead slurmd never runs.
+alive() { [ -s "$1" ] && pid_runs "$(cat "$1")"; }
+pid_runs() {
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "${state#Z}" = "$state" ]
+}
 
 install_packages() {
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
@@ -243,7 +251,7 @@ stop_pid() {  # stop_pid NAME PIDFILE: TERM, wait up to 10 s, then KILL
   pid=$(cat "$file")
   kill -TERM "$pid" 2>/dev/null || true
   for _ in $(seq 100); do
-    kill -0 "$pid" 2>/dev/null || { rm -f "$file"; say "stopped $name (pid $pid)"; return 0; }
+    pid_runs "$pid" || { rm -f "$file"; say "stopped $name (pid $pid)"; return 0; }
     sleep 0.1
   done
   kill -KILL "$pid" 2>/dev/null || true
