@@ -296,7 +296,7 @@ class MPIReducer(Reducer):
         self._pool_lock = threading.Condition()
         self._lent = []        # buckets holding a lent buffer
         # hpcaccel.torch: agrees on each step's exchange across ranks in its engine (raises
-        # where ranks are elsewhere); `urgent` where it must come before the buckets
+        # where ranks are elsewhere; waits.py)
         self.exchange = None
         self._broken = False   # a wait failed: a bucket's allreduce may never complete
 
@@ -616,7 +616,7 @@ class MPIReducer(Reducer):
         peer left or is elsewhere, waits.py), or run here (overlap none); agreed."""
         agree = agreement(self)
         if agree is not None and self.overlap != "thread":
-            guarded(self, agree)  # first: a rank elsewhere would hang the blocking ones below
+            agree()  # first: a rank elsewhere would hang the blocking reductions below
         if self.overlap == "thread":
             for b in self.buckets:
                 guarded(self, wait_bucket, b, agree)
@@ -626,7 +626,7 @@ class MPIReducer(Reducer):
             for b in self.buckets:
                 reduce(b)
         if agree is not None:
-            guarded(self, agree)
+            agree.later()
 
     def synchronize(self):
         if self.sharded is not None:
@@ -638,7 +638,7 @@ class MPIReducer(Reducer):
             agree = agreement(self)
             guarded(self, wait_requests, self.buckets, agree)
             if agree is not None:
-                guarded(self, agree)
+                agree.later()
         else:
             self._finish_buckets(self._allreduce_mean, "allreduce")
         for b in self.buckets:

@@ -74,7 +74,13 @@ JOINED = "join (this rank ran out of data and called hvd.join())"
 
 
 class Rounds:
-    """The agreement rounds of one engine. Engine thread only; every method collective."""
+    """The agreement rounds of one engine. Whichever thread holds the engine (engine.py)
+    calls them; every method collective.
+
+    A round may be left pending (`post`): its allreduce started, its outcome read by the
+    next round's caller or `settle()`. Every rank posts and settles the same rounds in the
+    same order (rounds are numbered alike), so the outcome's follow-ups (the descriptions
+    gathered on a mismatch) still match across ranks."""
 
     def __init__(self, comm, stall):
         """stall: waits for a round's request (engine.StallCheck)."""
@@ -88,9 +94,10 @@ class Rounds:
         self.count = 0         # rounds so far (departure.py's "rounds" channel)
         self.joined = 0        # bit r: rank r has joined (since the last completed join)
         self.last_joined = -1
+        self._pending = None   # (op, request, buffer, number) of a posted round
 
-    def _round(self, d, what: str) -> tuple[bool, int]:
-        """(agreed, joined ranks' bits) of one round; d None: this rank has joined."""
+    def _start(self, d):
+        """Start a round; d None: this rank has joined. (request, buffer, number)."""
         buf = np.zeros(2 * DESCRIPTOR_LEN + self.words, dtype=np.int64)
         if d is None:
             bits = buf[2 * DESCRIPTOR_LEN:].view(np.uint64)
@@ -98,8 +105,11 @@ class Rounds:
         else:
             buf[:DESCRIPTOR_LEN], buf[DESCRIPTOR_LEN:2 * DESCRIPTOR_LEN] = d, ~d
         self.count += 1
-        request = self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.BOR)
-        self.stall.wait(request, what, self.count, buf)
+        return self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.BOR), buf, self.count
+
+    def _end(self, request, buf, number: int, what) -> tuple[bool, int]:
+        """(agreed, joined ranks' bits) of a started round, once complete."""
+        self.stall.wait(request, what, number, buf)
         agreed = not np.any(buf[:DESCRIPTOR_LEN] & buf[DESCRIPTOR_LEN:2 * DESCRIPTOR_LEN])
         words = buf[2 * DESCRIPTOR_LEN:].view(np.uint64)
         joined = sum(int(w) << (64 * i) for i, w in enumerate(words))
@@ -114,11 +124,7 @@ class Rounds:
         root = next(r for r in range(self.size) if not joined >> r & 1)
         return self.comm.bcast(mine if self.rank == root else None, root=root)
 
-    def agree(self, op) -> str | None:
-        """For a rank that has not joined: None when `op` runs now (every rank agreed;
-        joined ranks take part with zeros), else the error it fails with on every rank
-        that submitted it."""
-        agreed, joined = self._round(op.descriptor(), op.describe())
+    def _outcome(self, op, agreed: bool, joined: int) -> str | None:
         if not agreed:
             return mismatch_message(self.comm.allgather(op.describe()))
         if not joined:
@@ -130,11 +136,44 @@ class Rounds:
                     f"the gradient exchange run with joined ranks")
         return None
 
+    def settle(self) -> str | None:
+        """The outcome of the pending round, if any: None, or the error of its operation."""
+        if self._pending is None:
+            return None
+        op, request, buf, number = self._pending
+        self._pending = None
+        agreed, joined = self._end(request, buf, number, op.describe)
+        problem = self._outcome(op, agreed, joined)
+        return None if problem is None else f"{op.describe()}: {problem}"
+
+    def post(self, op) -> str | None:
+        """For a rank that has not joined: start `op`'s round and leave it pending (an
+        operation that needs nothing from it: the gradient exchange once its buckets are
+        done). The previous pending round's error, if any (then nothing is started)."""
+        problem = self.settle()
+        if problem is None:
+            self._pending = (op, *self._start(op.descriptor()))
+        return problem
+
+    def agree(self, op) -> str | None:
+        """For a rank that has not joined: None when `op` runs now (every rank agreed;
+        joined ranks take part with zeros), else the error it fails with on every rank
+        that submitted it."""
+        problem = self.settle()
+        if problem is not None:
+            return problem
+        request, buf, number = self._start(op.descriptor())
+        agreed, joined = self._end(request, buf, number, op.describe)
+        return self._outcome(op, agreed, joined)
+
     def join(self, take_part) -> int:
         """For a rank that joined: take part in what the others run (take_part(spec), with
         zeros) until every rank has joined; then the rank that joined last."""
+        problem = self.settle()
+        if problem is not None:
+            raise RuntimeError(problem)
         while True:
-            agreed, joined = self._round(None, "join")
+            agreed, joined = self._end(*self._start(None), "join")
             if not agreed:
                 self.comm.allgather(JOINED)
                 continue

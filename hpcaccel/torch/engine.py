@@ -99,9 +99,10 @@ class StallCheck:
                            else float(env.get("HOROVOD_STALL_CHECK_TIME_SECONDS", 60)))
         self.shutdown_after = float(env.get("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", 0)) or None
 
-    def wait(self, request, what: str, round_: int, buffer=None) -> None:
+    def wait(self, request, what, round_: int, buffer=None) -> None:
         """Wait for agreement round `round_`'s request (on `buffer`); fails (PeerLeft) where a
-        rank that left the job never entered it."""
+        rank that left the job never entered it. what: the operation's description, or a
+        function making it (made only where a message needs it)."""
         import sys
 
         t0 = time.perf_counter()
@@ -111,6 +112,8 @@ class StallCheck:
         else:
             return
         pause, warned = 1e-4, False
+        if callable(what):
+            what = what()
         while not request.Test():
             try:
                 check("rounds", round_, what)
@@ -205,6 +208,39 @@ class Engine:
             raise HorovodInternalError(job.error) from None
         return job.result
 
+    def post(self, op: Operation) -> None:
+        """Start `op`'s round and leave it pending (agreement.Rounds.post: an operation that
+        needs nothing from its outcome, read by the next round or close()), in the calling
+        thread when the engine is idle; else agree on it in turn (call). Raises the
+        previous pending round's error (HorovodInternalError)."""
+        if not self._inline(lambda: self.rounds.post(op), op):
+            self.call(op)
+
+    def _inline(self, step, op) -> bool:
+        """Run step() (-> an error message or None) holding the engine, if it is idle;
+        whether it ran. Raises HorovodInternalError with the message."""
+        from .basics import HorovodInternalError
+
+        with self._counting:
+            idle = self._pending == 0 and self._busy.acquire(blocking=False)
+        if not idle:
+            return False
+        try:
+            problem = step()
+        except PeerLeft as e:
+            problem = self._left(op, e)
+        finally:
+            self._busy.release()
+        if problem is not None:
+            raise HorovodInternalError(problem) from None
+        return True
+
+    @staticmethod
+    def _left(op, e) -> str:
+        what = f"{op.kind} {op.name!r}: " if op is not None else ""
+        return (f"{what}{e} (uneven data per rank? a rank that runs out of batches calls "
+                f"hvd.join())")
+
     def poll(self, handle: int) -> bool:
         job = self._jobs.get(handle)
         return job is None or job.done.is_set()
@@ -254,8 +290,7 @@ class Engine:
                 else:
                     job.result = op.run(self.comm)
         except PeerLeft as e:
-            job.error = (f"{op.kind} {op.name!r}: {e} (uneven data per rank? a rank that "
-                         f"runs out of batches calls hvd.join())")
+            job.error = self._left(op, e)
         except Exception as e:  # noqa: BLE001 - reported by synchronize() on this rank
             job.error = f"{op.kind} {op.name!r} failed: {type(e).__name__}: {e}"
         finally:
@@ -265,10 +300,15 @@ class Engine:
                 self.timeline.add(op.kind, t0, time.perf_counter(), name=op.name)
 
     def close(self):
-        """Finish what was submitted, stop the thread, free the communicator. Local."""
+        """Finish what was submitted (a pending round too), stop the thread, free the
+        communicator. Local."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        try:
+            self.rounds.settle()  # the last step's exchange: its peers' rounds match it
+        except PeerLeft:
+            pass  # a rank that left: nothing to settle with
         if self._algorithm is not None:
             getattr(self._algorithm, "close", lambda: None)()
         if self.comm is not None:
