@@ -25,6 +25,7 @@ def ranks():
     return hvd.rank(), hvd.size()
 
 
+@pytest.mark.quick
 def test_basics_match_mpi():
     from mpi4py import MPI
 
@@ -61,6 +62,7 @@ def test_init_on_a_communicator_and_a_rank_list_then_again():
     assert (hvd.rank(), hvd.size()) == (r, n)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_allreduce_every_dtype_and_op(dtype):
     r, n = ranks()
@@ -121,6 +123,7 @@ def test_grouped_allreduce_mixed_dtypes():
     assert [o.tolist() for o in hvd.synchronize(h)][0] == [n - 1] * 2  # inputs were maxed
 
 
+@pytest.mark.quick
 def test_async_runs_in_the_background():
     """While rank 0 holds the operation back, the others' async call returns at once and
     their poll() says not done; all finish once rank 0 submits."""
@@ -188,6 +191,7 @@ def test_autograd_as_horovod_defines_it():
     assert a.grad.tolist() == [n, n] and b.grad.tolist() == [n]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("call", ["shape", "dtype", "op", "root", "kind", "name", "allgather"])
 def test_ranks_that_disagree_all_get_an_error(call):
     """Every rank raises HorovodInternalError naming what differs; none hangs; the next
