@@ -57,3 +57,37 @@ def assert_same_on_every_rank(comm, tensors):
     flat = torch.cat([t.detach().flatten() for t in tensors]).numpy()
     for other in comm.allgather(flat):
         np.testing.assert_array_equal(other, flat)
+
+
+def fit_in_process(cfg, control, model, task, train, test, backend="mpi", shuffle=False,
+                   check_reader=None):
+    """The training loop in this process on control's communicator, as hpcaccel.train runs
+    it: a reducer of `backend`, rank 0's parameters broadcast, Trainer.fit(). Returns the
+    metrics records (every epoch's, as the run's log would hold them)."""
+    from hpcaccel.data import RankReader
+    from hpcaccel.metrics import NullRunLog
+    from hpcaccel.optim import make_optimizer
+    from hpcaccel.trainer import LoopHooks, Trainer
+
+    class Records(NullRunLog):
+        def __init__(self):
+            self.records = []
+
+        def metrics(self, record):
+            self.records.append(record)
+
+    comm = control.comm
+    optimizer = make_optimizer(cfg, model)
+    reducer = make_reducer(backend, comm=comm)
+    reader = RankReader(train, comm.Get_rank(), comm.Get_size(), cfg.batch_size, shuffle, 0)
+    if check_reader is not None:
+        check_reader(reader)
+    log = Records()
+    try:
+        reducer.broadcast_parameters(model)
+        reducer.attach(model, optimizer)
+        Trainer(cfg, control, reducer, model, optimizer, reader, test, LoopHooks(log=log),
+                task).fit()
+    finally:
+        reducer.close()
+    return log.records

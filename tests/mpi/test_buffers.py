@@ -7,13 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from dp_helpers import fit_in_process
 from hpcaccel import buffers, checkpoint, tasks
 from hpcaccel.config import TrainConfig
 from hpcaccel.control import ControlPlane
-from hpcaccel.data import RankReader, open_dataset, write_file
-from hpcaccel.metrics import NullRunLog
-from hpcaccel.optim import make_optimizer
-from hpcaccel.trainer import LoopHooks, Trainer, evaluate
+from hpcaccel.data import open_dataset, write_file
+from hpcaccel.trainer import evaluate
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -70,19 +69,10 @@ def data(comm, tmp_path_factory):
     return [open_dataset(p) for p in comm.bcast(paths)]
 
 
-class Records(NullRunLog):
-    def __init__(self):
-        self.records = []
-
-    def metrics(self, record):
-        self.records.append(record)
-
-
 def test_reported_metrics_are_the_saved_models(comm, backend, data, tmp_path_factory):
     """Trained with BatchNorm on each rank's own samples: after the run every rank holds
     the same model, its test metrics are those of the checkpoint's model evaluated alone,
     and a checkpoint taken mid-epoch holds each rank's own statistics besides."""
-    from hpcaccel.comm import make_reducer
     from mpi4py import MPI
 
     train, test = data
@@ -92,17 +82,7 @@ def test_reported_metrics_are_the_saved_models(comm, backend, data, tmp_path_fac
     model = bn_net()
     cfg = TrainConfig(epochs=1, batch_size=16 // comm.Get_size(), lr=0.1, out=out,
                       keep_checkpoints=5, checkpoint_every=3)  # 6 steps at any size
-    optimizer = make_optimizer(cfg, model)
-    reducer = make_reducer(backend, comm=comm)
-    reader = RankReader(train, comm.Get_rank(), comm.Get_size(), cfg.batch_size, True, 0)
-    log = Records()
-    try:
-        reducer.broadcast_parameters(model)
-        reducer.attach(model, optimizer)
-        Trainer(cfg, control, reducer, model, optimizer, reader, test, LoopHooks(log=log),
-                task).fit()
-    finally:
-        reducer.close()
+    records = fit_in_process(cfg, control, model, task, train, test, backend, shuffle=True)
     every = gathered(comm, model)
     for name in every[0]:
         assert all(torch.equal(s[name], every[0][name]) for s in every), name
@@ -113,7 +93,7 @@ def test_reported_metrics_are_the_saved_models(comm, backend, data, tmp_path_fac
     alone = bn_net()
     alone.load_state_dict(end["model"])
     got = evaluate(alone, test, ControlPlane(MPI.COMM_SELF), 256, task=task)
-    (record,) = log.records
+    (record,) = records
     assert got["accuracy"] == record["test_accuracy"]
     assert got["loss"] == pytest.approx(record["test_loss"], rel=1e-6, abs=0)
     mid = torch.load(saved[0], weights_only=True)  # step 3 of 6: each rank's own kept

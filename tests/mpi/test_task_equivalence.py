@@ -5,15 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from dp_helpers import fit_in_process
 from hpcaccel import tasks
-from hpcaccel.comm import make_reducer
 from hpcaccel.config import TrainConfig
 from hpcaccel.control import ControlPlane
-from hpcaccel.data import RankReader, open_dataset, write_file
-from hpcaccel.metrics import NullRunLog
+from hpcaccel.data import open_dataset, write_file
 from hpcaccel.models import build_model
-from hpcaccel.optim import make_optimizer
-from hpcaccel.trainer import LoopHooks, Trainer
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -48,14 +45,6 @@ def data(comm, tmp_path_factory, request):
     return task_name, open_dataset(train), open_dataset(test)
 
 
-class Records(NullRunLog):
-    def __init__(self):
-        self.records = []
-
-    def metrics(self, record):
-        self.records.append(record)
-
-
 def fit(comm, task_name, train, test, out):
     """Two epochs on `comm` with the global batch split over its ranks; (model, records)."""
     control = ControlPlane(comm)
@@ -68,19 +57,10 @@ def fit(comm, task_name, train, test, out):
                                     torch.nn.Conv2d(8, 3, 1))
     cfg = TrainConfig(epochs=2, batch_size=GLOBAL_BATCH // comm.Get_size(), shuffle=False,
                       lr=0.05, weight_decay=1e-3, out=str(out), keep_checkpoints=1)
-    optimizer = make_optimizer(cfg, model)
-    reducer = make_reducer("mpi", comm=comm)
-    reader = RankReader(train, comm.Get_rank(), comm.Get_size(), cfg.batch_size, False, 0)
-    assert reader.steps == STEPS
-    log = Records()
-    try:
-        reducer.broadcast_parameters(model)
-        reducer.attach(model, optimizer)
-        Trainer(cfg, control, reducer, model, optimizer, reader, test, LoopHooks(log=log),
-                task).fit()
-    finally:
-        reducer.close()
-    return model, log.records
+    def steps_as_planned(reader):
+        assert reader.steps == STEPS
+    return model, fit_in_process(cfg, control, model, task, train, test,
+                                 check_reader=steps_as_planned)
 
 
 @pytest.mark.parametrize("data", ["regress", "segment"], indirect=True)
