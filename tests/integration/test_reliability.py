@@ -26,8 +26,9 @@ class Faulty(torch.nn.Module):
         mine = MPI.COMM_WORLD.Get_rank() == int(os.environ["FAULT_RANK"])
         if mine and self.training and self.calls == int(os.environ["FAULT_STEP"]):
             kind = os.environ["FAULT"]
-            with open(os.environ["FAULT_STAMP"], "w") as f:  # when the fault happened
-                f.write(repr(time.time()))
+            if os.environ.get("FAULT_STAMP"):  # when the fault happened
+                with open(os.environ["FAULT_STAMP"], "w") as f:
+                    f.write(repr(time.time()))
             if kind == "raise":
                 raise RuntimeError("user model exploded")
             if kind == "exit":  # this rank ends normally, mid-training
