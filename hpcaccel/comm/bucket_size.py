@@ -84,6 +84,20 @@ def probe(algorithm, comm) -> list[tuple[int, float]]:
     return samples
 
 
+def for_link(algorithm, comm, grad_bytes: int) -> tuple[int, tuple | None]:
+    """Collective over comm. (bucket size, link) for a gradient of `grad_bytes`: across
+    hosts chosen from the link measured through `algorithm` (latency s, bandwidth B/s);
+    on one host ONE_HOST_BYTES, nothing measured (link None)."""
+    from .hierarchical import node_layout
+
+    local, hosts, _ = node_layout(comm)
+    local.Free()
+    if hosts > 1:
+        link = fit_link(probe(algorithm, comm))
+        return choose(grad_bytes, *link), link
+    return ONE_HOST_BYTES, None
+
+
 def describe(size: int, link) -> str:
     """The start-up line's phrase for an automatic size; link: (latency, bandwidth), None
     (one host) or "checkpoint" (a resumed run's)."""

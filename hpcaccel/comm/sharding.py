@@ -39,7 +39,7 @@ from ..config import SHARDS  # noqa: F401 - the choices, named once
 @dataclass
 class Piece:
     tensor: torch.nn.Parameter  # a view of the bucket's values
-    bucket: object               # the mpi reducer's _Bucket
+    bucket: object               # the mpi reducer's buckets.Bucket
     index: int                   # the parameter's index in the bucket
     start: int                   # first element, in the parameter's flat numbering
     stop: int

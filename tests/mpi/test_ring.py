@@ -78,7 +78,7 @@ def test_16bit_wire_with_user_op_is_identical_on_every_rank(ring_comm):
     import torch
     from mpi4py import MPI
 
-    from hpcaccel.comm.mpi import wire_sum_op
+    from hpcaccel.comm.wire import wire_sum_op
 
     ring = make_ring(ring_comm, 1000)
     try:

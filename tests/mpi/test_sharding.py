@@ -178,7 +178,7 @@ def test_shard_gradients_keeps_a_part_of_the_gradient_and_at_most_two_bucket_buf
     """The reduced gradient a rank keeps is its part; full-size buffers are lent from a pool
     bounded at POOL_BUFFERS however far the link lags behind backward, and freed at the end
     of the step."""
-    from hpcaccel.comm.mpi import POOL_BUFFERS
+    from hpcaccel.comm.sharded_step import POOL_BUFFERS
     from hpcaccel.comm.ring import chunk_bounds
 
     comm = world()

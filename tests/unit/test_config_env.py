@@ -1,7 +1,7 @@
 """Configuration parsing and world detection logic (no MPI needed)."""
 import pytest
 
-from hpcaccel.comm.mpi import plan_buckets
+from hpcaccel.comm.buckets import plan_buckets
 from hpcaccel.config import TrainConfig, build_parser, parse_args
 from hpcaccel.env import check_world_size, threads_per_rank
 from hpcaccel.errors import UsageError
