@@ -3,7 +3,7 @@
 A checkpoint is a torch file (loadable with weights_only=True) holding the model and
 optimizer state, the data position (epoch, step within epoch: global batches taken, the same
 at any world size), the global step, every rank's RNG state (their count is the world size), a fingerprint of the model's parameter names and shapes, and the record of the
-run that owns OUT (`run`: run id, model digest, data, global batch, epochs; rundir.py), so a
+run that owns OUT (`run`: run id, model digest, data, global batch, epochs; runrecord.py), so a
 resume can tell whose checkpoint it is. Files live in OUT/checkpoints/step-XXXXXXXX.pt, are
 written atomically by rank 0, and the newest K are kept (never deleting the one just written).
 
@@ -34,6 +34,7 @@ import torch
 
 from .errors import UsageError
 from .fsutil import atomic_write
+from .runrecord import read_record
 
 FORMAT = "hpcaccel-checkpoint"
 VERSION = 1
@@ -105,8 +106,6 @@ def save(out: str, state: dict, keep: int) -> str:
     the earlier steps; later steps are left over from before an explicit --resume of an
     earlier checkpoint (an abandoned continuation) and would be taken by --resume auto
     instead of this one, so they go."""
-    from .rundir import read_record
-
     record = read_record(out)
     if record is not None:
         state = dict(state, run=record)

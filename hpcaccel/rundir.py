@@ -1,9 +1,8 @@
 """One run per output directory: who owns --out, and whether this start continues it.
 
-OUT/run.json records the run that owns the directory: a run id, and what makes a resume
-valid (model fingerprint digest, data, global batch) plus its epochs. Checkpoints carry the
-same record (checkpoint.save copies it in), so `--resume auto` takes only this run's own
-checkpoints. OUT/run.lock is held while a run is running (runlock.py).
+OUT/run.json records the run that owns the directory (runrecord.py: what it holds, how it
+is read, written and compared with a start). OUT/run.lock is held while a run is running
+(runlock.py).
 
 Decisions at start-up (rank 0, after every flag and file was checked), by --resume:
   none  OUT holds no run outputs -> a new run. Otherwise exit 2, unless --overwrite: the
@@ -16,17 +15,14 @@ Decisions at start-up (rank 0, after every flag and file was checked), by --resu
 A start at another world size than the checkpoint's (`layout` given: hpcaccel.train)
 continues it with the checkpoint's global batch where elastic.resume_plan can keep it
 (Claim.plan), and says in one line why where it cannot. Every continuation counts as a
-restart in run.json (`restarts`, and `steps_lost`: the steps the previous start took past
-the checkpoint, from OUT/progress.json, which rank 0 keeps up to date while training).
-The rules that need no model or data (the lock, outputs under --resume none, outputs
-without run.json, a finished run whose checkpoints are gone, another run's checkpoint) are
-`refusal`'s, which the doctor asks as well. Output paths are checked (`check_paths`) before
-the claim, so a bad one leaves OUT untouched.
+restart in run.json (runrecord.counted_restart). The rules that need no model or data (the
+lock, outputs under --resume none, outputs without run.json, a finished run whose
+checkpoints are gone, another run's checkpoint) are `refusal`'s, which the doctor asks as
+well. Output paths are checked (`check_paths`) before the claim, so a bad one leaves OUT
+untouched.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import socket
@@ -36,122 +32,26 @@ from dataclasses import dataclass
 
 from . import checkpoint, elastic
 from .errors import UsageError
-from .fsutil import atomic_write
 from .runlock import LOCK, Lock, in_use
+from .runrecord import (PROGRESS, RECORD, counted_restart, data_identity,
+                        global_batch_mismatch, mismatch, model_digest, read_progress,
+                        read_record, write_record)
 
-RECORD = "run.json"
-PROGRESS = "progress.json"  # rank 0's last step and when (write_progress), for steps lost
 OUTPUTS = (RECORD, "summary.json", "metrics.jsonl", "model.pt", "checkpoints", PROGRESS)
 
 
 # -- identity ------------------------------------------------------------------------------
-def model_digest(fingerprint: list) -> str:
-    return hashlib.sha256(json.dumps(fingerprint).encode()).hexdigest()[:16]
-
-
-def data_identity(ds) -> dict:
-    """What identifies the training data wherever it lies (a copy on node-local scratch is
-    the same data): sample count, shape, classes and a digest of the first samples, taken
-    when the data's metadata was read (data/hdf5.py), so identifying it opens no file."""
-    return {"samples": int(ds.samples), "sample_shape": list(ds.sample_shape),
-            "classes": int(ds.classes), "head": ds.head}
-
-
 def identity(model, train_ds, global_batch: int | None, epochs: int | None,
              task: str | None = None) -> dict:
-    """This start's identity; compared with a run record by `mismatch`. `task`: the task's
-    name (--task auto resolved). A script's Job (hpcaccel/torch/extras.py) may know no data
-    (train_ds and global_batch None) or no epochs (None): what it does not know is neither
-    recorded nor compared."""
+    """This start's identity; compared with a run record by runrecord.mismatch. `task`: the
+    task's name (--task auto resolved). A script's Job (hpcaccel/torch/extras.py) may know
+    no data (train_ds and global_batch None) or no epochs (None): what it does not know is
+    neither recorded nor compared."""
     return {"model": model_digest(checkpoint.fingerprint(model)),
             "data": None if train_ds is None else data_identity(train_ds),
             "global_batch": None if global_batch is None else int(global_batch),
             "epochs": None if epochs is None else int(epochs),
             **({"task": task} if task else {})}
-
-
-def mismatch(record: dict, mine: dict, elastic: bool = False) -> str | None:
-    """Why a run with `record` cannot be continued by a start with identity `mine`; None if
-    it can (epochs may differ: a larger --epochs extends the run). `elastic`: the global
-    batch is checked later, against the checkpoint's world size (`plan_resume`)."""
-    if record.get("model") != mine["model"]:
-        return "it trained a different model (parameter names or shapes differ)"
-    # records from before tasks hold none: those runs classified
-    if mine.get("task") and record.get("task", "classify") != mine["task"]:
-        return f"it trained --task {record.get('task', 'classify')}, this run --task {mine['task']}"
-    theirs, data = record.get("data") or {}, mine["data"]
-    for key, what in (("samples", "samples"), ("sample_shape", "sample shape"),
-                      ("classes", "classes"), ("head", "first samples")) if data else ():
-        if theirs.get(key) != data[key]:
-            return (f"it trained on other data ({what} {theirs.get(key)}, this data's "
-                    f"{data[key]})")
-    if (mine["global_batch"] is not None and not elastic
-            and record.get("global_batch") != mine["global_batch"]):
-        return global_batch_mismatch(record, mine)
-    return None
-
-
-def global_batch_mismatch(record: dict, mine: dict) -> str | None:
-    if mine["global_batch"] is not None and record.get("global_batch") != mine["global_batch"]:
-        return (f"its global batch was {record.get('global_batch')}, this run's is "
-                f"{mine['global_batch']} (ranks x --batch-size)")
-    return None
-
-
-def read_record(out: str) -> dict | None:
-    try:
-        with open(os.path.join(out, RECORD)) as fh:
-            record = json.load(fh)
-        return record if isinstance(record, dict) and "run_id" in record else None
-    except (OSError, ValueError):
-        return None
-
-
-def write_record(out: str, record: dict) -> None:
-    data = (json.dumps(record, indent=1) + "\n").encode()
-    atomic_write(os.path.join(out, RECORD), lambda fh: fh.write(data))
-
-
-def write_progress(out: str, progress: dict) -> None:
-    """Rank 0: OUT/progress.json, the run's last step (run_id, step, epoch, time, ...), read
-    by the next start to count the steps lost since the checkpoint it continues. Replaced
-    by a rename, not fsynced: it is written often and a stale one only undercounts."""
-    path = os.path.join(out, PROGRESS)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(progress, fh)
-    os.replace(tmp, path)
-
-
-class ProgressMark:
-    """Rank 0's hook after every step (trainer.LoopHooks.mark): writes OUT/progress.json at
-    most every `interval` seconds, so a restart knows how far the run got past its newest
-    checkpoint (steps lost: up to `interval` seconds of steps go uncounted)."""
-
-    def __init__(self, out: str, run_id: str, world_size: int, interval: float = 1.0):
-        self.out, self.run_id, self.world_size = out, run_id, world_size
-        self.interval, self.next = interval, 0.0
-
-    def __call__(self, step: int, epoch: int) -> None:
-        now = time.time()
-        if now < self.next:
-            return
-        self.next = now + self.interval
-        try:
-            write_progress(self.out, {"run_id": self.run_id, "step": int(step),
-                                      "epoch": int(epoch), "time": now,
-                                      "world_size": self.world_size})
-        except OSError:  # a full or flaky file system must not end the training
-            pass
-
-
-def read_progress(out: str) -> dict | None:
-    try:
-        with open(os.path.join(out, PROGRESS)) as fh:
-            progress = json.load(fh)
-        return progress if isinstance(progress, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def outputs_in(out: str, extra=()) -> list[str]:
@@ -403,23 +303,6 @@ def _continue(out, path, record, mine, required, extra, head=None, plan=None) ->
     write_record(out, record)
     return Claim(record["run_id"], path, complete, plan=plan,
                  restarts={k: record[k] for k in ("restarts", "steps_lost", "last_restart")})
-
-
-def counted_restart(record: dict, progress: dict | None, head: dict) -> dict:
-    """The run's record with one more restart from checkpoint `head`, and the steps (and
-    seconds) its previous start took past that checkpoint, which this start takes again."""
-    lost = elastic.lost_steps(progress, head["global_step"], record["run_id"])
-    now = time.time()
-    last = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
-            "checkpoint_step": int(head["global_step"]), "steps_lost": lost,
-            "world_size_before": (progress or {}).get("world_size"),
-            "seconds_lost": (round(max(0.0, progress["time"] - head["saved"]), 1)
-                             if lost and head.get("saved") else 0.0),
-            "seconds_since_last_step": (round(now - progress["time"], 1)
-                                        if progress and progress.get("run_id") == record["run_id"]
-                                        else None)}
-    return dict(record, restarts=int(record.get("restarts", 0)) + 1,
-                steps_lost=int(record.get("steps_lost", 0)) + lost, last_restart=last)
 
 
 def _new_run(out, mine, present, record, extra, info) -> Claim:

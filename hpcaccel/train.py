@@ -108,7 +108,7 @@ def restore(cfg, control, world, model, optimizer, reducer, path, required) -> d
 
 
 def run(argv, control) -> dict:
-    from . import advice, checkpoint, config, rundir
+    from . import advice, checkpoint, config, rundir, runrecord
     from .data import RankReader
     from .env import describe_hosts
     from .metrics import NullRunLog, RunLog, bar_wanted, progress_bar
@@ -188,7 +188,7 @@ def run(argv, control) -> dict:
     control.collectively(timeline.start)
     hooks = LoopHooks(log=log, progress=progress_bar(world.is_main and bar_wanted(cfg.progress)),
                       stop=stop, watchdog=watchdog, timeline=timeline,
-                      **({"mark": rundir.ProgressMark(cfg.out, claim.run_id, world.size)}
+                      **({"mark": runrecord.ProgressMark(cfg.out, claim.run_id, world.size)}
                          if world.is_main else {}))
     trainer = Trainer(cfg, control, reducer, model, optimizer, reader, test_ds, hooks, task)
     try:

@@ -45,7 +45,7 @@ class LoopHooks:
     timeline: object = field(default_factory=NullTimeline)
     """--timeline spans; the same object the reader and the reducer record in."""
     mark: object = lambda step, epoch: None
-    """called after every step: rank 0 records where the run is (rundir.ProgressMark), so
+    """called after every step: rank 0 records where the run is (runrecord.ProgressMark), so
     a restart can count the steps it takes again."""
 
 

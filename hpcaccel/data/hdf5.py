@@ -69,7 +69,7 @@ class H5Dataset:
     sample_shape: tuple[int, ...]
     classes: int
     chunk: int  # samples per HDF5 chunk (of the first file)
-    head: str = ""  # digest of the first file's first samples: the data's identity (rundir)
+    head: str = ""  # digest of the first file's first samples: the data's identity (runrecord)
     target_shape: tuple[int, ...] = ()  # y per sample: () for class labels
     target_dtype: str = "int64"  # int64 (labels) or float32 (float targets), as read
 

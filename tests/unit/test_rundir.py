@@ -7,7 +7,7 @@ import socket
 import pytest
 import torch
 
-from hpcaccel import checkpoint, rundir
+from hpcaccel import checkpoint, rundir, runrecord
 from hpcaccel.errors import UsageError
 
 FP = [["w", [2, 2]]]
@@ -261,8 +261,8 @@ def test_a_global_batch_the_new_ranks_cannot_split_is_refused_in_one_line(tmp_pa
 def test_restarts_and_steps_lost_are_counted_in_run_json(tmp_path):
     mine, req, path = elastic_run(tmp_path)
     run_id = rundir.read_record(str(tmp_path))["run_id"]
-    rundir.write_progress(str(tmp_path), {"run_id": run_id, "step": 18, "world_size": 2,
-                                          "time": os.stat(path).st_mtime + 5})
+    runrecord.write_progress(str(tmp_path), {"run_id": run_id, "step": 18, "world_size": 2,
+                                             "time": os.stat(path).st_mtime + 5})
     c = rundir.claim(str(tmp_path), "auto", False, mine, req, info=lambda line: None,
                      layout=(2, 16, 1))
     c.release()
