@@ -15,8 +15,8 @@ order their last gradients are expected: buckets of different kinds interleave, 
 bucket of biases does not hold back the matrices.
 
 Cross-rank invariant: the plan is local and the same on every rank (same parameters, same
-order, same size, hence the same buckets with the same indices); mpi.py relies on it to
-start them in index order everywhere.
+order, same size, hence the same buckets with the same indices), so that buckets started in
+index order (overlap.py) match on every rank.
 """
 from __future__ import annotations
 

@@ -142,7 +142,7 @@ class Overlap:
         self.timeline.add("bucket_allreduce", t0, time.perf_counter(), bucket=b.index,
                           bytes=nbytes)
 
-    # -- the communication thread (overlap thread) -------------------------------------------
+    # -- the communication thread (overlap thread) ----------------------------------------
     def _queue_work(self, kind: str, b) -> None:
         """Hand bucket b's `kind` of reduction to the communication thread (started on first
         use)."""
