@@ -17,23 +17,13 @@ import atexit
 import threading
 import weakref
 
+from .errors import HorovodInternalError, HostsUpdatedInterrupt, not_initialized  # noqa: F401
+from .process_sets import attach as _attach_process_set, only_global
+
 # Horovod's reduction ops, with Horovod's values (scripts compare and pass them as ints).
 Average, Sum, Adasum, Min, Max, Product = 0, 1, 2, 3, 4, 5
 OP_NAMES = {Average: "Average", Sum: "Sum", Adasum: "Adasum", Min: "Min", Max: "Max",
             Product: "Product"}
-
-
-class HorovodInternalError(RuntimeError):
-    """A collective failed (ranks disagreed about it, or MPI failed); raised on every rank
-    that takes part in it, as Horovod raises it."""
-
-
-class HostsUpdatedInterrupt(RuntimeError):
-    """Horovod's elastic interrupt; never raised here (elastic is not supported)."""
-
-    def __init__(self, skip_sync=False):
-        super().__init__("hosts updated")
-        self.skip_sync = skip_sync
 
 
 class Runtime:
@@ -135,13 +125,14 @@ def init(comm=None, process_sets=None):
     process_sets: only None (or the global set) is supported.
     """
     global _runtime
-    if process_sets not in (None, [], ()) and not _only_global(process_sets):
+    if process_sets not in (None, [], ()) and not only_global(process_sets):
         from .unsupported import not_supported
         not_supported("process sets other than the global one")
     with _lock:
         if _runtime is not None:
             return
         _runtime = Runtime(_world(comm))
+        _attach_process_set(_runtime.rank, _runtime.size)
         if _runtime.size > 1:
             _end_job_on_uncaught_exception()
         global _exit_registered
@@ -187,12 +178,6 @@ def _end_job_on_uncaught_exception() -> None:
     sys.excepthook = hook
 
 
-def _only_global(process_sets) -> bool:
-    from .process_sets import global_process_set
-    sets = process_sets if isinstance(process_sets, (list, tuple)) else [process_sets]
-    return all(s is global_process_set for s in sets)
-
-
 def shutdown():
     """Stop hpcaccel.torch in this process (pending operations are finished first). The
     other ranks' collectives that this rank never enters fail, naming it (as Horovod's
@@ -204,6 +189,7 @@ def _shutdown(reason: int) -> None:
     global _runtime
     with _lock:
         if _runtime is not None:
+            _attach_process_set(None)
             _runtime.close(reason)
             _runtime = None
 
@@ -211,7 +197,7 @@ def _shutdown(reason: int) -> None:
 def runtime() -> Runtime:
     """The live Runtime; ValueError (Horovod's) before init()."""
     if _runtime is None:
-        raise ValueError("hpcaccel.torch has not been initialized; use hvd.init().")
+        raise not_initialized()
     return _runtime
 
 

@@ -1,21 +1,31 @@
-"""Horovod's process sets: only the global one (every rank of hvd.init()) is supported."""
+"""Horovod's process sets: only the global one (every rank of hvd.init()) is supported.
+
+The set learns this process's rank and size from hvd.init() (basics.py calls `attach`), so
+it needs nothing from the modules that start the job."""
 from __future__ import annotations
+
+from .errors import not_initialized
 
 
 class ProcessSet:
     """A set of ranks collectives can be limited to; here only the global set exists."""
+
+    _where = None  # (rank, size) of this process in the global set, while initialized
 
     def __init__(self, ranks_or_comm=None):
         self.ranks = None if ranks_or_comm is None else ranks_or_comm
         self.process_set_id = 0 if ranks_or_comm is None else None
 
     def size(self) -> int:
-        from .basics import size
-        return size()
+        return self._attached()[1]
 
     def rank(self) -> int:
-        from .basics import rank
-        return rank()
+        return self._attached()[0]
+
+    def _attached(self) -> tuple[int, int]:
+        if ProcessSet._where is None:
+            raise not_initialized()
+        return ProcessSet._where
 
     def included(self) -> bool:
         return True
@@ -25,6 +35,18 @@ class ProcessSet:
 
 
 global_process_set = ProcessSet()
+
+
+def attach(rank: int | None, size: int | None = None) -> None:
+    """Local. hvd.init() gives the global set this process's rank and the job's size; None
+    (hvd.shutdown()): not initialized."""
+    ProcessSet._where = None if rank is None else (int(rank), int(size))
+
+
+def only_global(process_sets) -> bool:
+    """init(process_sets=...) names nothing but the global set."""
+    sets = process_sets if isinstance(process_sets, (list, tuple)) else [process_sets]
+    return all(s is global_process_set for s in sets)
 
 
 def check_process_set(process_set) -> None:
