@@ -2,11 +2,11 @@
 operation, in submission order, on the engine's communicator and thread.
 
 Horovod matches operations across ranks by name in a coordinator. Here each operation is
-a fixed-length fingerprint d (kind, name, dtypes, shapes, op, root: descriptor()), and one
-round is one small allreduce with bitwise OR of (d, ~d, joined ranks' bits). All ranks
-sent the same d exactly when no bit is set in both halves: a bit that differs between two
-ranks' d is 1 in one rank's d and in the other's ~d. Every rank reads the same result,
-so all of them take the same branch:
+a fixed-length fingerprint d (descriptor(): 64-bit hashes of its kind and fields, the
+dtypes, shapes, op and root, and of its name), and one round is one small allreduce with
+bitwise OR of (d, ~d, joined ranks' bits). All ranks sent the same d exactly when no bit
+is set in both halves: a bit that differs between two ranks' d is 1 in one rank's d and in
+the other's ~d. Every rank reads the same result, so all of them take the same branch:
 
   * mismatch: every rank gathers the readable descriptions and the operation fails on
     every rank with one message naming the ranks (nothing moves; the next round is clean);
@@ -17,6 +17,10 @@ so all of them take the same branch:
     an operation Horovod refuses with joined ranks (allgather, broadcast, ...) fails on
     the ranks that submitted it, and the joined ranks wait on;
   * every rank joined: join() returns on every rank, with the rank that joined last.
+
+Two operations that differ get the same fingerprint only where two 64-bit hashes collide
+(about 2^-64 per differing part). The hash of a kind and its fields is made once per
+operation layout (`fields_hash`: a script repeats the same shapes), the name's per call.
 
 Every channel of a script goes through these rounds: the tensor collectives, the control
 plane's values and objects (control_ops.py) and each step's gradient exchange of a
@@ -32,24 +36,44 @@ Cross-rank invariants:
 """
 from __future__ import annotations
 
-import zlib
+import hashlib
 
-import numpy as np
+DESCRIPTOR_BYTES = 24  # three 64-bit words: kind and fields, name, a constant 1
+_MASK = (1 << 8 * DESCRIPTOR_BYTES) - 1
+_LAYOUTS: dict = {}    # an operation layout's key -> the hash of its kind and fields
+_MAX_LAYOUTS = 4096    # scripts with ever new shapes start over rather than grow
 
-DESCRIPTOR_LEN = 16
+
+def hash64(text: str) -> int:
+    """A 64-bit hash of `text`, the same in every process (Python's hash() is not)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def descriptor(kind: str, name: str, fields: list) -> np.ndarray:
-    """Fixed-length int64 fingerprint of an operation; equal on two ranks iff they agree
-    on kind, name and `fields` (dtype names, shapes, op, root, factors as strings/ints).
+def fields_hash(kind: str, key, fields) -> int:
+    """hash64 of kind and fields, made once per `key` (hashable; equal keys must mean
+    equal fields: the tensors' dtypes and shapes, op, factors); fields: a function making
+    them. key None: not kept."""
+    h = _LAYOUTS.get(key) if key is not None else None
+    if h is None:
+        h = hash64(repr((kind, fields())))
+        if key is not None:
+            if len(_LAYOUTS) >= _MAX_LAYOUTS:
+                _LAYOUTS.clear()
+            _LAYOUTS[key] = h
+    return h
+
+
+def fingerprint(what: int, name: str) -> bytes:
+    """The fingerprint of an operation whose kind and fields hash to `what`, named `name`.
     Never all zeros (a joined rank's contribution)."""
-    d = np.zeros(DESCRIPTOR_LEN, dtype=np.int64)
-    d[0] = zlib.crc32(kind.encode())
-    d[1] = zlib.crc32(name.encode())
-    d[2] = zlib.crc32(repr(fields).encode())
-    d[3] = len(fields)
-    d[DESCRIPTOR_LEN - 1] = 1
-    return d
+    return (what | hash64(name) << 64 | 1 << 128).to_bytes(DESCRIPTOR_BYTES, "little")
+
+
+def descriptor(kind: str, name: str, fields: list) -> bytes:
+    """Fixed-length fingerprint of an operation; equal on two ranks iff they agree on kind,
+    name and `fields` (dtype names, shapes, op, root, factors as strings/ints), but for
+    64-bit hash collisions. Never all zeros (a joined rank's contribution)."""
+    return fingerprint(hash64(repr((kind, fields))), name)
 
 
 def mismatch_message(descriptions: list[str]) -> str:
@@ -86,11 +110,14 @@ class Rounds:
         """stall: waits for a round's request (engine.StallCheck)."""
         from mpi4py import MPI
 
-        self._MPI = MPI
         self.comm, self.stall = comm, stall
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        self.words = (self.size + 63) // 64
         self.everyone = (1 << self.size) - 1
+        # a round's message, as bytes (bitwise or): d, ~d, then one bit per rank (joined)
+        bits = (self.size + 63) // 64 * 8
+        self._none_joined = bytes(bits)
+        self._joined_alone = bytes(2 * DESCRIPTOR_BYTES) + (1 << self.rank).to_bytes(bits, "little")
+        self._reduce = (MPI.IN_PLACE, MPI.BYTE, MPI.BOR)
         self.count = 0         # rounds so far (departure.py's "rounds" channel)
         self.joined = 0        # bit r: rank r has joined (since the last completed join)
         self.last_joined = -1
@@ -98,25 +125,26 @@ class Rounds:
 
     def _start(self, d):
         """Start a round; d None: this rank has joined. (request, buffer, number)."""
-        buf = np.zeros(2 * DESCRIPTOR_LEN + self.words, dtype=np.int64)
         if d is None:
-            bits = buf[2 * DESCRIPTOR_LEN:].view(np.uint64)
-            bits[self.rank // 64] = np.uint64(1) << np.uint64(self.rank % 64)
+            buf = bytearray(self._joined_alone)
         else:
-            buf[:DESCRIPTOR_LEN], buf[DESCRIPTOR_LEN:2 * DESCRIPTOR_LEN] = d, ~d
+            inverse = (int.from_bytes(d, "little") ^ _MASK).to_bytes(DESCRIPTOR_BYTES, "little")
+            buf = bytearray(d + inverse + self._none_joined)
         self.count += 1
-        return self.comm.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.BOR), buf, self.count
+        in_place, byte, bor = self._reduce
+        return self.comm.Iallreduce(in_place, [buf, byte], op=bor), buf, self.count
 
     def _end(self, request, buf, number: int, what) -> tuple[bool, int]:
         """(agreed, joined ranks' bits) of a started round, once complete."""
         self.stall.wait(request, what, number, buf)
-        agreed = not np.any(buf[:DESCRIPTOR_LEN] & buf[DESCRIPTOR_LEN:2 * DESCRIPTOR_LEN])
-        words = buf[2 * DESCRIPTOR_LEN:].view(np.uint64)
-        joined = sum(int(w) << (64 * i) for i, w in enumerate(words))
-        newly = joined & ~self.joined
-        if newly:
-            self.last_joined = newly.bit_length() - 1
-        self.joined = joined
+        n = DESCRIPTOR_BYTES
+        agreed = not (int.from_bytes(buf[:n], "little") & int.from_bytes(buf[n:2 * n], "little"))
+        joined = int.from_bytes(buf[2 * n:], "little")
+        if joined != self.joined:
+            newly = joined & ~self.joined
+            if newly:
+                self.last_joined = newly.bit_length() - 1
+            self.joined = joined
         return agreed, joined
 
     def _spec(self, mine, joined: int):

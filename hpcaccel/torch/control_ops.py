@@ -28,7 +28,7 @@ class _ControlOp(Operation):
     channel = "control"
 
     def __init__(self, kind, run, fields=(), spec=None, nbytes=0):
-        super().__init__("control")
+        super().__init__("control", auto_named=False)
         self.kind, self._run, self._fields = kind, run, list(fields)
         self._spec, self._nbytes = spec, nbytes
 
@@ -38,11 +38,11 @@ class _ControlOp(Operation):
     def nbytes(self):
         return self._nbytes
 
+    def layout(self):
+        return (type(self), self.kind, *self._fields)
+
     def join_spec(self):
-        if self._spec is None:
-            return None
-        from .join_ops import spec
-        return spec(self, *self._spec)
+        return None if self._spec is None else self.joins_as(*self._spec)
 
     def run(self, comm):
         return self._run(comm)

@@ -11,8 +11,8 @@ without join) is then an error on both, naming what each was in, instead of two 
 waiting forever on two communicators; a rank that joined (hvd.join()) takes part in the
 buckets with zeros; one that left fails the exchange, naming it.
 
-Cost per step: one round (a 34-int64 nonblocking allreduce, started and later read in the
-training thread); measured in docs/reliability.md.
+Cost per step: one round (a 56-byte nonblocking allreduce at up to 64 ranks, started and
+later read in the training thread); measured in docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -41,8 +41,7 @@ class ExchangeOp(Operation):
 
     def join_spec(self):
         from ..comm.joined import joinable
-        from .join_ops import spec
-        return spec(self, "exchange", self.index) if joinable(self.reducer) else None
+        return self.joins_as("exchange", self.index) if joinable(self.reducer) else None
 
     def run(self, comm):
         return None  # the buckets move on the reducer's thread

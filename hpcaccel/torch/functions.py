@@ -13,8 +13,9 @@ import pickle
 import torch
 
 from .basics import runtime
+from .calls import op_name, run_now, synchronize
 from .engine import Operation
-from .mpi_ops import _name, broadcast_async_, synchronize
+from .mpi_ops import broadcast_async_
 from .process_sets import check_process_set, global_process_set
 
 
@@ -27,12 +28,15 @@ def _dumps(obj) -> bytes:
 
 
 class _ObjectOp(Operation):
-    def __init__(self, kind, name, payload, root=None):
-        super().__init__(name)
+    def __init__(self, kind, name, payload, root=None, auto_named=None):
+        super().__init__(name, auto_named)
         self.kind, self.payload, self.root = kind, payload, root
 
     def fields(self):
         return [] if self.root is None else [f"root {self.root}"]
+
+    def layout(self):
+        return (type(self), self.kind, self.root)
 
     def nbytes(self):
         return len(self.payload or b"")
@@ -53,15 +57,14 @@ def broadcast_object(obj, root_rank=0, name=None, process_set=global_process_set
     payload = _dumps(obj) if rt.rank == int(root_rank) else None
     # Horovod names it after type(obj), which differs where non-root ranks pass None (and
     # then never matches there); a generated name does not depend on the object
-    name = _name(name, "broadcast_object")
-    return synchronize(rt.engine.submit(_ObjectOp("broadcast_object", name, payload, int(root_rank))))
+    name, auto_named = op_name(name, "broadcast_object")
+    return run_now(_ObjectOp("broadcast_object", name, payload, int(root_rank), auto_named))
 
 
 def allgather_object(obj, name=None):
     """Every rank's `obj`, as a list by rank."""
-    rt = runtime()
-    name = _name(name, "allgather_object")
-    return synchronize(rt.engine.submit(_ObjectOp("allgather_object", name, _dumps(obj))))
+    name, auto_named = op_name(name, "allgather_object")
+    return run_now(_ObjectOp("allgather_object", name, _dumps(obj), auto_named=auto_named))
 
 
 def broadcast_parameters(params, root_rank):

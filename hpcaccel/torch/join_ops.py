@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..collectives import TRACKER
+from .engine import JoinOp
 
 
 def join(device=-1) -> int:
@@ -39,19 +40,14 @@ def join(device=-1) -> int:
     that joined last (the same on every rank). device: accepted (zeros are made on the
     CPU). HorovodInternalError if a rank leaves the job meanwhile."""
     from .basics import runtime
-    from .engine import JoinOp
 
     engine = runtime().engine
-    return engine.wait(engine.submit(JoinOp()))
-
-
-def spec(op, key: str, *args):
-    """An operation's join spec: how a joined rank takes part in it."""
-    return (key, op.kind, op.channel, op.auto_named, args)
+    return engine.wait(engine.submit(JoinOp(take_part)))
 
 
 def take_part(spec_, engine) -> None:
-    """Engine thread of a joined rank: run the operation `spec_` describes, with zeros."""
+    """Engine thread of a joined rank: run the operation `spec_` (Operation.joins_as)
+    describes, with zeros."""
     key, kind, channel, auto_named, args = spec_
     if auto_named:
         engine.auto_name(kind)  # the others numbered a generated name: keep in step
@@ -65,7 +61,7 @@ def take_part(spec_, engine) -> None:
 
 
 def _allreduce(engine, entries, op, prescale, postscale) -> None:
-    from .mpi_ops import AllreduceOp
+    from .collective_ops import AllreduceOp
 
     zeros = [torch.zeros(shape, dtype=getattr(torch, dtype.replace("torch.", "")))
              for dtype, shape in entries]

@@ -11,10 +11,24 @@ import torch
 
 from .basics import Max, Min, Product, Sum
 
-SUPPORTED = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
-             torch.bfloat16, torch.float32, torch.float64, torch.bool)
+SUPPORTED = frozenset((torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                       torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool))
 HALF = (torch.float16, torch.bfloat16)
-_half_ops = {}  # (dtype, op) -> MPI.Op
+_ops = {}  # (dtype, op) -> MPI.Op
+_MPI = None  # mpi4py.MPI, once a collective needs it (importing it initializes MPI)
+
+
+def _mpi():
+    global _MPI
+    if _MPI is None:
+        from mpi4py import MPI
+        _MPI = MPI
+    return _MPI
+
+
+def IN_PLACE():  # noqa: N802 - MPI's name
+    """MPI.IN_PLACE."""
+    return _mpi().IN_PLACE
 _TORCH_COMBINE = {Sum: torch.Tensor.add_, Product: torch.Tensor.mul_,
                   Min: lambda a, b: torch.minimum(a, b, out=a),
                   Max: lambda a, b: torch.maximum(a, b, out=a)}
@@ -33,31 +47,32 @@ def check_tensor(t: torch.Tensor, what: str) -> None:
 def as_array(host: torch.Tensor):
     """A contiguous CPU tensor as the 1-d array (or [array, MPI datatype]) MPI moves, zero
     copy: 16-bit floats as int16, bool as MPI's C bool."""
-    from mpi4py import MPI
-
     flat = host.detach().view(-1)
     if host.dtype in HALF:
-        return [flat.view(torch.int16).numpy(), MPI.INT16_T]
+        return [flat.view(torch.int16).numpy(), _mpi().INT16_T]
     return flat.numpy()
 
 
 def mpi_op(dtype: torch.dtype, op: int):
     """The MPI op that reduces `dtype` with Horovod op `op` (Sum, Min, Max, Product)."""
-    from mpi4py import MPI
+    found = _ops.get((dtype, op))
+    if found is None:
+        found = _ops[dtype, op] = _make_op(dtype, op)
+    return found
 
+
+def _make_op(dtype: torch.dtype, op: int):
+    MPI = _mpi()
     if dtype == torch.bool:
         return MPI.LOR if op in (Sum, Max) else MPI.LAND
     if dtype in HALF:
-        key = (dtype, op)
-        if key not in _half_ops:
-            combine = _TORCH_COMBINE[op]
+        combine = _TORCH_COMBINE[op]
 
-            def reduce(inbuf, inoutbuf, datatype, dtype=dtype, combine=combine):
-                if len(inbuf):
-                    combine(torch.frombuffer(inoutbuf, dtype=dtype),
-                            torch.frombuffer(inbuf, dtype=dtype))
-            _half_ops[key] = MPI.Op.Create(reduce, commute=True)
-        return _half_ops[key]
+        def reduce(inbuf, inoutbuf, datatype, dtype=dtype, combine=combine):
+            if len(inbuf):
+                combine(torch.frombuffer(inoutbuf, dtype=dtype),
+                        torch.frombuffer(inbuf, dtype=dtype))
+        return MPI.Op.Create(reduce, commute=True)
     return {Sum: MPI.SUM, Min: MPI.MIN, Max: MPI.MAX, Product: MPI.PROD}[op]
 
 
