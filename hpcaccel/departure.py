@@ -22,6 +22,17 @@ Cross-rank invariants:
 
 Waiting for a notice costs nothing: a receive is posted once and tested only while a rank
 waits for a collective that has not completed yet.
+
+Ranks in different collectives (waitgraph.py) are told apart on the same communicator: a
+rank whose main thread has waited in one collective for WAIT_NOTICE_AFTER seconds tells
+every other rank what it waits in and its counts, and again every WAIT_NOTICE_EVERY seconds
+while it waits. A waiting rank judges the notices that have stayed the same for
+WAIT_SETTLED seconds (and are recent): where it belongs to a set of waiting ranks that each
+wait for one of the set, no member can ever go on, and each fails (`PeersDisagree`) naming
+the collectives, about two seconds after the last of them began to wait. Only the main
+thread's waits are told: a rank's other threads (the engine's, the reducer's) run what the
+main thread submitted, so a main thread that waits is a rank that submits nothing new, and a
+count still moving shows as a notice that changed.
 """
 from __future__ import annotations
 
@@ -31,6 +42,7 @@ import time
 import numpy as np
 
 from .collectives import TRACKER
+from .waitgraph import Wait, describe, stuck
 
 # channels whose collectives ranks count alike: collectives.CHANNELS, and hpcaccel.torch's
 # agreement rounds (every rank, joined or not, takes part in every round)
@@ -40,10 +52,22 @@ REASONS = ("its process ended (the script returned or called sys.exit)",
            "hpcaccel.train ended on it",
            "it failed with an uncaught exception")
 _TAG = 29
+_LEFT, _WAITING = 0, 1
+_TEXT_WORDS = 12  # a waiting notice's description: 96 bytes
+WAIT_NOTICE_AFTER = 0.5  # seconds a main thread waits before telling the others
+WAIT_NOTICE_EVERY = 0.5  # and again, while it waits
+WAIT_SETTLED = 1.0       # a notice judged once it stayed the same this long ...
+WAIT_RECENT = 1.6        # ... and was sent again within this
 
 
 class PeerLeft(RuntimeError):
-    """A rank this one waits for in a collective has left the job."""
+    """A collective this rank waits in can never complete: a rank it waits for has left the
+    job (or, PeersDisagree, waits in another collective for good)."""
+
+
+class PeersDisagree(PeerLeft):
+    """The ranks wait in different collectives, each for a rank that never enters its own
+    (waitgraph.py): none of them can ever go on."""
 
 
 class Departures:
@@ -61,8 +85,12 @@ class Departures:
         self._counts = counts or (lambda: dict(TRACKER.seq))
         self._base = self._read_counts()
         self.left: dict[int, tuple[str, np.ndarray]] = {}  # rank -> (why, counts)
+        # rank -> (what it waits in, when that notice first came, when it last came)
+        self.waiting: dict[int, tuple[Wait, float, float]] = {}
+        self._mine = None   # the main thread's wait: [channel, seq, what, since, told, when]
+        self._sends: list = []  # waiting notices in flight: (requests, buffer)
         self._lock = threading.Lock()
-        self._buf = np.zeros(1 + len(CHANNELS), dtype=np.int64)
+        self._buf = np.zeros(3 + len(CHANNELS) + _TEXT_WORDS, dtype=np.int64)
         self._status = MPI.Status()
         self._request = self._post() if self.size > 1 else None
         self.announced = False
@@ -74,20 +102,39 @@ class Departures:
     def _post(self):
         return self.comm.Irecv(self._buf, source=self._MPI.ANY_SOURCE, tag=_TAG)
 
+    def _notice(self, kind: int, a: int, b: int, counts: np.ndarray, text: str = "") -> np.ndarray:
+        words = np.frombuffer(text.encode()[:8 * _TEXT_WORDS].ljust(8 * _TEXT_WORDS, b"\0"),
+                              dtype=np.int64)
+        return np.concatenate([[kind, a, b], counts, words]).astype(np.int64)
+
     def poll(self) -> None:
         """Local. Take in the notices that arrived."""
+        n = len(CHANNELS)
         with self._lock:
             while self._request is not None and self._request.Test(self._status):
-                source = self._status.Get_source()
-                why = int(self._buf[0])
-                self.left[source] = (REASONS[why] if 0 <= why < len(REASONS) else "it ended",
-                                     self._buf[1:].copy())
+                source, kind, a, b = self._status.Get_source(), *map(int, self._buf[:3])
+                counts = self._buf[3:3 + n].copy()
+                if kind == _LEFT:
+                    self.left[source] = (REASONS[a] if 0 <= a < len(REASONS) else "it ended",
+                                         counts)
+                    self.waiting.pop(source, None)
+                elif source not in self.left:
+                    text = self._buf[3 + n:].tobytes().rstrip(b"\0").decode(errors="replace")
+                    wait = Wait(CHANNELS[a], b, text, dict(zip(CHANNELS, counts.tolist())))
+                    now = time.monotonic()
+                    old = self.waiting.get(source)
+                    first = old[1] if old is not None and old[0] == wait else now
+                    self.waiting[source] = (wait, first, now)
                 self._request = self._post() if len(self.left) < self.size - 1 else None
+            self._sends = [(reqs, buf) for reqs, buf in self._sends
+                           if not self._MPI.Request.Testall(reqs)]
 
     def check(self, channel: str, seq: int, waits_in: str = "") -> None:
         """Local. PeerLeft if a rank that left never entered collective `seq` (a count as
         `counts` gives it, not relative) of `channel`, which this rank waits in."""
         self.poll()
+        if threading.current_thread() is threading.main_thread():
+            self._waits_in(channel, seq, waits_in)
         if not self.left:
             return
         i = CHANNELS.index(channel)
@@ -103,6 +150,35 @@ class Departures:
                            f"{r} never entered: the ranks ran different numbers of "
                            f"collectives")
 
+    def _waits_in(self, channel: str, seq: int, what: str) -> None:
+        """The main thread waits in collective `seq` of `channel`: once it has waited long
+        enough, tell the others (and again while it waits), and fail (PeersDisagree) where it
+        is stuck for good with ranks in other collectives."""
+        now = time.monotonic()
+        mine = self._mine
+        if mine is None or mine[0] != channel or mine[1] != seq:
+            self._mine = mine = [channel, seq, what, now, None, 0.0]
+        waited = now - mine[3]
+        if waited < WAIT_NOTICE_AFTER or self.size == 1:
+            return
+        counts = self._read_counts() - self._base
+        wait = Wait(channel, seq - int(self._base[CHANNELS.index(channel)]), what,
+                    dict(zip(CHANNELS, counts.tolist())))
+        if wait != mine[4] or now - mine[5] >= WAIT_NOTICE_EVERY:
+            notice = self._notice(_WAITING, CHANNELS.index(channel), wait.seq, counts, what)
+            with self._lock:
+                self._sends.append(([self.comm.Isend(notice, dest=r, tag=_TAG)
+                                     for r in range(self.size) if r != self.rank], notice))
+            mine[4], mine[5] = wait, now
+        if waited < WAIT_NOTICE_AFTER + WAIT_SETTLED:
+            return
+        waits = {r: w for r, (w, first, last) in self.waiting.items()
+                 if now - first >= WAIT_SETTLED and now - last <= WAIT_RECENT}
+        waits[self.rank] = wait
+        members = stuck(waits)
+        if self.rank in members:
+            raise PeersDisagree(describe(self.rank, waits, members))
+
     def announce(self, reason: int, wait: float = 2.0) -> None:
         """Local. Tell every other rank that this one ends, with its final counts; once.
         Waits at most `wait` seconds for the sends (small messages complete at once)."""
@@ -111,7 +187,7 @@ class Departures:
                 self.announced = True
                 return
             self.announced = True
-            notice = np.concatenate([[reason], self._read_counts() - self._base]).astype(np.int64)
+            notice = self._notice(_LEFT, reason, 0, self._read_counts() - self._base)
             sends = [self.comm.Isend(notice, dest=r, tag=_TAG)
                      for r in range(self.size) if r != self.rank]
             deadline = time.monotonic() + wait

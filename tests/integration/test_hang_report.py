@@ -121,13 +121,21 @@ def test_rank_hanging_in_forward_is_named_on_either_backend(tmp_path, backend):
 
 
 @pytest.mark.parametrize("np_", [2, 3])
-def test_rank_that_skips_a_collective_is_named(tmp_path, np_):
+def test_rank_that_skips_a_collective_fails_every_rank_naming_the_collectives(tmp_path, np_):
     # The last rank skips step 5's vote (a control collective) and goes on into step 6's
-    # bucket allreduce, while the others wait in the vote it never issued.
+    # bucket allreduce, while the others wait in the vote it never issued: each waits for
+    # the other for good, and every rank fails naming both collectives (departure.py,
+    # waitgraph.py) long before the stall watchdog (60 s) would write a hang report.
     skipper = np_ - 1
-    r, report = hang_run(tmp_path, np_, "skip", skipper)
-    assert blames(report, np_, skipper), report
-    assert "skipped a collective" in report
-    assert f"rank {skipper}: training after step 5, gradients in bucket allreduce" in report
-    for other in range(np_ - 1):
-        assert f"rank {other}: training after step 4, control in allreduce-max" in report
+    (tmp_path / "faultymodel.py").write_text(FAULTY)
+    out = tmp_path / "run"
+    r = train_cli(np_, "--out", str(out), "--epochs", "3", "--model", "faultymodel:faulty",
+                  "--stall-timeout", "60", timeout=240,
+                  env={"PYTHONPATH": str(tmp_path), "FAULT": "skip", "FAULT_RANK": str(skipper),
+                       "FAULT_STEP": "5"})
+    assert r.returncode != 0, r.stderr[-3000:]
+    assert "hang report" not in r.stderr and not (out / "hang-report.txt").exists(), r.stderr[-3000:]
+    assert "the ranks run different collectives" in r.stderr, r.stderr[-3000:]
+    said = r.stderr
+    assert f"rank {skipper} waits in gradients collective" in said, said[-3000:]
+    assert "waits in control collective" in said and "(allreduce-max)" in said, said[-3000:]
