@@ -44,11 +44,12 @@ test-quick-train:
 # JUnit XML for make test's report, where scripts/test_stages.sh asked for it.
 JUNIT = $(if $(HPCACCEL_TEST_REPORTS),--junitxml=$(HPCACCEL_TEST_REPORTS)/$(1).xml)
 # Single-process tests in parallel, one worker per core (pytest-xdist), tests handed out one
-# by one (a module fixture, a run several tests read, is made at most once per worker).
+# by one, except that a module marked xdist_group (its tests share a run, a module fixture)
+# goes to one worker whole, so the run is made once.
 TEST_WORKERS ?= auto
 
 test-unit:
-	$(TIMEOUT) 3600 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) \
+	$(TIMEOUT) 3600 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup \
 	  tests/unit tests/integration $(call JUNIT,unit-integration)
 
 # Each MPI rank runs pytest; rank 0 reports, other ranks' output goes to build/test-logs.

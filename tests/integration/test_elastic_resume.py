@@ -14,6 +14,9 @@ import torch
 from hpcaccel import checkpoint
 from support import mpirun_command
 
+# its tests share runs (module fixtures): one worker runs them all (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("elastic_resume")
+
 # 64 steps per epoch at global batch 32; shuffle off
 ARGS = ["--data", "synthetic", "--synthetic-samples", "2048", "--synthetic-shape", "32",
         "--model", "mlp", "--epochs", "2", "--shuffle", "false", "--backend", "mpi",

@@ -17,6 +17,9 @@ from support import ROOT, assert_same_model, mpirun_command, mpirun_python
 
 from test_checkpoint_resume import run_until_signalled, signal_ranks
 
+# its tests share runs (module fixtures): one worker runs them all (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("script_examples")
+
 EXAMPLE = os.path.join(ROOT, "examples", "hpcaccel_torch_script.py")
 HOROVOD_EXAMPLE = os.path.join(ROOT, "examples", "horovod_script.py")
 # digits: 1,437 samples / (2 ranks x 8) = 89 steps per epoch, long enough to signal mid-run

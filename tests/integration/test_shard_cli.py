@@ -11,6 +11,9 @@ import torch
 from support import mpirun_command
 from test_elastic_resume import assert_close_models, run, stopped_mid_epoch, train
 
+# its tests share runs (module fixtures): one worker runs them all (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("shard_cli")
+
 
 def models_equal(got, want):
     got, want = (torch.load(p, weights_only=True) for p in (got, want))
