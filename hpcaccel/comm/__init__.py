@@ -10,19 +10,8 @@ Backends:
 from __future__ import annotations
 
 from ..config import BACKENDS, COMPRESSIONS
+from .backend_choice import horovod_unavailable
 from .base import Reducer
-
-
-def horovod_unavailable() -> str | None:
-    """Local. Why the Horovod backend cannot be used in this process, or None if it can."""
-    try:
-        import horovod.torch as hvd
-    except Exception as e:  # noqa: BLE001 - a wheel built for another torch fails with OSError etc.
-        first_line = (str(e).splitlines() or [""])[0]
-        return f"horovod.torch does not import ({type(e).__name__}: {first_line})"
-    if not hvd.mpi_built():
-        return "Horovod was built without MPI"
-    return None
 
 
 def _choose(name: str, control, device="auto") -> tuple[str, str | None]:

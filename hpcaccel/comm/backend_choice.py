@@ -53,13 +53,24 @@ def auto_backend(device_types: list[str], horovod_reasons: list[str | None] | No
     return "horovod", "auto: CUDA and Horovod built with GPU operations (NCCL) on every rank"
 
 
+def horovod_unavailable() -> str | None:
+    """Local. Why the Horovod backend cannot be used in this process, or None if it can."""
+    try:
+        import horovod.torch as hvd
+    except Exception as e:  # noqa: BLE001 - a wheel built for another torch fails with OSError etc.
+        first_line = (str(e).splitlines() or [""])[0]
+        return f"horovod.torch does not import ({type(e).__name__}: {first_line})"
+    if not hvd.mpi_built():
+        return "Horovod was built without MPI"
+    return None
+
+
 def gather_auto(control, device="auto") -> tuple[str, str]:
     """Collective over control (a ControlPlane or an mpi4py communicator). --backend auto's
     (backend, why); Horovod is only probed where every rank is on CUDA."""
     types = control.allgather(device_type(device))
     if any(t != "cuda" for t in types):
         return auto_backend(types)
-    from . import horovod_unavailable
     facts = control.allgather((horovod_unavailable(), horovod_gpu_ops()))
     return auto_backend(types, [f[0] for f in facts], [f[1] for f in facts])
 
