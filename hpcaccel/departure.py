@@ -25,11 +25,14 @@ waits for a collective that has not completed yet.
 
 Ranks in different collectives (waitgraph.py) are told apart on the same communicator: a
 rank whose main thread has waited in one collective for WAIT_NOTICE_AFTER seconds tells
-every other rank what it waits in and its counts, and again every WAIT_NOTICE_EVERY seconds
-while it waits. A waiting rank judges the notices that have stayed the same for
-WAIT_SETTLED seconds (and are recent): where it belongs to a set of waiting ranks that each
-wait for one of the set, no member can ever go on, and each fails (`PeersDisagree`) naming
-the collectives, about two seconds after the last of them began to wait. Only the main
+every other rank still there what it waits in and its counts, and again while it waits, at
+intervals growing from WAIT_NOTICE_EVERY to WAIT_NOTICE_MAX (a rank that waits minutes for
+a slow peer sends a notice to each rank every few seconds, not a stream). A waiting rank
+judges, at most every WAIT_JUDGE_EVERY seconds, the notices that have stayed the same for
+WAIT_SETTLED seconds and are recent (within twice their sender's interval): where it belongs
+to a set of waiting ranks that each wait for one of the set, no member can ever go on, and
+each fails (`PeersDisagree`) naming the collectives, about two seconds after the last of
+them began to wait. Only the main
 thread's waits are told: a rank's other threads (the engine's, the reducer's) run what the
 main thread submitted, so a main thread that waits is a rank that submits nothing new, and a
 count still moving shows as a notice that changed.
@@ -53,11 +56,14 @@ REASONS = ("its process ended (the script returned or called sys.exit)",
            "it failed with an uncaught exception")
 _TAG = 29
 _LEFT, _WAITING = 0, 1
+_HEAD = 4  # a notice: kind, (reason | channel), seq, resend interval in ms; counts; text
 _TEXT_WORDS = 12  # a waiting notice's description: 96 bytes
 WAIT_NOTICE_AFTER = 0.5  # seconds a main thread waits before telling the others
-WAIT_NOTICE_EVERY = 0.5  # and again, while it waits
-WAIT_SETTLED = 1.0       # a notice judged once it stayed the same this long ...
-WAIT_RECENT = 1.6        # ... and was sent again within this
+WAIT_NOTICE_EVERY = 0.5  # and again, while it waits: a quarter of the wait so far, from this
+WAIT_NOTICE_MAX = 8.0    # ... up to this
+WAIT_SETTLED = 1.0       # a notice judged once it stayed the same this long, and came again
+                         # within twice its sender's interval (+ WAIT_SETTLED: delivery)
+WAIT_JUDGE_EVERY = 0.25  # how often a waiting rank judges the notices (O(ranks^2))
 
 
 class PeerLeft(RuntimeError):
@@ -85,12 +91,13 @@ class Departures:
         self._counts = counts or (lambda: dict(TRACKER.seq))
         self._base = self._read_counts()
         self.left: dict[int, tuple[str, np.ndarray]] = {}  # rank -> (why, counts)
-        # rank -> (what it waits in, when that notice first came, when it last came)
+        # rank -> (what it waits in, when that notice first came, until when it is recent)
         self.waiting: dict[int, tuple[Wait, float, float]] = {}
-        self._mine = None   # the main thread's wait: [channel, seq, what, since, told, when]
+        self._mine = None   # the main thread's wait: [channel, seq, what, since, told, when,
+                            # judged when]
         self._sends: list = []  # waiting notices in flight: (requests, buffer)
         self._lock = threading.Lock()
-        self._buf = np.zeros(3 + len(CHANNELS) + _TEXT_WORDS, dtype=np.int64)
+        self._buf = np.zeros(_HEAD + len(CHANNELS) + _TEXT_WORDS, dtype=np.int64)
         self._status = MPI.Status()
         self._request = self._post() if self.size > 1 else None
         self.announced = False
@@ -102,29 +109,31 @@ class Departures:
     def _post(self):
         return self.comm.Irecv(self._buf, source=self._MPI.ANY_SOURCE, tag=_TAG)
 
-    def _notice(self, kind: int, a: int, b: int, counts: np.ndarray, text: str = "") -> np.ndarray:
+    def _notice(self, kind: int, a: int, b: int, counts: np.ndarray, text: str = "",
+                every_ms: int = 0) -> np.ndarray:
         words = np.frombuffer(text.encode()[:8 * _TEXT_WORDS].ljust(8 * _TEXT_WORDS, b"\0"),
                               dtype=np.int64)
-        return np.concatenate([[kind, a, b], counts, words]).astype(np.int64)
+        return np.concatenate([[kind, a, b, every_ms], counts, words]).astype(np.int64)
 
     def poll(self) -> None:
         """Local. Take in the notices that arrived."""
         n = len(CHANNELS)
         with self._lock:
             while self._request is not None and self._request.Test(self._status):
-                source, kind, a, b = self._status.Get_source(), *map(int, self._buf[:3])
-                counts = self._buf[3:3 + n].copy()
+                source = self._status.Get_source()
+                kind, a, b, every_ms = map(int, self._buf[:_HEAD])
+                counts = self._buf[_HEAD:_HEAD + n].copy()
                 if kind == _LEFT:
                     self.left[source] = (REASONS[a] if 0 <= a < len(REASONS) else "it ended",
                                          counts)
                     self.waiting.pop(source, None)
                 elif source not in self.left:
-                    text = self._buf[3 + n:].tobytes().rstrip(b"\0").decode(errors="replace")
+                    text = self._buf[_HEAD + n:].tobytes().rstrip(b"\0").decode(errors="replace")
                     wait = Wait(CHANNELS[a], b, text, dict(zip(CHANNELS, counts.tolist())))
                     now = time.monotonic()
                     old = self.waiting.get(source)
                     first = old[1] if old is not None and old[0] == wait else now
-                    self.waiting[source] = (wait, first, now)
+                    self.waiting[source] = (wait, first, now + 2 * every_ms / 1000 + WAIT_SETTLED)
                 self._request = self._post() if len(self.left) < self.size - 1 else None
             self._sends = [(reqs, buf) for reqs, buf in self._sends
                            if not self._MPI.Request.Testall(reqs)]
@@ -133,13 +142,10 @@ class Departures:
         """Local. PeerLeft if a rank that left never entered collective `seq` (a count as
         `counts` gives it, not relative) of `channel`, which this rank waits in."""
         self.poll()
-        if threading.current_thread() is threading.main_thread():
-            self._waits_in(channel, seq, waits_in)
-        if not self.left:
-            return
         i = CHANNELS.index(channel)
         mine = seq - int(self._base[i])
-        gone = sorted(r for r, (_, counts) in self.left.items() if counts[i] < mine)
+        with self._lock:
+            gone = sorted(r for r, (_, counts) in self.left.items() if counts[i] < mine)
         if gone:
             r = gone[0]
             why, counts = self.left[r]
@@ -149,6 +155,8 @@ class Departures:
                            f"#{mine}{' (' + waits_in + ')' if waits_in else ''}, which rank "
                            f"{r} never entered: the ranks ran different numbers of "
                            f"collectives")
+        if threading.current_thread() is threading.main_thread():
+            self._waits_in(channel, seq, waits_in)
 
     def _waits_in(self, channel: str, seq: int, what: str) -> None:
         """The main thread waits in collective `seq` of `channel`: once it has waited long
@@ -157,23 +165,29 @@ class Departures:
         now = time.monotonic()
         mine = self._mine
         if mine is None or mine[0] != channel or mine[1] != seq:
-            self._mine = mine = [channel, seq, what, now, None, 0.0]
+            self._mine = mine = [channel, seq, what, now, None, 0.0, 0.0]
         waited = now - mine[3]
         if waited < WAIT_NOTICE_AFTER or self.size == 1:
             return
         counts = self._read_counts() - self._base
         wait = Wait(channel, seq - int(self._base[CHANNELS.index(channel)]), what,
                     dict(zip(CHANNELS, counts.tolist())))
-        if wait != mine[4] or now - mine[5] >= WAIT_NOTICE_EVERY:
-            notice = self._notice(_WAITING, CHANNELS.index(channel), wait.seq, counts, what)
+        every = min(max(WAIT_NOTICE_EVERY, waited / 4), WAIT_NOTICE_MAX)
+        if wait != mine[4] or now - mine[5] >= every:
+            notice = self._notice(_WAITING, CHANNELS.index(channel), wait.seq, counts, what,
+                                  int(every * 1000))
             with self._lock:
                 self._sends.append(([self.comm.Isend(notice, dest=r, tag=_TAG)
-                                     for r in range(self.size) if r != self.rank], notice))
+                                     for r in range(self.size)
+                                     if r != self.rank and r not in self.left], notice))
             mine[4], mine[5] = wait, now
-        if waited < WAIT_NOTICE_AFTER + WAIT_SETTLED:
+        if waited < WAIT_NOTICE_AFTER + WAIT_SETTLED or now - mine[6] < WAIT_JUDGE_EVERY:
             return
-        waits = {r: w for r, (w, first, last) in self.waiting.items()
-                 if now - first >= WAIT_SETTLED and now - last <= WAIT_RECENT}
+        mine[6] = now
+        with self._lock:
+            notices = list(self.waiting.items())
+        waits = {r: w for r, (w, first, recent_until) in notices
+                 if now - first >= WAIT_SETTLED and now <= recent_until}
         waits[self.rank] = wait
         members = stuck(waits)
         if self.rank in members:

@@ -198,6 +198,7 @@ class Engine:
         self._busy = threading.Lock()   # held while operations are taken and run, any thread
         self._pending = 0               # submitted and not yet done
         self._counting = threading.Lock()
+        self._broken = None  # why no operation can run any more (one was interrupted here)
 
     def algorithm(self):
         """The allreduce algorithm for the engine's communicator (hpcaccel's choice: the
@@ -326,6 +327,8 @@ class Engine:
     def _execute(self, op) -> tuple:
         """Agree on `op` with the other ranks and run it (or, for join, take part in
         theirs): (result, None), or (None, error message). Holding self._busy."""
+        if self._broken is not None:
+            return None, self._broken
         channel = op.channel
         if channel is not None:
             TRACKER.enter(op.kind, op.nbytes(), channel)
@@ -342,6 +345,12 @@ class Engine:
             error = self._left(op, e)
         except Exception as e:  # noqa: BLE001 - reported by synchronize() on this rank
             error = f"{op.kind} {op.name!r} failed: {type(e).__name__}: {e}"
+        except BaseException as e:  # Ctrl-C or a signal handler's exception, mid-operation
+            # (run in a caller's thread): this rank left it half done, so the next one would
+            # be matched against the peers' rest of it; none runs any more
+            self._broken = (f"{op.kind} {op.name!r} was interrupted on this rank "
+                            f"({type(e).__name__}); no later collective can match its peers'")
+            raise
         finally:
             if channel is not None:
                 TRACKER.leave(channel)
@@ -356,7 +365,8 @@ class Engine:
             self._wake.put(None)
             self._thread.join()
         try:
-            self.rounds.settle()  # the last step's exchange: its peers' rounds match it
+            if self._broken is None:
+                self.rounds.settle()  # the last step's exchange: its peers' rounds match it
         except PeerLeft:
             pass  # a rank that left: nothing to settle with
         if self._algorithm is not None:

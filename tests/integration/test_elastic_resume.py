@@ -145,9 +145,9 @@ def test_timed_checkpoints_and_a_killed_rank_count_the_steps_lost(tmp_path):
     progress = json.loads((out / "progress.json").read_text())
     last = checkpoint.header(saved[-1])["global_step"]
 
-    run(train(1, out, "--batch-size", "16", *longer, "--resume", "auto"))
+    said = run(train(1, out, "--batch-size", "16", *longer, "--resume", "auto"))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["restarts"] == 1
+    assert summary["restarts"] == 1, (saved, said[-3000:], "".join(lines)[-2000:])
     assert summary["steps_lost"] == max(0, progress["step"] - last)
     assert summary["last_restart"]["world_size_before"] == 2
     assert summary["steps"] == 3 * 512

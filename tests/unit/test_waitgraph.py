@@ -41,13 +41,15 @@ def test_a_rank_waiting_for_a_stuck_pair_is_stuck_and_says_whom_it_waits_for():
 
 
 def test_only_the_stuck_part_fails_when_another_rank_computes():
-    # 0 and 1 wait for each other; 2 waits only for rank 3, which computes
+    # 0 and 1 wait for each other; 2 waits in gradients #2, which 0 and 1 entered: it waits
+    # only for rank 3, which computes (it tells no wait), so it can still go on
     waits = {0: Wait("gradients", 3, "", counts(4, 3)),
              1: Wait("control", 5, "", counts(5, 2)),
-             2: Wait("control", 6, "", counts(6, 3))}
-    waits[0] = Wait("gradients", 3, "", counts(4, 3))
-    # rank 2 has entered control #6; 0 and 1 have not: 2 waits for 0, 1 (stuck) and is stuck
+             2: Wait("gradients", 2, "", counts(6, 2))}
+    assert stuck(waits) == {0, 1}
+    # a rank that waits for the stuck pair is stuck too
+    waits[2] = Wait("control", 6, "", counts(6, 3))
     assert stuck(waits) == {0, 1, 2}
-    # but a rank waiting for a computing rank only is not
+    # ranks waiting only for a computing rank are not
     waits = {0: Wait("control", 5, "", counts(5, 3)), 1: Wait("control", 5, "", counts(5, 3))}
     assert stuck({**waits, 2: Wait("gradients", 4, "", counts(5, 4))}) == set()
