@@ -4,6 +4,7 @@ goes on at the exact sample (shuffle off: the very same global batches), and the
 metrics carry over. Within float tolerance: the order of additions in the mean differs."""
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -134,11 +135,20 @@ def test_timed_checkpoints_and_a_killed_rank_count_the_steps_lost(tmp_path):
     for line in proc.stdout:
         lines.append(line)
         if "epoch 1/" in line:
-            time.sleep(1.2)  # past a timed checkpoint, into the steps after it
-            os.kill(max(ranks_of(out)), signal.SIGKILL)  # a rank dies, as with its node
             break
-    proc.communicate(timeout=120)
+    # past a timed checkpoint inside epoch 2 (step 512 ends epoch 1), into the steps after
+    # it: watched on the run's own files, not after a fixed sleep, so a loaded machine
+    # cannot let the run end first
+    deadline = time.monotonic() + 120
+    while not any(int(re.search(r"step-(\d+)", p).group(1)) > 512
+                  for p in checkpoint.list_checkpoints(str(out))):
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+        time.sleep(0.02)
+    os.kill(max(ranks_of(out)), signal.SIGKILL)  # a rank dies, as with its node
+    out_text, _ = proc.communicate(timeout=120)
+    lines.append(out_text)
     assert proc.returncode not in (0, 3), "".join(lines)
+    assert not (out / "summary.json").exists(), "the run ended before the kill: " + "".join(lines)
     saved = checkpoint.list_checkpoints(str(out))
     mid = [checkpoint.header(p) for p in saved if checkpoint.header(p)["step_in_epoch"]]
     assert mid, "no timed checkpoint inside an epoch"
