@@ -1,50 +1,18 @@
-"""hpcaccel.torch's modules import each other without a circle (lazy imports counted), and
+"""hpcaccel.torch's modules stand in layers (the error types and process sets alone), and
 the agreement's fingerprint tells apart every difference the MPI tests check."""
-import ast
-import os
-
 import torch
 
 from hpcaccel.torch import Average, Max, Sum
 from hpcaccel.torch.agreement import descriptor
 from hpcaccel.torch.collective_ops import AllgatherOp, AllreduceOp, BroadcastOp
-
-TORCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                     "hpcaccel", "torch")
+from test_import_layers import imports
 
 
-def imports() -> dict:
-    """module -> the hpcaccel.torch modules it imports, anywhere in it."""
-    names = {f[:-3] for f in os.listdir(TORCH) if f.endswith(".py")}
-    graph = {}
-    for name in names:
-        with open(os.path.join(TORCH, name + ".py")) as fh:
-            tree = ast.parse(fh.read())
-        deps = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps.update([node.module.split(".")[0]] if node.module else
-                            [a.name for a in node.names])
-        graph[name] = deps & names - {name}
-    return graph
-
-
-def test_no_import_circle():
-    graph, done, path = imports(), set(), []
-
-    def visit(m):
-        if m in path:
-            raise AssertionError("import circle: " + " -> ".join(path[path.index(m):] + [m]))
-        if m in done:
-            return
-        path.append(m)
-        for d in sorted(graph[m]):
-            visit(d)
-        path.pop()
-        done.add(m)
-
-    for m in sorted(graph):
-        visit(m)
+def test_the_torch_layers():
+    """The error types and process sets stand alone; the engine knows nothing of basics (no
+    circle anywhere: test_import_layers.py)."""
+    graph = {m.rsplit(".", 1)[-1]: {d.rsplit(".", 1)[-1] for d in deps if d.startswith("hpcaccel.torch.")}
+             for m, deps in imports().items() if m.startswith("hpcaccel.torch.")}
     assert not graph["errors"] and graph["process_sets"] <= {"errors", "unsupported"}
     assert "basics" not in graph["engine"]
 
